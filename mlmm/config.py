@@ -1,0 +1,313 @@
+"""Typed run configuration: dataclasses loaded from YAML plus dotted command-line overrides.
+
+    cfg = load_config("recipes/configs/tiny_clip.yaml", ["train.max_steps=50", "model.text.layers=2"])
+
+Every key is checked against the dataclass that owns it; an unknown key or a value of the wrong
+type raises :class:`ConfigError` with a one-line message naming the dotted key and the file.
+Registered components (losses) carry their own config dataclass: ``loss.name`` picks the class
+from :mod:`mlmm.registry` and the rest of the ``loss`` section is validated against it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+MODALITIES = ("image", "video", "audio", "text")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as ``<file>: <dotted.key>: <what is wrong>``."""
+
+
+# --------------------------------------------------------------------------------------- sections
+@dataclass
+class DataConfig:
+    train_shards: str = ""  # a shard folder (with index.json), a glob, or "a.tar,b.tar"
+    batch_size: int = 16
+    num_workers: int = 0
+    shuffle_buffer: int = 256  # samples kept in the shuffle buffer (0 = no sample shuffle)
+    languages: Optional[list[str]] = None  # None = every language in the shards
+    language_policy: str = "random_language"  # random_language | all_languages | fixed
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        policies = ("random_language", "all_languages", "fixed")
+        if self.language_policy not in policies:
+            raise ConfigError(f"{where}.language_policy: must be one of {policies}, got {self.language_policy!r}")
+        if self.language_policy == "fixed" and not self.languages:
+            raise ConfigError(f"{where}.languages: language_policy 'fixed' needs a list of languages")
+        if self.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size: must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class ImageTowerConfig:
+    image_size: int = 32
+    patch_size: int = 8
+    width: int = 32
+    layers: int = 2
+    heads: int = 2
+    mlp_ratio: float = 4.0
+
+    def validate(self, where: str) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"{where}.patch_size: {self.patch_size} does not divide image_size {self.image_size}")
+        if self.width % self.heads:
+            raise ConfigError(f"{where}.heads: {self.heads} does not divide width {self.width}")
+
+
+@dataclass
+class VideoTowerConfig:
+    frames: int = 4  # frames sampled uniformly from each clip
+    temporal_layers: int = 1  # transformer over per-frame features
+    heads: int = 2
+    share_image_tower: bool = True  # frame encoder = the image tower (needs model.image)
+    frame_encoder: Optional[ImageTowerConfig] = None  # own frame encoder when not shared
+
+
+@dataclass
+class AudioTowerConfig:
+    sample_rate: int = 16000
+    seconds: float = 1.0  # clips are cropped / zero-padded to this length
+    n_mels: int = 32
+    n_fft: int = 400
+    hop_length: int = 160
+    patch_size: int = 8  # square patches over (mel, time)
+    width: int = 32
+    layers: int = 2
+    heads: int = 2
+    mlp_ratio: float = 4.0
+
+    @property
+    def frames(self) -> int:
+        """Number of log-mel frames for `seconds` of audio (torchaudio's centred STFT)."""
+        return int(self.sample_rate * self.seconds) // self.hop_length + 1
+
+    def validate(self, where: str) -> None:
+        if self.n_mels % self.patch_size:
+            raise ConfigError(f"{where}.patch_size: {self.patch_size} does not divide n_mels {self.n_mels}")
+        if self.frames < self.patch_size:
+            raise ConfigError(f"{where}.seconds: {self.seconds}s gives {self.frames} frames < patch_size")
+
+
+@dataclass
+class TextTowerConfig:
+    tokenizer: str = ""  # folder loadable by transformers.AutoTokenizer
+    pretrained: Optional[str] = None  # HF model folder/name; None = build from the fields below
+    arch: str = "bert"  # transformers model_type used when building from scratch
+    hidden: int = 32
+    layers: int = 2
+    heads: int = 2
+    intermediate: int = 64
+    max_length: int = 32
+    pooling: str = "mean"  # mean | cls
+
+    def validate(self, where: str) -> None:
+        if self.pooling not in ("mean", "cls"):
+            raise ConfigError(f"{where}.pooling: must be 'mean' or 'cls', got {self.pooling!r}")
+        if not self.tokenizer and not self.pretrained:
+            raise ConfigError(f"{where}.tokenizer: a tokenizer folder is required")
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 32
+    init_logit_scale: float = 2.6593  # log(1 / 0.07), as CLIP
+    image: Optional[ImageTowerConfig] = None
+    video: Optional[VideoTowerConfig] = None
+    audio: Optional[AudioTowerConfig] = None
+    text: Optional[TextTowerConfig] = None
+
+    def validate(self, where: str) -> None:
+        if self.video is not None and self.video.share_image_tower and self.image is None:
+            raise ConfigError(f"{where}.video.share_image_tower: true needs a model.image tower")
+        if self.video is not None and not self.video.share_image_tower and self.video.frame_encoder is None:
+            raise ConfigError(f"{where}.video.frame_encoder: required when share_image_tower is false")
+        if not self.modalities:
+            raise ConfigError(f"{where}: no tower configured (set at least one of {MODALITIES})")
+
+    @property
+    def modalities(self) -> list[str]:
+        return [m for m in MODALITIES if getattr(self, m) is not None]
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    ds_config: str = "ds_config.json"  # ZeRO stage / precision / offload; batch sizes come from here
+    zero_stage: Optional[int] = None  # overrides ds_config when set
+    grad_accum: int = 1
+    log_every: int = 10
+    save_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (latest in output_dir/checkpoints, if any) | never | <checkpoint tag>
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self, where: str) -> None:
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"{where}.precision: must be auto|fp32|bf16|fp16, got {self.precision!r}")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{where}.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.max_steps < 1:
+            raise ConfigError(f"{where}.max_steps: must be >= 1, got {self.max_steps}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: Any = None  # a registered loss config dataclass (see mlmm.registry), chosen by loss.name
+    train: TrainConfig = field(default_factory=TrainConfig)
+    config_path: str = ""  # set by load_config; not read from YAML
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("config_path")
+        return out
+
+
+# --------------------------------------------------------------------------------------- loading
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`; build nested dataclasses. Raises ConfigError(key: ...)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        errors = []
+        for arg in args:
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {args}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        return from_dict(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`, checking keys and types; `prefix` names the section."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    for k in data:
+        if k not in names:
+            near = [n for n in names if n.startswith(str(k)[:3])]
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{prefix + '.' if prefix else ''}{k}: unknown key{hint}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix + '.' if prefix else ''}{k}") for k, v in data.items()}
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(prefix or cls.__name__)
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.max_steps=50' -> (['train', 'max_steps'], 50); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"{text}: overrides look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def build_config(raw: dict) -> RunConfig:
+    """Validate a raw mapping (already YAML-parsed and overridden) into a RunConfig."""
+    from mlmm.registry import LOSSES  # late import: registry imports the loss modules
+
+    raw = dict(raw)
+    loss_raw = raw.pop("loss", None) or {"name": "contrastive"}
+    if not isinstance(loss_raw, dict) or "name" not in loss_raw:
+        raise ConfigError("loss.name: required (one of " + ", ".join(LOSSES.names()) + ")")
+    loss_raw = dict(loss_raw)
+    name = loss_raw.pop("name")
+    entry = LOSSES.get(name, key="loss.name")
+    cfg = from_dict(RunConfig, raw)
+    cfg.loss = from_dict(entry.config, loss_raw, "loss")
+    cfg.loss.name = name
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    try:
+        cfg = build_config(apply_overrides(raw, list(overrides or [])))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    cfg.config_path = str(path)
+    return cfg

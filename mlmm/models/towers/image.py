@@ -1,0 +1,58 @@
+"""Vision transformer (open_clip's VisionTransformer without the output projection).
+
+State-dict keys match open_clip's ``visual.*`` (conv1, class_embedding, positional_embedding,
+ln_pre, transformer.resblocks.*, ln_post); ``visual.proj`` lives in the model's projection.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mlmm.config import ImageTowerConfig
+from mlmm.models.layers import Transformer
+
+
+class ViT(nn.Module):
+    """Patchify a [B, C, H, W] map on a fixed (grid_h, grid_w) grid, prepend CLS, run a transformer."""
+
+    def __init__(self, in_channels: int, grid: tuple[int, int], patch_size: int, width: int, layers: int,
+                 heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.patch_size = patch_size
+        self.width = width
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width ** -0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid[0] * grid[1] + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio)
+        self.ln_post = nn.LayerNorm(width)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] -> tokens [B, 1 + gh*gw, D]; index 0 is the CLS token."""
+        x = self.conv1(x)  # [B, D, gh, gw]
+        if tuple(x.shape[-2:]) != self.grid:
+            raise ValueError(f"input gives a {tuple(x.shape[-2:])} patch grid, expected {self.grid} "
+                             f"(patch_size {self.patch_size})")
+        x = x.flatten(2).transpose(1, 2)  # [B, N, D]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, D]
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1+N, D]
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] -> pooled [B, D] = ln_post(CLS)."""
+        return self.forward_tokens(x)[:, 0]
+
+
+class ImageTower(ViT):
+    """Images Float[B, in_channels, image_size, image_size] -> [B, width]."""
+
+    def __init__(self, cfg: ImageTowerConfig, in_channels: int = 3):
+        g = cfg.image_size // cfg.patch_size
+        super().__init__(in_channels, (g, g), cfg.patch_size, cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio)
+        self.cfg = cfg

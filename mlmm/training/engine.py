@@ -1,0 +1,128 @@
+"""DeepSpeed wrapper: one code path for `deepspeed` launches and single-process CPU runs.
+
+`ds_config.json` holds ZeRO stage / precision / offload; batch size, accumulation and clipping
+come from the YAML run config and are injected here, so the two cannot disagree.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mlmm.config import ConfigError, RunConfig
+from mlmm.data.batch import Batch
+from mlmm.training.schedule import build_scheduler
+
+
+class TrainModule(nn.Module):
+    """Model + loss in one module, so DeepSpeed optimises both (the loss owns temperatures)."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.loss(self.model(batch), batch)
+
+
+def resolve_precision(cfg: RunConfig, ds_cfg: dict, device: torch.device) -> str:
+    """fp32 | bf16 | fp16: train.precision wins; else ds_config's explicit flags; auto = bf16 on CUDA."""
+    p = cfg.train.precision
+    if p == "auto":
+        if ds_cfg.get("fp16", {}).get("enabled") is True:
+            p = "fp16"
+        elif ds_cfg.get("bf16", {}).get("enabled") is True:
+            p = "bf16"
+        elif device.type == "cuda" and torch.cuda.is_bf16_supported():
+            p = "bf16"
+        else:
+            p = "fp32"
+    if p in ("bf16", "fp16") and device.type == "cpu":
+        raise ConfigError(f"train.precision: {p} training needs a GPU here; use fp32 on CPU")
+    return p
+
+
+def build_ds_config(cfg: RunConfig, device: torch.device) -> dict:
+    path = Path(cfg.train.ds_config)
+    if not path.is_file() and cfg.config_path:  # also look next to the repo root of the YAML
+        alt = Path(cfg.config_path).resolve().parents[2] / cfg.train.ds_config
+        path = alt if alt.is_file() else path
+    ds: dict[str, Any] = {}
+    if path.is_file():
+        ds = json.loads(path.read_text())
+    elif cfg.train.ds_config:
+        raise ConfigError(f"train.ds_config: {cfg.train.ds_config} not found")
+    ds = copy.deepcopy(ds)
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping", "optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"{path}: {key}: set it in the YAML run config (data/train sections), not in ds_config")
+    precision = resolve_precision(cfg, ds, device)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
+    zero = ds.setdefault("zero_optimization", {})
+    if cfg.train.zero_stage is not None:
+        zero["stage"] = cfg.train.zero_stage
+    if device.type == "cpu":  # CUDA-only knobs
+        zero.pop("overlap_comm", None)
+    ds.update(
+        train_micro_batch_size_per_gpu=cfg.data.batch_size,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        gradient_clipping=cfg.train.grad_clip,
+        steps_per_print=10**9,  # mlmm logs itself
+        wall_clock_breakdown=False,
+    )
+    return ds
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, embeddings of positions/classes and temperatures (as CLIP)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "embedding" in name or "logit_scale" in name or "norm" in name.lower()
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def initialize(cfg: RunConfig, module: nn.Module, device: torch.device):
+    """deepspeed.initialize with a torch AdamW and the warmup-cosine schedule; returns (engine, ds_config)."""
+    import deepspeed
+
+    ds_cfg = build_ds_config(cfg, device)
+    t = cfg.train
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                                  fused=fused, foreach=None if fused else True)
+    scheduler = build_scheduler(optimizer, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
+                                min_lr_ratio=t.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_cfg)
+    return engine, ds_cfg
+
+
+def compute_dtype(ds_cfg: dict) -> torch.dtype:
+    if ds_cfg["bf16"]["enabled"]:
+        return torch.bfloat16
+    if ds_cfg["fp16"]["enabled"]:
+        return torch.float16
+    return torch.float32
+
+
+def full_state_dict(engine, module: nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 CPU copy of `module`'s parameters and buffers, gathering ZeRO-3 partitions (collective)."""
+    import deepspeed
+
+    params = list(module.parameters())
+    stage3 = engine.zero_optimization_stage() == 3
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage3 else contextlib.nullcontext()
+    with ctx:
+        return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+                for k, v in module.state_dict().items()}

@@ -1,0 +1,198 @@
+"""The training recipe: ``setup() / train() / save_checkpoint() / export() / cleanup()``.
+
+    trainer = Trainer(load_config("recipes/configs/tiny_clip.yaml"))
+    trainer.setup(); trainer.train(); trainer.export(); trainer.cleanup()
+
+Everything method-specific lives in the model and the registered loss the config names.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from mlmm.config import RunConfig
+from mlmm.registry import LOSSES
+from mlmm.training import checkpoint, distributed
+from mlmm.training.engine import TrainModule, compute_dtype, full_state_dict, initialize
+
+log = logging.getLogger("mlmm")
+
+
+def setup_logging(output_dir: Path, is_main: bool) -> None:
+    if not is_main:
+        logging.getLogger("mlmm").setLevel(logging.WARNING)
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger("mlmm")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.FileHandler) for h in logger.handlers):
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+        for h in (logging.StreamHandler(), logging.FileHandler(output_dir / "train.log")):
+            h.setFormatter(fmt)
+            logger.addHandler(h)
+        logger.propagate = False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_tokenizer(cfg: RunConfig):
+    if cfg.model.text is None:
+        return None
+    from transformers import AutoTokenizer
+
+    src = cfg.model.text.tokenizer or cfg.model.text.pretrained
+    if not Path(src).exists():
+        raise FileNotFoundError(f"model.text.tokenizer: {src} not found (train one with "
+                                f"`python -m mlmm.data.tokenization --manifest M.jsonl --out DIR`)")
+    return AutoTokenizer.from_pretrained(src)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.step = 0
+        self.samples_seen = 0
+        self.history: list[dict] = []  # one record per logged step
+
+    # ---------------------------------------------------------------------------- setup
+    def setup(self) -> "Trainer":
+        from mlmm.data.pipeline import Preprocessor, build_train_loader
+        from mlmm.models.model import MultimodalModel
+
+        cfg = self.cfg
+        self.rank, self.world = distributed.init_distributed()
+        self.device = distributed.device()
+        self.is_main = self.rank == 0
+        setup_logging(self.out, self.is_main)
+        seed_everything(cfg.seed)
+        self.tokenizer = load_tokenizer(cfg)
+        self.model = MultimodalModel(cfg.model, self.tokenizer)
+        loss_entry = LOSSES.get(cfg.loss.name, key="loss.name")
+        self.loss = loss_entry.cls(cfg.loss, self.model.modalities)
+        self.engine, self.ds_config = initialize(cfg, TrainModule(self.model, self.loss), self.device)
+        self.dtype = compute_dtype(self.ds_config)
+        if self.is_main:
+            n_params = sum(p.numel() for p in self.model.parameters())
+            log.info("model: towers %s, %.2fM parameters; ZeRO stage %d, %s, world size %d, device %s",
+                     self.model.modalities, n_params / 1e6, self.engine.zero_optimization_stage(),
+                     str(self.dtype).replace("torch.", ""), self.world, self.device)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
+        self._resume()
+        preprocessor = Preprocessor(cfg.model, self.tokenizer, train=True)
+        data_cfg = cfg.data
+        if self.step:  # TODO(issue 10): restore the exact data position; until then re-seed the stream
+            data_cfg = type(data_cfg)(**{**data_cfg.__dict__, "seed": data_cfg.seed + self.step})
+        self.loader = build_train_loader(data_cfg, preprocessor, rank=self.rank, world_size=self.world)
+        self.writer = self._tensorboard()
+        return self
+
+    def _tensorboard(self):
+        if not (self.cfg.train.tensorboard and self.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard not installed: logs still go to train.log
+            log.warning("tensorboard is not installed; scalars go to train.log only")
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    def _resume(self) -> None:
+        mode = self.cfg.train.resume
+        if mode == "never":
+            return
+        state = checkpoint.load(self.engine, self.out / "checkpoints", None if mode == "auto" else mode)
+        if state is not None:
+            self.step = state["step"]
+            self.samples_seen = state.get("samples_seen", 0)
+            log.info("resumed from %s at step %d", self.out / "checkpoints" / checkpoint.tag_for(self.step),
+                     self.step)
+
+    # ---------------------------------------------------------------------------- train
+    def train_step(self, batch) -> dict[str, float]:
+        batch = batch.to(self.device, self.dtype)
+        out = self.engine(batch)
+        self.engine.backward(out["loss"])
+        self.engine.step()
+        return {k: float(v.detach()) for k, v in out.items()}
+
+    def train(self) -> list[dict]:
+        cfg = self.cfg.train
+        bar = None
+        if self.is_main and cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.cfg.name, dynamic_ncols=True)
+        it = iter(self.loader)
+        t0, n0 = time.perf_counter(), self.samples_seen
+        while self.step < cfg.max_steps:
+            batch = next(it)
+            terms = self.train_step(batch)
+            self.step += 1
+            self.samples_seen += len(batch) * self.world
+            if not math.isfinite(terms["loss"]):
+                raise FloatingPointError(f"step {self.step}: non-finite loss {terms}")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms['loss']:.4f}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                rate = (self.samples_seen - n0) / max(time.perf_counter() - t0, 1e-9)
+                self._log(terms, rate)
+                t0, n0 = time.perf_counter(), self.samples_seen
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        self.save_checkpoint()
+        return self.history
+
+    def _log(self, terms: dict[str, float], rate: float) -> None:
+        lr = self.engine.get_lr()[0]
+        temps = self.loss.temperatures() if hasattr(self.loss, "temperatures") else {}
+        record = {"step": self.step, **terms, "lr": lr, "samples_per_s": rate, **temps}
+        self.history.append(record)
+        if not self.is_main:
+            return
+        text = " ".join(f"{k}={v:.4g}" for k, v in terms.items())
+        log.info("step %d %s lr=%.3g samples/s=%.1f", self.step, text, lr, rate)
+        if self.writer is not None:
+            for k, v in record.items():
+                if k != "step":
+                    self.writer.add_scalar(f"train/{k}", v, self.step)
+
+    # ---------------------------------------------------------------------------- save / export
+    def save_checkpoint(self) -> Path:
+        state = {"samples_seen": self.samples_seen, "world_size": self.world, "loss_history": self.history[-5:]}
+        path = checkpoint.save(self.engine, self.out / "checkpoints", self.step, state,
+                               keep=self.cfg.train.keep_checkpoints, is_main=self.is_main)
+        distributed.barrier()
+        return path
+
+    def export(self, out_dir: Optional[str | Path] = None) -> Path:
+        """Write ``<output_dir>/export`` (config.json + model.safetensors + tokenizer); collective call."""
+        from mlmm.hub import save_pretrained
+
+        out_dir = Path(out_dir or self.out / "export")
+        sd = full_state_dict(self.engine, self.model)  # every rank takes part in the ZeRO-3 gather
+        if self.is_main:
+            save_pretrained(self.model, out_dir, state_dict=sd, run_config=self.cfg)
+            log.info("exported %s", out_dir)
+        distributed.barrier()
+        return out_dir
+
+    def cleanup(self) -> None:
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()
+        distributed.cleanup()

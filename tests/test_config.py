@@ -1,0 +1,52 @@
+import pytest
+
+from mlmm.config import ConfigError, load_config
+
+BASE = """
+name: t
+output_dir: {out}
+data: {{train_shards: x, batch_size: 4}}
+model:
+  embed_dim: 16
+  image: {{image_size: 32, patch_size: 8, width: 32, layers: 2, heads: 2}}
+  text: {{tokenizer: tok, hidden: 32, layers: 2, heads: 2}}
+loss: {{name: contrastive, pairs: [[image, text]]}}
+train: {{max_steps: 5}}
+"""
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text.format(out=tmp_path / "run"))
+    return p
+
+
+def test_loads_typed_sections_and_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["train.max_steps=50", "model.text.layers=3", "train.lr=1e-3"])
+    assert cfg.train.max_steps == 50 and cfg.model.text.layers == 3 and cfg.train.lr == 1e-3
+    assert cfg.model.modalities == ["image", "text"]
+    assert cfg.loss.name == "contrastive" and cfg.loss.pairs == [["image", "text"]]
+    assert cfg.model.audio is None
+
+
+@pytest.mark.parametrize("override,needle", [
+    (["train.max_stepz=5"], "train.max_stepz: unknown key"),
+    (["model.image.widht=3"], "model.image.widht: unknown key"),
+    (["train.max_steps=abc"], "train.max_steps: expected int"),
+    (["train.tensorboard=3"], "train.tensorboard: expected true/false"),
+    (["loss.name=nope"], "loss.name: unknown loss 'nope'"),
+    (["loss.pairs=[[image, smell]]"], "loss.pairs[0]"),
+    (["model.image.patch_size=7"], "model.image.patch_size"),
+    (["data.language_policy=sometimes"], "data.language_policy"),
+])
+def test_bad_key_or_type_names_key_and_file(tmp_path, override, needle):
+    path = write(tmp_path, BASE)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, override)
+    msg = str(e.value)
+    assert needle in msg and str(path) in msg and "\n" not in msg
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/x.yaml")

@@ -1,0 +1,119 @@
+import math
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from mlmm.data.batch import Batch
+from mlmm.losses.contrastive import ContrastiveLoss, ContrastiveLossConfig, info_nce, masked_info_nce
+
+
+def reference_clip_loss(a, b, scale):
+    """Hand-written CLIP loss: mean over rows of -log softmax of the matching column, both ways."""
+    n = a.shape[0]
+    sim = scale * a @ b.t()
+    total = 0.0
+    for i in range(n):
+        row = sim[i]
+        col = sim[:, i]
+        total += -(row[i] - torch.logsumexp(row, 0)) - (col[i] - torch.logsumexp(col, 0))
+    return total / (2 * n)
+
+
+def normed(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def test_info_nce_matches_reference():
+    a, b = normed(6, 8, seed=1), normed(6, 8, seed=2)
+    scale = torch.tensor(10.0)
+    torch.testing.assert_close(info_nce(a, b, scale), reference_clip_loss(a, b, scale))
+
+
+def test_masked_info_nce_uses_only_rows_with_both_modalities():
+    a, b = normed(6, 8, seed=3), normed(6, 8, seed=4)
+    valid = torch.tensor([True, False, True, True, False, True])
+    scale = torch.tensor(5.0)
+    expected = reference_clip_loss(a[valid], b[valid], scale)
+    torch.testing.assert_close(masked_info_nce(a, b, valid, scale), expected)
+
+
+def test_masked_info_nce_with_too_few_rows_is_zero_with_grad():
+    a = normed(3, 4).requires_grad_()
+    b = normed(3, 4, seed=1).requires_grad_()
+    loss = masked_info_nce(a, b, torch.tensor([True, False, False]), torch.tensor(1.0))
+    loss.backward()
+    assert loss.item() == 0.0 and a.grad is not None and torch.all(a.grad == 0)
+
+
+def test_contrastive_loss_terms_per_pair_and_total():
+    cfg = ContrastiveLossConfig(pairs=[["image", "text"], ["audio", "text"], ["video", "text"]],
+                                weights={"audio_text": 0.5})
+    loss = ContrastiveLoss(cfg, ["image", "audio", "text"])  # no video tower: that pair is dropped
+    assert loss.pairs == [("image", "text"), ("audio", "text")]
+    B = 6
+    out = {"image": normed(B, 8, seed=5), "audio": normed(B, 8, seed=6), "text": normed(B, 8, seed=7)}
+    batch = Batch(keys=[str(i) for i in range(B)],
+                  image_mask=torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool),
+                  audio_mask=torch.tensor([0, 0, 0, 1, 1, 1], dtype=torch.bool),
+                  text_mask=torch.ones(B, dtype=torch.bool))
+    res = loss(out, batch)
+    scale = torch.tensor(math.exp(cfg.init_logit_scale))
+    it = reference_clip_loss(out["image"][:3], out["text"][:3], scale)
+    at = reference_clip_loss(out["audio"][3:], out["text"][3:], scale)
+    torch.testing.assert_close(res["image_text_loss"], it)
+    torch.testing.assert_close(res["audio_text_loss"], at)
+    torch.testing.assert_close(res["loss"], it + 0.5 * at)
+    res["loss"].backward()
+    assert loss.logit_scale["image_text"].grad is not None
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, a, b, valid, scale, out_q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    B = a.shape[0] // world
+    sl = slice(rank * B, (rank + 1) * B)
+    a_loc = a[sl].clone().requires_grad_()
+    b_loc = b[sl].clone().requires_grad_()
+    loss = masked_info_nce(a_loc, b_loc, valid[sl], scale)
+    loss.backward()
+    out_q.put((rank, loss.item(), a_loc.grad.numpy().copy(), b_loc.grad.numpy().copy()))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_rank_gather_with_grad_matches_single_process():
+    """local_loss on 2 ranks: average of rank losses and the sum of rank gradients equal the global loss's."""
+    world, B = 2, 4
+    a, b = normed(world * B, 8, seed=8), normed(world * B, 8, seed=9)
+    valid = torch.tensor([1, 1, 0, 1, 1, 1, 1, 0], dtype=torch.bool)
+    scale = torch.tensor(7.0)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, a, b, valid, scale, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = sorted(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    ag, bg = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ref = reference_clip_loss(ag[valid], bg[valid], scale)
+    ref.backward()
+    # ranks hold 3 valid rows each: the global mean is the mean of the two per-rank means
+    torch.testing.assert_close(torch.tensor(sum(r[1] for r in results) / world), ref.detach())
+    # DeepSpeed averages gradients over ranks; all_gather's backward sums them: together, the reference
+    grad_a = torch.cat([torch.from_numpy(r[2]) for r in results]) / world
+    grad_b = torch.cat([torch.from_numpy(r[3]) for r in results]) / world
+    torch.testing.assert_close(grad_a, ag.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad_b, bg.grad, atol=1e-6, rtol=1e-5)
