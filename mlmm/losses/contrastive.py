@@ -101,7 +101,8 @@ class ContrastiveLoss(nn.Module):
         if not self.pairs:
             raise ConfigError(f"loss.pairs: none of {cfg.pairs} is covered by the model's towers {modalities}")
         self.logit_scale = nn.ParameterDict({
-            pair_name(a, b): nn.Parameter(torch.tensor(cfg.init_logit_scale), requires_grad=cfg.learn_temperature)
+            # shape [1], not []: DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes
+            pair_name(a, b): nn.Parameter(torch.full((1,), cfg.init_logit_scale), requires_grad=cfg.learn_temperature)
             for a, b in self.pairs
         })
 
@@ -110,11 +111,11 @@ class ContrastiveLoss(nn.Module):
         for a, b in self.pairs:
             name = pair_name(a, b)
             valid = batch.mask(a).to(outputs[a].device) & batch.mask(b).to(outputs[a].device)
-            scale = self.logit_scale[name].clamp(max=self.cfg.max_logit_scale).exp()
+            scale = self.logit_scale[name].clamp(max=self.cfg.max_logit_scale).exp().squeeze(0)
             loss = masked_info_nce(outputs[a], outputs[b], valid, scale)
             terms[f"{name}_loss"] = loss
             total = loss * self.cfg.weights.get(name, 1.0) + (0 if total is None else total)
         return {"loss": total, **terms}
 
     def temperatures(self) -> dict[str, float]:
-        return {f"{k}_logit_scale": float(v.detach().exp()) for k, v in self.logit_scale.items()}
+        return {f"{k}_logit_scale": float(v.detach().exp().squeeze(0)) for k, v in self.logit_scale.items()}

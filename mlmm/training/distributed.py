@@ -38,9 +38,10 @@ def init_distributed() -> tuple[int, int]:
         elif int(os.environ.get("WORLD_SIZE", 1)) == 1:
             # DeepSpeed compiles a shared-memory all-reduce kernel for CPU process groups on first
             # use (~1 min of g++). With one process there is nothing to reduce: skip the build.
-            import deepspeed.comm.torch as ds_torch_comm
+            import importlib
 
-            ds_torch_comm.build_shm_op = lambda: None
+            # (importlib: `import deepspeed.comm.torch as m` would bind the real torch re-exported there)
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     return dist.get_rank(), dist.get_world_size()
 

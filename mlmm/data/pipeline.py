@@ -1,0 +1,392 @@
+"""Read WebDataset shards into :class:`~mlmm.data.batch.Batch` es for training and evaluation.
+
+Training stream (per rank, per DataLoader worker, one "slot" = ``rank * num_workers + worker_id``
+out of ``n_slots = world_size * num_workers``), repeated forever over epochs ``e = 0, 1, ...``:
+
+1. shard list shuffled with ``random.Random(seed + e)`` — identical on every slot;
+2. split so that every sample is read by exactly one slot per epoch:
+   * ``#shards >= n_slots``: slot ``s`` reads ``shards[s::n_slots]``;
+   * fewer shards than slots: every slot reads every shard and keeps sample ``i`` (position in the
+     epoch's shard order) when ``i % n_slots == s`` — more I/O, same partition;
+   slots may get unequal numbers of samples, which is harmless for an infinite stream;
+3. decode + transform + tokenize (:class:`Preprocessor`), with the language policy; samples that
+   fail to decode are skipped, counted per reason and logged once per reason;
+4. a seeded shuffle buffer and batching with :func:`collate`; buffer and batches run across epoch
+   boundaries, so there is never a partial batch.
+
+All randomness comes from ``random.Random`` seeded from ``(DataConfig.seed, epoch, slot)``, so a run
+is reproducible for a fixed ``world_size`` and ``num_workers``.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from mlmm.config import DataConfig, ModelConfig
+from mlmm.data.batch import Batch
+from mlmm.data.transforms import audio_to_logmel, decode_audio, decode_image, decode_video, image_to_tensor
+
+log = logging.getLogger(__name__)
+
+MEDIA = ("image", "video", "audio")
+EXTENSIONS = {"image": ("jpg", "jpeg", "png", "webp"), "video": ("mp4", "avi", "webm", "mkv"),
+              "audio": ("wav", "flac", "ogg")}
+POLICIES = ("random_language", "all_languages", "fixed")
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; ``reason`` is a short category used for counting."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+# ------------------------------------------------------------------------------------------ shards
+def resolve_shards(spec: str) -> list[str]:
+    """Shard paths from a folder (its index.json, else its sorted *.tar), a glob, or "a.tar,b.tar"."""
+    files: list[str] = []
+    for part in (p.strip() for p in (spec or "").split(",")):
+        if not part:
+            continue
+        path = Path(part)
+        if path.is_dir():
+            index = path / "index.json"
+            if index.is_file():
+                with open(index, encoding="utf-8") as f:
+                    found = [str(path / s["name"]) for s in json.load(f)["shards"]]
+                missing = [p for p in found if not Path(p).is_file()]
+                if missing:
+                    raise FileNotFoundError(f"shard spec {spec!r}: {index} lists missing shards {missing[:3]}")
+            else:
+                found = sorted(str(p) for p in path.glob("*.tar"))
+        elif any(c in part for c in "*?["):
+            found = sorted(glob.glob(part))
+        elif path.is_file():
+            found = [str(path)]
+        else:
+            raise FileNotFoundError(f"shard spec {spec!r}: {part!r} does not exist")
+        if not found:
+            raise FileNotFoundError(f"shard spec {spec!r}: no .tar shards in {part!r}")
+        files.extend(found)
+    if not files:
+        raise FileNotFoundError(f"shard spec {spec!r}: empty (expected a folder, a glob or a comma list)")
+    return files
+
+
+def _parse(sample: dict[str, Any]) -> dict[str, Any]:
+    """Raw tar entry group -> {"__key__", "__url__", <ext>: bytes, "json": dict}."""
+    out = {k.lower() if not k.startswith("__") else k: v for k, v in sample.items()}
+    raw = out.get("json")
+    try:
+        out["json"] = json.loads(raw) if isinstance(raw, (bytes, str)) else (raw or {})
+    except json.JSONDecodeError as e:
+        out["json"] = {"__error__": f"invalid json: {e}"}
+    return out
+
+
+def iter_samples(shards: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Raw samples of ``shards`` in order, in this process: ``{"__key__", <ext>: bytes, "json": dict}``."""
+    import webdataset as wds
+
+    for sample in wds.tarfile_samples({"url": str(u)} for u in shards):
+        yield _parse(sample)
+
+
+def epoch_shards(shards: Sequence[str], seed: int, epoch: int) -> list[str]:
+    """The epoch's shard order: a copy of ``shards`` shuffled with ``Random(seed + epoch)``."""
+    order = list(shards)
+    random.Random(seed + epoch).shuffle(order)
+    return order
+
+
+def slot_samples(shards: Sequence[str], *, seed: int, epoch: int, slot: int, n_slots: int) -> Iterator[dict[str, Any]]:
+    """The raw samples that slot ``slot`` of ``n_slots`` reads in ``epoch`` (see module docstring)."""
+    if not 0 <= slot < n_slots:
+        raise ValueError(f"slot {slot} out of range for {n_slots} slots")
+    order = epoch_shards(shards, seed, epoch)
+    if len(order) >= n_slots:
+        yield from iter_samples(order[slot::n_slots])
+        return
+    for i, sample in enumerate(iter_samples(order)):
+        if i % n_slots == slot:
+            yield sample
+
+
+# ------------------------------------------------------------------------------------ preprocessing
+def select_captions(
+    captions: dict[str, Any], rng: random.Random, policy: str = "random_language", languages: Optional[Sequence[str]] = None
+) -> list[tuple[str, str]]:
+    """Pick ``(lang, caption)`` pairs per the language policy; ``[]`` when no usable caption.
+
+    ``random_language``/``fixed``: one language uniformly among the sample's languages (within
+    ``languages`` when set; ``fixed`` requires it), one of its captions at random.
+    ``all_languages``: one random caption for every usable language.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"language_policy must be one of {POLICIES}, got {policy!r}")
+    if policy == "fixed" and not languages:
+        raise ValueError("language_policy 'fixed' needs a list of languages")
+    norm = {lang: [caps] if isinstance(caps, str) else list(caps) for lang, caps in (captions or {}).items()}
+    langs = sorted(lang for lang, caps in norm.items() if caps and (not languages or lang in languages))
+    if not langs:
+        return []
+    if policy == "all_languages":
+        return [(lang, rng.choice(norm[lang])) for lang in langs]
+    lang = rng.choice(langs)
+    return [(lang, rng.choice(norm[lang]))]
+
+
+class Preprocessor:
+    """Turns raw samples into per-modality tensors for the towers a :class:`ModelConfig` has.
+
+    Output sample dicts hold ``key``, ``lang`` ("" when no text), ``meta`` (the sample json) and,
+    when present: ``image`` [3,S,S], ``video`` [T,3,S,S], ``audio`` [1,n_mels,frames], ``caption``,
+    ``text_ids`` [L], ``text_attention`` [L]. Modalities the model lacks are not decoded.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, tokenizer: Any = None, *, train: bool):
+        self.cfg, self.tokenizer, self.train = model_cfg, tokenizer, train
+        self.modalities = list(model_cfg.modalities)
+        if "text" in self.modalities and tokenizer is None:
+            raise ValueError("Preprocessor: the model has a text tower, so a tokenizer is required")
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        if model_cfg.image is not None:
+            self.shapes["image"] = (3, model_cfg.image.image_size, model_cfg.image.image_size)
+        if model_cfg.video is not None:
+            enc = model_cfg.image if model_cfg.video.share_image_tower else model_cfg.video.frame_encoder
+            if enc is None:
+                raise ValueError("Preprocessor: model.video needs model.image or model.video.frame_encoder")
+            self.shapes["video"] = (model_cfg.video.frames, 3, enc.image_size, enc.image_size)
+        if model_cfg.audio is not None:
+            self.shapes["audio"] = (1, model_cfg.audio.n_mels, model_cfg.audio.frames)
+        if model_cfg.text is not None:
+            self.shapes["text"] = (model_cfg.text.max_length,)
+        self.pad_id = int(getattr(tokenizer, "pad_token_id", None) or 0)
+
+    def media(self, raw: dict[str, Any], rng: Optional[random.Random] = None) -> dict[str, torch.Tensor]:
+        """Decode and transform every media modality that both the sample and the model have."""
+        key, out = raw.get("__key__", "?"), {}
+        for modality in (m for m in MEDIA if m in self.shapes):
+            data = next((raw[e] for e in EXTENSIONS[modality] if raw.get(e) is not None), None)
+            if data is None:
+                continue
+            try:
+                if modality == "image":
+                    size = self.shapes["image"][-1]
+                    out["image"] = image_to_tensor(decode_image(data, draft_size=size), size, self.train, rng)
+                elif modality == "video":
+                    frames, _, _, size = self.shapes["video"]
+                    out["video"] = decode_video(data, frames, size, train=self.train, rng=rng)
+                else:
+                    a = self.cfg.audio
+                    wave, sr = decode_audio(data)
+                    out["audio"] = audio_to_logmel(wave, sr, sample_rate=a.sample_rate, seconds=a.seconds,
+                                                   n_mels=a.n_mels, n_fft=a.n_fft, hop_length=a.hop_length)
+            except ValueError as e:
+                raise SampleError(f"undecodable {modality}", f"{key}: {e}") from e
+        return out
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> (ids Long[N, L], attention Long[N, L]) padded/truncated to model.text.max_length."""
+        if self.tokenizer is None or "text" not in self.shapes:
+            raise ValueError("Preprocessor.tokenize: the model has no text tower / tokenizer")
+        enc = self.tokenizer(list(texts), max_length=self.shapes["text"][0], padding="max_length",
+                             truncation=True, return_tensors="pt")
+        return enc["input_ids"].long(), enc["attention_mask"].long()
+
+    def __call__(
+        self, raw: dict[str, Any], rng: Optional[random.Random] = None, *,
+        language_policy: str = "random_language", languages: Optional[Sequence[str]] = None,
+    ) -> list[dict[str, Any]]:
+        """One raw sample -> one processed sample (``all_languages``: one per language).
+
+        Raises :class:`SampleError` when a file does not decode or nothing the model uses is left.
+        """
+        rng = rng or random.Random(0)
+        key, meta = raw.get("__key__", "?"), raw.get("json") or {}
+        if "__error__" in meta:
+            raise SampleError("bad json", f"{key}: {meta['__error__']}")
+        media = self.media(raw, rng)
+        choices = select_captions(meta.get("captions", {}), rng, language_policy, languages) if "text" in self.shapes else []
+        if not media and not choices:
+            raise SampleError("nothing the model uses", f"{key}: no {'/'.join(self.modalities)} in the sample")
+        base = {"key": key, "meta": meta, "lang": "", **media}
+        if not choices:
+            return [base]
+        ids, att = self.tokenize([cap for _, cap in choices])  # [n, L]
+        return [{**base, "lang": lang, "caption": cap, "text_ids": ids[i], "text_attention": att[i]}
+                for i, (lang, cap) in enumerate(choices)]
+
+    def collate(self, samples: Sequence[dict[str, Any]]) -> Batch:
+        return collate(samples, shapes=self.shapes, pad_id=self.pad_id)
+
+
+def collate(samples: Sequence[dict[str, Any]], *, shapes: Optional[dict[str, tuple[int, ...]]] = None,
+            pad_id: int = 0) -> Batch:
+    """Stack processed samples into a Batch; absent modalities are zeros with mask False.
+
+    ``shapes`` (e.g. ``Preprocessor.shapes``) gives the per-sample shape of modalities that no
+    sample of this batch has, so the model's modalities are always present in the batch.
+    """
+    if not samples:
+        raise ValueError("collate: empty list of samples")
+    shapes, n = dict(shapes or {}), len(samples)
+    fields: dict[str, Any] = {}
+    for m in MEDIA:
+        have = [m in s for s in samples]
+        if not any(have) and m not in shapes:
+            continue
+        shape = next((tuple(s[m].shape) for s in samples if m in s), None) or shapes[m]
+        data = torch.zeros((n, *shape), dtype=torch.float32)  # [B, *shape]
+        for i, s in enumerate(samples):
+            if m in s:
+                if tuple(s[m].shape) != shape:
+                    raise ValueError(f"collate: {m} of {s['key']} has shape {tuple(s[m].shape)}, expected {shape}")
+                data[i] = s[m]
+        fields[m], fields[f"{m}_mask"] = data, torch.tensor(have, dtype=torch.bool)
+    have = ["text_ids" in s for s in samples]
+    if any(have) or "text" in shapes:
+        length = max([len(s["text_ids"]) for s in samples if "text_ids" in s] or [shapes["text"][0]])
+        ids = torch.full((n, length), pad_id, dtype=torch.long)  # [B, L]
+        att = torch.zeros((n, length), dtype=torch.long)  # [B, L]
+        for i, s in enumerate(samples):
+            if "text_ids" in s:
+                ids[i, : len(s["text_ids"])] = s["text_ids"]
+                att[i, : len(s["text_attention"])] = s["text_attention"]
+        fields.update(text_ids=ids, text_attention=att, text_mask=torch.tensor(have, dtype=torch.bool))
+    return Batch(keys=[s["key"] for s in samples], lang=[s.get("lang", "") for s in samples],
+                 meta=[s.get("meta", {}) for s in samples], **fields)
+
+
+# ------------------------------------------------------------------------------------------ training
+class TrainStream(torch.utils.data.IterableDataset):
+    """Infinite stream of Batches for one rank (see the module docstring for the splitting rules)."""
+
+    def __init__(self, shards: Sequence[str], data_cfg: DataConfig, preprocessor: Preprocessor, *,
+                 rank: int, world_size: int, start_epoch: int = 0):
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        self.shards, self.cfg, self.pre = list(shards), data_cfg, preprocessor
+        self.rank, self.world_size, self.start_epoch = rank, world_size, start_epoch
+        self.skipped: collections.Counter[str] = collections.Counter()
+
+    def slot(self) -> tuple[int, int]:
+        """(slot, n_slots) of the calling process, from the rank and torch's worker info."""
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def samples(self) -> Iterator[dict[str, Any]]:
+        """Processed samples, epoch after epoch, for this slot (before shuffle and batching)."""
+        slot, n_slots = self.slot()
+        epoch = self.start_epoch
+        while True:
+            rng = random.Random(f"{self.cfg.seed}/{epoch}/{slot}")
+            n = 0
+            for raw in slot_samples(self.shards, seed=self.cfg.seed, epoch=epoch, slot=slot, n_slots=n_slots):
+                try:
+                    out = self.pre(raw, rng, language_policy=self.cfg.language_policy, languages=self.cfg.languages)
+                except SampleError as e:
+                    if not self.skipped[e.reason]:
+                        log.warning("skipping samples with %s (first: %s); counted per reason", e.reason, e)
+                    self.skipped[e.reason] += 1
+                    continue
+                n += len(out)
+                yield from out
+            if n == 0:
+                raise RuntimeError(f"rank {self.rank} slot {slot}/{n_slots} got no usable sample in epoch {epoch} "
+                                   f"from {len(self.shards)} shards (skipped: {dict(self.skipped)})")
+            epoch += 1
+
+    def __iter__(self) -> Iterator[Batch]:
+        slot, _ = self.slot()
+        rng = random.Random(f"shuffle/{self.cfg.seed}/{self.start_epoch}/{slot}")
+        buffer: list[dict[str, Any]] = []
+        batch: list[dict[str, Any]] = []
+        for sample in self.samples():
+            if self.cfg.shuffle_buffer > 1:
+                buffer.append(sample)
+                if len(buffer) < self.cfg.shuffle_buffer:
+                    continue
+                j = rng.randrange(len(buffer))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                sample = buffer.pop()
+            batch.append(sample)
+            if len(batch) == self.cfg.batch_size:
+                yield self.pre.collate(batch)
+                batch = []
+
+
+def build_train_loader(data_cfg: DataConfig, preprocessor: Preprocessor, *, rank: int, world_size: int,
+                       start_epoch: int = 0) -> Iterable[Batch]:
+    """An infinite iterable of Batches of ``data_cfg.batch_size`` for ``rank`` of ``world_size``.
+
+    A ``torch.utils.data.DataLoader`` over a :class:`TrainStream` (``loader.dataset``) with
+    ``data_cfg.num_workers`` processes (0 = in this process); batching happens in the workers.
+    ``start_epoch`` resumes the shard/sample order of a given epoch.
+    """
+    data_cfg.validate("data")
+    shards = resolve_shards(data_cfg.train_shards)
+    stream = TrainStream(shards, data_cfg, preprocessor, rank=rank, world_size=world_size, start_epoch=start_epoch)
+    workers = data_cfg.num_workers
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                       prefetch_factor=2 if workers > 0 else None)
+
+
+# ------------------------------------------------------------------------------------------ eval
+def load_eval_items(shards_spec: str | Sequence[str], preprocessor: Preprocessor, modalities: Sequence[str],
+                    languages: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Every sample having one of ``modalities`` (media), in shard order, for retrieval evaluation.
+
+    Returns ``{"keys": [item keys], "meta": [item json], "captions": {lang: [(item_index, caption), ...]},
+    "skipped": {reason: count}, <modality>: {"data": Float[N_m, ...], "items": Long[N_m], "keys": [...]}}``
+    where ``items`` indexes ``keys``. Every caption of every item is listed (restricted to
+    ``languages`` when given). Use a ``Preprocessor(train=False)``.
+    """
+    unknown = [m for m in modalities if m not in MEDIA or m not in preprocessor.shapes]
+    if unknown:
+        raise ValueError(f"load_eval_items: modalities {unknown} are not media modalities of the model "
+                         f"(model has {sorted(preprocessor.shapes)})")
+    shards = resolve_shards(shards_spec) if isinstance(shards_spec, str) else list(shards_spec)
+    keys: list[str] = []
+    metas: list[dict] = []
+    tensors: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
+    items: dict[str, list[int]] = {m: [] for m in modalities}
+    captions: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
+    skipped: collections.Counter[str] = collections.Counter()
+    for raw in tqdm(iter_samples(shards), desc="eval items", leave=False):
+        if not any(raw.get(e) is not None for m in modalities for e in EXTENSIONS[m]):
+            skipped[f"no {'/'.join(modalities)}"] += 1
+            continue
+        try:
+            media = preprocessor.media(raw)
+        except SampleError as e:
+            log.warning("eval: skipping %s", e)
+            skipped[e.reason] += 1
+            continue
+        index = len(keys)
+        keys.append(raw["__key__"])
+        metas.append(raw["json"])
+        for m in modalities:
+            if m in media:
+                tensors[m].append(media[m])
+                items[m].append(index)
+        for lang, caps in sorted((raw["json"].get("captions") or {}).items()):
+            if languages is None or lang in languages:
+                captions[lang].extend((index, c) for c in ([caps] if isinstance(caps, str) else caps))
+    out: dict[str, Any] = {"keys": keys, "meta": metas, "captions": dict(captions), "skipped": dict(skipped)}
+    for m in modalities:
+        if tensors[m]:
+            out[m] = {"data": torch.stack(tensors[m]), "items": torch.tensor(items[m], dtype=torch.long),
+                      "keys": [keys[i] for i in items[m]]}
+    return out

@@ -1,0 +1,195 @@
+"""Decoders and tensor transforms for images, videos and audio.
+
+Every decoder takes the raw encoded bytes stored in a shard and raises :class:`ValueError` with a
+message saying what could not be decoded; callers decide whether to skip the sample.
+
+* images: PIL, RGB, shorter side resized (bicubic) + square crop, CLIP mean/std normalisation.
+* videos: PyAV, ``num_frames`` frames sampled uniformly over the clip, same transform as images.
+* audio: ``soundfile`` (wav/flac/ogg), mono float32; log-mel spectrogram with a *fixed*
+  normalisation ``(log(mel + 1e-6) + 4.5) / 5`` (see :data:`LOGMEL_SHIFT` / :data:`LOGMEL_SCALE`),
+  so that loudness differences between clips are preserved (no per-clip statistics).
+"""
+from __future__ import annotations
+
+import functools
+import io
+import math
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
+LOGMEL_SHIFT = 4.5
+LOGMEL_SCALE = 5.0
+TRAIN_CROP_SCALE = (0.8, 1.0)  # fraction of the largest centred square kept by the train crop
+
+_MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1)
+
+Box = tuple[int, int, int, int]
+
+
+# ------------------------------------------------------------------------------------------ images
+def decode_image(data: bytes, draft_size: Optional[int] = None) -> Image.Image:
+    """Decode encoded image bytes into an RGB PIL image.
+
+    With ``draft_size`` a JPEG is decoded directly at a reduced scale (1/2, 1/4, 1/8) that keeps
+    both sides >= ``draft_size`` — much faster for large photos that will be downscaled anyway.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+        if draft_size is not None and img.format == "JPEG" and min(img.size) >= 2 * draft_size:
+            img.draft("RGB", (draft_size, draft_size))
+        return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot decode image ({len(data)} bytes): {e}") from e
+
+
+def crop_box(width: int, height: int, train: bool, rng: Optional[random.Random] = None) -> Box:
+    """The square region (left, top, right, bottom) that is resized to the output size.
+
+    Eval: the largest centred square (= resize shorter side + centre crop). Train: a random square
+    covering ``TRAIN_CROP_SCALE`` of that square's area, at a random position.
+    """
+    side = min(width, height)
+    if not train:
+        left, top = (width - side) // 2, (height - side) // 2
+        return left, top, left + side, top + side
+    rng = rng or random
+    side = max(1, int(round(side * math.sqrt(rng.uniform(*TRAIN_CROP_SCALE)))))
+    left = rng.randint(0, width - side)
+    top = rng.randint(0, height - side)
+    return left, top, left + side, top + side
+
+
+def _normalise(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float [3, H, W] normalised with the CLIP mean/std."""
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+    return (x - _MEAN) / _STD
+
+
+def image_to_tensor(
+    img: Image.Image, size: int, train: bool, rng: Optional[random.Random] = None, box: Optional[Box] = None
+) -> torch.Tensor:
+    """PIL image -> Float[3, size, size]: square crop (see :func:`crop_box`), bicubic resize, normalise."""
+    img = img.convert("RGB") if img.mode != "RGB" else img
+    box = box or crop_box(img.width, img.height, train, rng)
+    img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return _normalise(np.array(img, dtype=np.uint8))  # a writable copy
+
+
+# ------------------------------------------------------------------------------------------ videos
+def sample_indices(n_available: int, num_frames: int) -> list[int]:
+    """``num_frames`` indices spread uniformly over ``n_available`` frames (repeats when too few)."""
+    if n_available < 1:
+        raise ValueError("video has no frames")
+    return [int(round(i)) for i in np.linspace(0, n_available - 1, num_frames)]
+
+
+def decode_video(
+    data: bytes, num_frames: int, size: int, train: bool = False, rng: Optional[random.Random] = None
+) -> torch.Tensor:
+    """Encoded video bytes (mp4, avi, ...) -> Float[T=num_frames, 3, size, size].
+
+    Frames are sampled uniformly over the whole clip (np.linspace); a clip with fewer frames than
+    ``num_frames`` repeats frames. One crop box is used for every frame of a clip. When the
+    container reports its frame count only the selected frames are converted; otherwise every frame
+    is kept, downscaled, until the count is known.
+    """
+    import av  # local: PyAV is only needed when videos are decoded
+
+    try:
+        container = av.open(io.BytesIO(data))
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise ValueError(f"cannot open video ({len(data)} bytes): {e}") from e
+    with container:
+        if not container.streams.video:
+            raise ValueError("video container has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        expected = int(stream.frames or 0)
+        wanted = set(sample_indices(expected, num_frames)) if expected > 0 else None
+        kept: dict[int, Image.Image] = {}
+        n = 0
+        try:
+            for frame in container.decode(stream):
+                if wanted is None or n in wanted:
+                    img = frame.to_image()
+                    if wanted is None and min(img.size) > 2 * size:  # bound memory for unknown length
+                        scale = 2 * size / min(img.size)
+                        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+                    kept[n] = img
+                n += 1
+        except (av.error.FFmpegError, OSError, ValueError) as e:
+            if n == 0:
+                raise ValueError(f"cannot decode video frames: {e}") from e
+            # A truncated tail: keep the frames decoded so far.
+    if n == 0:
+        raise ValueError("video has no decodable frames")
+    indices = sample_indices(n, num_frames)
+    if wanted is not None and n != expected:  # container metadata was wrong: use what we have
+        have = sorted(kept)
+        indices = [have[int(np.argmin([abs(h - i) for h in have]))] for i in indices]
+    first = kept[indices[0]]
+    box = crop_box(first.width, first.height, train, rng)
+    frames = [image_to_tensor(kept[i], size, train=False, box=box) for i in indices]
+    return torch.stack(frames)  # [T, 3, size, size]
+
+
+# ------------------------------------------------------------------------------------------- audio
+def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
+    """Encoded audio bytes (wav/flac/ogg) -> (Float32[samples] mono waveform, sample rate)."""
+    import soundfile as sf
+
+    try:
+        wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # [samples, channels]
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"cannot decode audio ({len(data)} bytes): {e}") from e
+    if wave.shape[0] == 0:
+        raise ValueError("audio has no samples")
+    return wave.mean(axis=1).astype(np.float32), int(sr)  # [samples]
+
+
+@functools.lru_cache(maxsize=16)
+def _mel_module(sample_rate: int, n_fft: int, hop_length: int, n_mels: int) -> torch.nn.Module:
+    import torchaudio
+
+    return torchaudio.transforms.MelSpectrogram(
+        sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, center=True, power=2.0
+    )
+
+
+def audio_to_logmel(
+    wave: np.ndarray | torch.Tensor,
+    sr: int,
+    *,
+    sample_rate: int,
+    seconds: float,
+    n_mels: int,
+    n_fft: int,
+    hop_length: int,
+) -> torch.Tensor:
+    """Mono waveform -> Float[1, n_mels, frames], frames = int(sample_rate*seconds)//hop_length + 1.
+
+    Resamples to ``sample_rate``, centre-crops or zero-pads (at the end) to exactly ``seconds``,
+    then ``(log(mel_power + 1e-6) + LOGMEL_SHIFT) / LOGMEL_SCALE``.
+    """
+    import torchaudio
+
+    x = torch.as_tensor(wave, dtype=torch.float32).reshape(-1)  # [samples]
+    if sr != sample_rate:
+        x = torchaudio.functional.resample(x, orig_freq=int(sr), new_freq=int(sample_rate))
+    target = int(sample_rate * seconds)
+    if x.numel() > target:
+        start = (x.numel() - target) // 2
+        x = x[start : start + target]
+    elif x.numel() < target:
+        x = torch.nn.functional.pad(x, (0, target - x.numel()))
+    with torch.no_grad():
+        mel = _mel_module(int(sample_rate), int(n_fft), int(hop_length), int(n_mels))(x)  # [n_mels, frames]
+    logmel = (torch.log(mel + 1e-6) + LOGMEL_SHIFT) / LOGMEL_SCALE
+    return logmel.unsqueeze(0)  # [1, n_mels, frames]
