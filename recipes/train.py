@@ -31,7 +31,7 @@ def main(argv=None) -> int:
         if not args.no_export:
             trainer.export()
     finally:
-        trainer.cleanup()
+        trainer.cleanup(destroy_process_group=True)
     return 0
 
 

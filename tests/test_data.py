@@ -24,8 +24,8 @@ from mlmm.data import (
     select_captions,
     shared_data_manifest,
     train_tokenizer,
-    write_shards,
 )
+from mlmm.data.write_shards import write_shards
 from mlmm.data.generate import audio_captions, generate, image_captions, video_captions
 from mlmm.data.pipeline import epoch_shards, slot_samples
 from mlmm.data.tokenization import main as tokenization_main

@@ -117,3 +117,20 @@ def test_two_rank_gather_with_grad_matches_single_process():
     grad_b = torch.cat([torch.from_numpy(r[3]) for r in results]) / world
     torch.testing.assert_close(grad_a, ag.grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grad_b, bg.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_rows_of_the_same_sample_are_not_negatives():
+    """all_languages puts a sample in the batch once per language: its copies must not be negatives."""
+    a, b = normed(4, 8, seed=10), normed(4, 8, seed=11)
+    a = torch.cat([a, a[:1]])  # row 4 = sample 0 again (another language's caption in b[4])
+    b = torch.cat([b, normed(1, 8, seed=12)])
+    groups = torch.tensor([0, 1, 2, 3, 0])
+    scale = torch.tensor(5.0)
+    got = masked_info_nce(a, b, torch.ones(5, dtype=torch.bool), scale, groups)
+    sim = scale * a @ b.t()
+    total = 0.0
+    for i in range(5):
+        allowed = [j for j in range(5) if j == i or groups[j] != groups[i]]
+        total += -(sim[i, i] - torch.logsumexp(sim[i, allowed], 0))
+        total += -(sim[i, i] - torch.logsumexp(sim[allowed, i], 0))
+    torch.testing.assert_close(got, total / 10)

@@ -11,8 +11,10 @@ _EXPORTS = {
     "iter_samples": "pipeline", "load_eval_items": "pipeline", "resolve_shards": "pipeline",
     "select_captions": "pipeline",
     "load_tokenizer": "tokenization", "train_tokenizer": "tokenization",
-    "shared_data_manifest": "write_shards", "write_shards": "write_shards",
+    "shared_data_manifest": "write_shards",
 }
+# (the function `write_shards` lives in the module of the same name: `from mlmm.data.write_shards import
+# write_shards`; exporting it here would be shadowed by the submodule once that is imported)
 __all__ = sorted(_EXPORTS)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -67,11 +68,20 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> tor
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
+def key_groups(keys: list[str], device: torch.device) -> torch.Tensor:
+    """Stable int64 id per sample key: [B]. Rows sharing a key (one sample, several languages) match."""
+    import zlib
+
+    return torch.tensor([zlib.crc32(k.encode("utf-8")) for k in keys], dtype=torch.long, device=device)
+
+
 def masked_info_nce(a_local: torch.Tensor, b_local: torch.Tensor, valid_local: torch.Tensor,
-                    logit_scale: torch.Tensor) -> torch.Tensor:
+                    logit_scale: torch.Tensor, groups_local: Optional[torch.Tensor] = None) -> torch.Tensor:
     """InfoNCE on the global batch restricted to valid rows; each rank scores its own valid rows.
 
     a_local, b_local: [B, D] this rank's embeddings; valid_local: [B] bool (both modalities present).
+    groups_local: optional [B] ids; other rows of the same group are not used as negatives (the
+    `all_languages` policy puts one sample in a batch once per language).
     Returns the mean loss over this rank's valid rows (0 with a grad path when it has none).
     """
     a_all, b_all = gather_with_grad(a_local), gather_with_grad(b_local)  # [W*B, D]
@@ -87,6 +97,13 @@ def masked_info_nce(a_local: torch.Tensor, b_local: torch.Tensor, valid_local: t
     labels = torch.nonzero(mine).squeeze(1)  # positions of my rows inside the kept set
     logits_ab = logit_scale * a_g[labels] @ b_g.t()  # [n_mine, N]
     logits_ba = logit_scale * b_g[labels] @ a_g.t()  # [n_mine, N]
+    if groups_local is not None:
+        groups = gather_no_grad(groups_local)[keep]  # [N]
+        same = groups[labels].unsqueeze(1) == groups.unsqueeze(0)  # [n_mine, N]
+        same[torch.arange(labels.numel(), device=same.device), labels] = False  # keep the positive
+        if bool(same.any()):
+            logits_ab = logits_ab.masked_fill(same, float("-inf"))
+            logits_ba = logits_ba.masked_fill(same, float("-inf"))
     return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
 
 
@@ -108,11 +125,12 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         total, terms = None, {}
+        groups = key_groups(batch.keys, outputs[self.pairs[0][0]].device) if batch.keys else None
         for a, b in self.pairs:
             name = pair_name(a, b)
             valid = batch.mask(a).to(outputs[a].device) & batch.mask(b).to(outputs[a].device)
             scale = self.logit_scale[name].clamp(max=self.cfg.max_logit_scale).exp().squeeze(0)
-            loss = masked_info_nce(outputs[a], outputs[b], valid, scale)
+            loss = masked_info_nce(outputs[a], outputs[b], valid, scale, groups)
             terms[f"{name}_loss"] = loss
             total = loss * self.cfg.weights.get(name, 1.0) + (0 if total is None else total)
         return {"loss": total, **terms}

@@ -192,7 +192,15 @@ class Trainer:
         distributed.barrier()
         return out_dir
 
-    def cleanup(self) -> None:
+    def cleanup(self, destroy_process_group: bool = False) -> None:
+        """Close writers; optionally tear down torch.distributed (entry points do, at exit).
+
+        The process group is kept by default so that one process can run several trainers
+        (tests, notebooks): DeepSpeed caches groups that a destroyed group would leave dangling.
+        """
         if getattr(self, "writer", None) is not None:
             self.writer.close()
-        distributed.cleanup()
+        if destroy_process_group:
+            distributed.cleanup()
+        else:
+            distributed.barrier()
