@@ -123,8 +123,14 @@ class ModelConfig:
     video: Optional[VideoTowerConfig] = None
     audio: Optional[AudioTowerConfig] = None
     text: Optional[TextTowerConfig] = None
+    # task heads / fusion modules run after the towers: {instance: {name: <registered head>, ...}}
+    heads: dict = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
+        from mlmm.registry import HEADS, build_component_config
+
+        self.heads = {k: v if dataclasses.is_dataclass(v) else build_component_config(HEADS, v, f"{where}.heads.{k}")
+                      for k, v in self.heads.items()}
         if self.video is not None and self.video.share_image_tower and self.image is None:
             raise ConfigError(f"{where}.video.share_image_tower: true needs a model.image tower")
         if self.video is not None and not self.video.share_image_tower and self.video.frame_encoder is None:
@@ -282,18 +288,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def build_config(raw: dict) -> RunConfig:
     """Validate a raw mapping (already YAML-parsed and overridden) into a RunConfig."""
-    from mlmm.registry import LOSSES  # late import: registry imports the loss modules
+    from mlmm.registry import LOSSES, build_component_config  # late: the registry imports the losses
 
     raw = dict(raw)
     loss_raw = raw.pop("loss", None) or {"name": "contrastive"}
-    if not isinstance(loss_raw, dict) or "name" not in loss_raw:
-        raise ConfigError("loss.name: required (one of " + ", ".join(LOSSES.names()) + ")")
-    loss_raw = dict(loss_raw)
-    name = loss_raw.pop("name")
-    entry = LOSSES.get(name, key="loss.name")
     cfg = from_dict(RunConfig, raw)
-    cfg.loss = from_dict(entry.config, loss_raw, "loss")
-    cfg.loss.name = name
+    cfg.loss = build_component_config(LOSSES, loss_raw, "loss")
     return cfg
 
 

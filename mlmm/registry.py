@@ -56,4 +56,24 @@ class Registry:
         return self.get(name).cls(*args, **kwargs)
 
 
+def build_component_config(registry: Registry, raw: Any, where: str, default_name: Optional[str] = None) -> Any:
+    """Validate a YAML section ``{name: <registered>, ...fields}`` into the component's config dataclass.
+
+    The chosen name is kept on the result as ``.name`` (a non-init dataclass field of the config).
+    """
+    from mlmm.config import ConfigError, from_dict
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    raw = dict(raw)
+    name = raw.pop("name", default_name)
+    if name is None:
+        raise ConfigError(f"{where}.name: required (one of {', '.join(registry.names())})")
+    entry = registry.get(name, key=f"{where}.name")
+    cfg = from_dict(entry.config, raw, where)
+    cfg.name = name
+    return cfg
+
+
 LOSSES = Registry("loss", modules=("mlmm.losses",))
+HEADS = Registry("head", modules=("mlmm.models.heads",))

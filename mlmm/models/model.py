@@ -17,6 +17,7 @@ from torch import nn
 from mlmm.config import ModelConfig
 from mlmm.data.batch import Batch
 from mlmm.models.towers import AudioTower, ImageTower, TextTower, VideoTower
+from mlmm.registry import HEADS
 
 
 class MultimodalModel(nn.Module):
@@ -39,6 +40,13 @@ class MultimodalModel(nn.Module):
         self.proj = nn.ModuleDict({m: nn.Linear(t.width, cfg.embed_dim, bias=False) for m, t in towers.items()})
         for p in self.proj.values():
             nn.init.normal_(p.weight, std=p.in_features ** -0.5)
+        self.heads = nn.ModuleDict({name: HEADS.get(hcfg.name).cls(hcfg, self) for name, hcfg in cfg.heads.items()})
+        self.token_modalities = sorted({m for h in self.heads.values() for m in getattr(h, "needs_tokens", ())})
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """Feature width of each tower (before projection)."""
+        return {m: t.width for m, t in self.towers.items()}
 
     @property
     def modalities(self) -> list[str]:
@@ -62,28 +70,48 @@ class MultimodalModel(nn.Module):
         device = device or next(self.parameters()).device
         return self.encode("text", tok["input_ids"].to(device), tok["attention_mask"].to(device))
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Embed every modality the model has, for the rows of `batch` that carry it.
+    def encode_tokens(self, modality: str, x: torch.Tensor, attention: Optional[torch.Tensor] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (embedding [B, E] L2-normalised, tokens [B, T, D_m], token mask Bool[B, T])."""
+        tower = self.towers[modality]
+        tokens = tower.forward_tokens(x, attention) if modality == "text" else tower.forward_tokens(x)
+        pooled = tower.pool(tokens, attention)
+        z = F.normalize(self.proj[modality](pooled), dim=-1)
+        token_mask = attention.bool() if attention is not None else torch.ones(tokens.shape[:2], dtype=torch.bool,
+                                                                                device=tokens.device)
+        return z, tokens, token_mask
 
-        Rows without the modality get zeros. Every tower always runs (on one row when none is
-        present, contributing zero) so that each parameter gets a gradient on every rank —
-        ZeRO's gradient hooks expect the same parameters to be used on all ranks.
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Embed every modality the model has, for the rows of `batch` that carry it; then run heads.
+
+        Outputs: ``<m>`` [B, E] (zeros on rows without the modality), plus ``<m>_tokens`` [B, T, D_m] and
+        ``<m>_token_mask`` Bool[B, T] for the modalities a head reads, plus whatever the heads return.
+        Every tower always runs (on one row when none is present, contributing zero) so that each
+        parameter gets a gradient on every rank: ZeRO's gradient hooks expect that.
         """
-        out = {}
+        out: dict[str, torch.Tensor] = {}
         for m in self.modalities:
             x = batch.text_ids if m == "text" else getattr(batch, m)
             if x is None:
                 continue
-            mask = batch.mask(m).to(x.device)
             attention = batch.text_attention if m == "text" else None
-            idx = torch.nonzero(mask).squeeze(1)
+            idx = torch.nonzero(batch.mask(m).to(x.device)).squeeze(1)
+            rows = idx if idx.numel() else idx.new_zeros(1)  # no row present: run on row 0, keep zero
+            z, tokens, tmask = self.encode_tokens(m, x[rows], None if attention is None else attention[rows])
             if idx.numel() == 0:
-                z = self.encode(m, x[:1], None if attention is None else attention[:1])  # [1, E]
-                out[m] = x.new_zeros((x.shape[0], z.shape[1]), dtype=z.dtype) + 0.0 * z.sum()
-                continue
-            z = self.encode(m, x[idx], None if attention is None else attention[idx])  # [n, E]
-            if idx.numel() == x.shape[0]:
-                out[m] = z
-            else:
-                out[m] = z.new_zeros((x.shape[0], z.shape[1])).index_copy(0, idx, z)  # [B, E]
+                z, tokens, tmask = z * 0.0, tokens * 0.0, tmask & False
+            results = {m: z}
+            if m in self.token_modalities:
+                results.update({f"{m}_tokens": tokens, f"{m}_token_mask": tmask})
+            for k, v in results.items():
+                if idx.numel() == x.shape[0]:
+                    out[k] = v
+                else:  # scatter the present rows into a [B, ...] tensor of zeros
+                    full = v.new_zeros((x.shape[0], *v.shape[1:]))
+                    if idx.numel():
+                        out[k] = full.index_copy(0, idx, v)
+                    else:  # keep the (zero) graph so every parameter still gets a gradient
+                        out[k] = full + v.sum() * 0 if v.is_floating_point() else full
+        for head in self.heads.values():
+            out.update(head(out, batch))
         return out

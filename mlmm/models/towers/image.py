@@ -5,6 +5,8 @@ ln_pre, transformer.resblocks.*, ln_post); ``visual.proj`` lives in the model's 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -44,9 +46,13 @@ class ViT(nn.Module):
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x)
 
+    def pool(self, tokens: torch.Tensor, attention: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, 1+N, D] -> [B, D]: the CLS token."""
+        return tokens[:, 0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C, H, W] -> pooled [B, D] = ln_post(CLS)."""
-        return self.forward_tokens(x)[:, 0]
+        return self.pool(self.forward_tokens(x))
 
 
 class ImageTower(ViT):

@@ -63,10 +63,13 @@ class TextTower(nn.Module):
         """ids [B, L], attention [B, L] -> last hidden states [B, L, D] (pad positions included)."""
         return self.model(input_ids=ids, attention_mask=attention).last_hidden_state
 
-    def forward(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """ids [B, L], attention [B, L] -> pooled [B, D] (masked mean over real tokens, or CLS)."""
-        h = self.forward_tokens(ids, attention)  # [B, L, D]
+    def pool(self, h: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """tokens [B, L, D], attention [B, L] -> [B, D] (masked mean over real tokens, or CLS)."""
         if self.cfg.pooling == "cls":
             return h[:, 0]
         m = attention.to(h.dtype).unsqueeze(-1)  # [B, L, 1]
         return (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+    def forward(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """ids [B, L], attention [B, L] -> pooled [B, D]."""
+        return self.pool(self.forward_tokens(ids, attention), attention)

@@ -65,6 +65,10 @@ class VideoTower(nn.Module):
         f = f.view(B, T, -1) + self.temporal_embedding[:T].to(f.dtype)  # [B, T, D]
         return self.ln_post(self.transformer(f))
 
+    def pool(self, tokens: torch.Tensor, attention: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, T, D] -> [B, D]: mean over frames."""
+        return tokens.mean(dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, 3, H, W] -> pooled [B, D] = mean over frames of the tokens."""
-        return self.forward_tokens(x).mean(dim=1)
+        return self.pool(self.forward_tokens(x))
