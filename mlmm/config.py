@@ -51,6 +51,7 @@ class DataConfig:
     language_policy: str = "random_language"  # random_language | all_languages | fixed
     seed: int = 0
     max_bad_fraction: float = 0.1  # abort when more than this fraction of samples is unusable
+    text_field: str = "captions"  # sample-json field {lang: str | [str]} giving the text input ("question" for VQA)
 
     def validate(self, where: str) -> None:
         policies = ("random_language", "all_languages", "fixed")
@@ -85,6 +86,10 @@ class VideoTowerConfig:
     heads: int = 2
     share_image_tower: bool = True  # frame encoder = the image tower (needs model.image)
     frame_encoder: Optional[ImageTowerConfig] = None  # own frame encoder when not shared
+    # contextual video encoder (DI-vTR): audio tokens of width `audio_width` may join the temporal transformer
+    # (VideoTower.forward_tokens(video, audio_tokens=..., audio_mask=...)); off by default
+    audio_context: bool = False
+    audio_width: int = 32
 
 
 @dataclass
@@ -123,6 +128,7 @@ class TextTowerConfig:
     intermediate: int = 64
     max_length: int = 32
     pooling: str = "mean"  # mean | cls
+    hf_config: Optional[dict] = None  # set by exports of a `pretrained` tower: its transformers config
 
     def validate(self, where: str) -> None:
         if self.pooling not in ("mean", "cls"):

@@ -65,7 +65,13 @@ def save_pretrained(model, out_dir: str | Path, *, state_dict: Optional[dict] = 
         model.tokenizer.save_pretrained(str(out))
         config["model"]["text"]["tokenizer"] = "."  # relative to the export folder
     if config["model"].get("text"):
-        config["model"]["text"]["pretrained"] = None  # the weights are in model.safetensors now
+        text = config["model"]["text"]
+        if text.get("pretrained"):  # rebuild that architecture on load; the weights are in model.safetensors
+            hf = model.towers["text"].model.config.to_dict()
+            text["hf_config"] = {k: v for k, v in hf.items()
+                                 if k not in ("architectures", "_name_or_path", "transformers_version", "dtype",
+                                              "torch_dtype", "_attn_implementation_autoset")}
+        text["pretrained"] = None
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
     (out / "README.md").write_text(_model_card(config, results_md), encoding="utf-8")
     return out

@@ -210,6 +210,7 @@ class Preprocessor:
     def __call__(
         self, raw: dict[str, Any], rng: Optional[random.Random] = None, *,
         language_policy: str = "random_language", languages: Optional[Sequence[str]] = None,
+        text_field: str = "captions",
     ) -> list[dict[str, Any]]:
         """One raw sample -> one processed sample (``all_languages``: one per language).
 
@@ -220,7 +221,7 @@ class Preprocessor:
         if "__error__" in meta:
             raise SampleError("bad json", f"{key}: {meta['__error__']}")
         media = self.media(raw, rng)
-        choices = select_captions(meta.get("captions", {}), rng, language_policy, languages) if "text" in self.shapes else []
+        choices = select_captions(meta.get(text_field, {}), rng, language_policy, languages) if "text" in self.shapes else []
         if not media and not choices:
             raise SampleError("nothing the model uses", f"{key}: no {'/'.join(self.modalities)} in the sample")
         base = {"key": key, "meta": meta, "lang": "", **media}

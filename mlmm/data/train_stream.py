@@ -71,7 +71,8 @@ class TrainStream(torch.utils.data.IterableDataset):
                 raw = _parse(raw)
                 if "__error__" not in raw["json"]:
                     check_captions(raw["json"])
-                return self.pre(raw, rng, language_policy=self.cfg.language_policy, languages=self.cfg.languages)
+                return self.pre(raw, rng, language_policy=self.cfg.language_policy, languages=self.cfg.languages,
+                                text_field=getattr(self.cfg, "text_field", "captions"))
             except SampleError as e:
                 error = e
         if not counts[error.reason]:

@@ -8,3 +8,8 @@ losses consume. ``needs_tokens``: the modalities whose token features it reads
 Configured under ``model.heads: {<instance>: {name: <registered head>, ...}}``. Importing this
 package registers every head.
 """
+from mlmm.distill import adapters as _distill_adapters  # noqa: E402,F401  (language_adapter)
+from mlmm.models.heads import hashing as _hashing  # noqa: E402,F401  (hash: cross-modal hashing)
+from mlmm.models.heads import divtr as _divtr  # noqa: E402,F401  (divtr: DI-vTR dual interaction)
+from mlmm.models.heads import cmmae as _cmmae  # noqa: E402,F401  (cmmae: cross-modal mixer + masked autoencoder)
+from mlmm.models.heads import vqa as _vqa, caption as _caption  # noqa: E402,F401  (vqa, caption: issue 7)

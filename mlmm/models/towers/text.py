@@ -38,6 +38,9 @@ class TextTower(nn.Module):
         self.cfg = cfg
         if cfg.pretrained:
             self.model = _without_pooler(AutoModel.from_pretrained, cfg.pretrained)
+        elif cfg.hf_config:  # an exported pretrained tower: same architecture, weights come from the export
+            config = AutoConfig.for_model(**cfg.hf_config)
+            self.model = _without_pooler(AutoModel.from_config, config, attn_implementation="sdpa")
         else:
             margin = pad_token_id + 1 if cfg.arch in _PAD_OFFSET_POSITIONS else 0
             config = AutoConfig.for_model(

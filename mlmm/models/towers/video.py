@@ -45,6 +45,9 @@ class VideoTower(nn.Module):
         self.temporal_embedding = nn.Parameter(width ** -0.5 * torch.randn(cfg.frames, width))
         self.transformer = Transformer(width, cfg.temporal_layers, cfg.heads)
         self.ln_post = nn.LayerNorm(width)
+        if getattr(cfg, "audio_context", False):  # contextual encoder: audio tokens join the temporal transformer
+            self.audio_proj = nn.Linear(cfg.audio_width, width)
+            self.audio_type_embedding = nn.Parameter(width ** -0.5 * torch.randn(width))
 
     @property
     def encoder(self) -> nn.Module:
@@ -56,14 +59,29 @@ class VideoTower(nn.Module):
         if not self.shared and hasattr(self.frame_encoder, "set_grad_checkpointing"):
             self.frame_encoder.set_grad_checkpointing(enable)
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, 3, H, W] -> per-frame tokens [B, T, D]."""
+    def forward_tokens(self, x: torch.Tensor, audio_tokens: Optional[torch.Tensor] = None,
+                       audio_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, T, 3, H, W] -> per-frame tokens [B, T, D].
+
+        Contextual encoder (``video.audio_context: true``): ``audio_tokens`` [B, Ta, audio_width] (e.g. the
+        audio tower's tokens; ``audio_mask`` Bool[B, Ta], True = real) are projected, tagged with an audio-type
+        embedding and appended to the frame features inside the temporal transformer, so every frame token
+        also attends to the soundtrack; only the T frame tokens are returned.
+        """
         B, T = x.shape[:2]
         if T > self.cfg.frames:
             raise ValueError(f"got {T} frames, the tower was built for at most video.frames={self.cfg.frames}")
         f = self.encoder(x.flatten(0, 1))  # [B*T, D]
         f = f.view(B, T, -1) + self.temporal_embedding[:T].to(f.dtype)  # [B, T, D]
-        return self.ln_post(self.transformer(f))
+        if audio_tokens is None:
+            return self.ln_post(self.transformer(f))
+        if not hasattr(self, "audio_proj"):
+            raise ValueError("audio_tokens given but the video tower was built with video.audio_context=false")
+        a = self.audio_proj(audio_tokens.to(f.dtype)) + self.audio_type_embedding.to(f.dtype)  # [B, Ta, D]
+        if audio_mask is None:
+            audio_mask = torch.ones(a.shape[:2], dtype=torch.bool, device=a.device)
+        keep = torch.cat([torch.ones(B, T, dtype=torch.bool, device=a.device), audio_mask.bool()], 1)  # [B, T+Ta]
+        return self.ln_post(self.transformer(torch.cat([f, a], 1), key_padding_mask=keep)[:, :T])
 
     def pool(self, tokens: torch.Tensor, attention: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [B, T, D] -> [B, D]: mean over frames."""
