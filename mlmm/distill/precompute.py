@@ -1,0 +1,162 @@
+"""Precompute teacher embeddings into new shards (M-CLIP practice: the student run needs no teacher forward).
+
+    python -m mlmm.distill.precompute --teacher recipes/configs/multi30k_distill_text.yaml \
+        --shards data/multi30k/shards --out data/multi30k/shards_minilm
+
+``--teacher`` is a YAML holding either a run config (the teacher of its ``loss``, or of the first ``multi``
+term that has one) or a bare teacher mapping (``{kind, arch, model_config, checkpoint, ...}``).
+Every input shard is copied to ``OUT`` under the same name with, per sample:
+
+* ``teacher_text.npy``  float32 [K, D]: the teacher's L2-normalised embeddings of the sample's K captions in
+  the teacher language (``meta["captions"][language]`` order; absent when K = 0);
+* ``teacher_image.npy`` float32 [D]: the image, preprocessed as for evaluation (centre crop, teacher size);
+* ``teacher_video.npy`` float32 [D]: mean of the normalised embeddings of ``--frames`` uniformly sampled frames,
+  re-normalised;
+* the json gains ``"teacher": {"id": <fingerprint>, "language", "dim"}`` (losses refuse other fingerprints).
+
+``OUT/index.json`` is the input's index plus a ``teacher`` entry. The pipeline carries the arrays to
+``Batch.extras``; the distillation losses use them when present and run the teacher online otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from mlmm.config import ConfigError, from_dict
+from mlmm.distill.teacher import Teacher, TeacherConfig, build_teacher
+
+log = logging.getLogger(__name__)
+
+
+def teacher_from_yaml(path: str | Path) -> tuple[TeacherConfig, int]:
+    """(teacher config, video frames) from a run config YAML or a bare teacher YAML."""
+    from mlmm.registry import LOSSES, build_component_config
+
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if "loss" in raw:
+        loss = build_component_config(LOSSES, raw["loss"], "loss")
+        for cfg in [loss, *getattr(loss, "terms", {}).values()]:
+            if getattr(cfg, "teacher", None) is not None:
+                return cfg.teacher, int(getattr(cfg, "frames", 4))
+        raise ConfigError(f"{path}: loss has no teacher")
+    raw = raw.get("teacher", raw)
+    return from_dict(TeacherConfig, raw, f"{path}: teacher"), 4
+
+
+def _npy(array: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array.detach().float().cpu().numpy().astype(np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def embed_samples(teacher: Teacher, samples: list[dict[str, Any]], frames: int) -> list[dict[str, bytes]]:
+    """Teacher arrays (``{"teacher_text.npy": bytes, ...}``) of raw samples ``{ext: bytes, "json": dict}``."""
+    from mlmm.data.pipeline import EXTENSIONS
+    from mlmm.data.transforms import decode_image, decode_video, image_to_tensor
+
+    out: list[dict[str, bytes]] = [{} for _ in samples]
+    lang = teacher.cfg.language
+    texts, owners = [], []
+    for i, s in enumerate(samples):
+        caps = (s["json"].get("captions") or {}).get(lang) or []
+        caps = [caps] if isinstance(caps, str) else caps
+        texts += caps
+        owners += [i] * len(caps)
+    if texts:
+        z = teacher.encode_text(texts, device=torch.device("cpu"), dtype=torch.float32)  # [sum K, D]
+        for i in sorted(set(owners)):
+            out[i]["teacher_text.npy"] = _npy(z[[j for j, o in enumerate(owners) if o == i]])
+    if not teacher.has_image:
+        return out
+    size = teacher.image_size
+    for modality in ("image", "video"):
+        idx, data = [], []
+        for i, s in enumerate(samples):
+            raw = next((s[e] for e in EXTENSIONS[modality] if s.get(e) is not None), None)
+            if raw is None:
+                continue
+            try:
+                x = (image_to_tensor(decode_image(raw, draft_size=size), size, False) if modality == "image"
+                     else decode_video(raw, frames, size, train=False))
+            except ValueError as e:
+                log.warning("%s: undecodable %s, no teacher embedding: %s", s["__key__"], modality, e)
+                continue
+            idx.append(i)
+            data.append(x)
+        for start in range(0, len(data), teacher.cfg.batch_size):
+            x = torch.stack(data[start:start + teacher.cfg.batch_size])
+            z = teacher.encode_image(x) if modality == "image" else teacher.encode_video(x)
+            for i, row in zip(idx[start:start + teacher.cfg.batch_size], z):
+                out[i][f"teacher_{modality}.npy"] = _npy(row)
+    return out
+
+
+def precompute(teacher_cfg: TeacherConfig, shards: str, out_dir: str | Path, frames: int = 4,
+               chunk: int = 256, progress: bool = True, teacher: Optional[Teacher] = None) -> dict:
+    """Write ``out_dir`` (shards + index.json) with teacher embeddings; returns the index."""
+    import webdataset as wds
+
+    from mlmm.data.pipeline import iter_samples, resolve_shards
+
+    teacher = teacher or build_teacher(teacher_cfg)
+    teacher.to("cpu", torch.float32)
+    files = resolve_shards(shards)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(Path(f).resolve().parent == out.resolve() for f in files):
+        raise ValueError(f"--out {out} must differ from the input shard folder")
+    info = {"id": teacher.fingerprint, "language": teacher.cfg.language, "dim": teacher.dim}
+    counts = []
+    for shard in tqdm(files, desc="precompute", disable=not progress):
+        with wds.TarWriter(str(out / Path(shard).name)) as writer:
+            n = 0
+            buf: list[dict[str, Any]] = []
+
+            def flush() -> None:
+                for s, arrays in zip(buf, embed_samples(teacher, buf, frames)):
+                    sample = {k: v for k, v in s.items() if k not in ("__url__", "json")
+                              and not (k.startswith("teacher_") and k.endswith(".npy"))}
+                    meta = {**s["json"], "teacher": info}
+                    sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+                    writer.write({**sample, **arrays})
+                buf.clear()
+
+            for raw in iter_samples([shard]):
+                buf.append(raw)
+                n += 1
+                if len(buf) >= chunk:
+                    flush()
+            flush()
+        counts.append({"name": Path(shard).name, "n": n})
+    src_index = Path(files[0]).parent / "index.json"
+    index = json.loads(src_index.read_text(encoding="utf-8")) if src_index.is_file() else {}
+    index.update(shards=counts, n_samples=sum(c["n"] for c in counts), teacher=info,
+                 teacher_config=teacher_cfg.__dict__)
+    (out / "index.json").write_text(json.dumps(index, indent=1, ensure_ascii=False), encoding="utf-8")
+    return index
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", required=True, help="YAML: a run config with a distillation loss, or a teacher")
+    p.add_argument("--shards", required=True, help="input shard folder, glob or comma list")
+    p.add_argument("--out", required=True, help="output shard folder")
+    p.add_argument("--frames", type=int, default=None, help="video frames (default: the loss's, else 4)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg, frames = teacher_from_yaml(args.teacher)
+    index = precompute(cfg, args.shards, args.out, frames=args.frames or frames)
+    print(f"{index['n_samples']} samples, teacher {index['teacher']} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Logit distillation (open_clip ``DistillClipLoss``): the student's similarity logits match the teacher's.
+
+For a pair (a, b) of embeddings per row, with student logits ``S = s * A_s @ B_s^T`` (learnable student
+scale s) and teacher logits ``T = s_t * A_t @ B_t^T`` (the teacher's own logit scale)::
+
+    kd(T, S) = -mean_i sum_j softmax(T)_ij log_softmax(S)_ij
+    loss     = (kd(T, S) + kd(T^T, S^T)) / 2
+
+exactly open_clip's ``DistillClipLoss.dist_loss`` averaged over the image->text and text->image directions
+(tested against it). Each side of ``student`` names a student output (``image``, ``text``, ``audio``, ...)
+or a frozen teacher embedding (``teacher_image``, ``teacher_video``, ``teacher_text``: a text-only student
+can match the teacher's text->image distribution against the teacher image tower). ``teacher`` names the
+teacher embeddings (``image``, ``video``, ``text``) that give the target logits. Rows are those where all
+four embeddings exist; over ranks the batch is gathered (student with gradient) and each rank scores its
+own rows. Combine with other terms via ``loss: {name: multi, terms: {...}}``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mlmm.config import ConfigError
+from mlmm.data.batch import Batch
+from mlmm.distill.teacher import TeacherConfig
+from mlmm.losses.contrastive import gather_no_grad, gather_with_grad
+from mlmm.losses.distill import TeacherLoss
+from mlmm.registry import LOSSES
+
+TEACHER_SIDES = ("image", "video", "text")
+
+
+@dataclass
+class LogitKDLossConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: list[str] = field(default_factory=lambda: ["image", "text"])
+    teacher_pair: list[str] = field(default_factory=lambda: ["image", "text"])
+    use_stored: bool = True
+    learn_temperature: bool = True
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100.0)
+    name: str = field(default="logit_kd", init=False)
+
+    def validate(self, where: str) -> None:
+        if len(self.student) != 2 or len(self.teacher_pair) != 2:
+            raise ConfigError(f"{where}.student / teacher_pair: two names each, got {self.student} / {self.teacher_pair}")
+        for i, t in enumerate(self.teacher_pair):
+            if t not in TEACHER_SIDES:
+                raise ConfigError(f"{where}.teacher_pair[{i}]: must be one of {TEACHER_SIDES}, got {t!r}")
+
+
+def kd_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """open_clip ``DistillClipLoss.dist_loss``: -mean_i sum_j softmax(T)_ij log_softmax(S)_ij."""
+    return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
+
+
+@LOSSES.register("logit_kd", config=LogitKDLossConfig)
+class LogitKDLoss(TeacherLoss):
+    def __init__(self, cfg: LogitKDLossConfig, modalities: list[str]):
+        super().__init__(cfg, modalities)
+        for i, side in enumerate(cfg.student):
+            if not side.startswith("teacher_") and side not in modalities:
+                raise ConfigError(f"loss.student[{i}]: {side!r} is not a tower of the model {modalities}")
+            if side.startswith("teacher_") and side[len("teacher_"):] not in TEACHER_SIDES:
+                raise ConfigError(f"loss.student[{i}]: {side!r}: teacher sides are teacher_image|video|text")
+        sides = set(cfg.teacher_pair) | {s[len("teacher_"):] for s in cfg.student if s.startswith("teacher_")}
+        if sides & {"image", "video"} and not self.teacher.has_image:
+            raise ConfigError(f"loss.teacher: {sorted(sides)} need an image teacher (kind: open_clip)")
+        self.needs_visual = bool(sides & {"image", "video"})
+        self._make_scales(["student"])
+
+    def _teacher_side(self, side: str, batch: Batch, device, dtype, cache: dict):
+        if side not in cache:
+            if side == "text":
+                z, valid, _ = self.targets.text(batch, device, dtype)
+            else:  # image / video: the row's visual embedding (image first, else frames)
+                z, valid = self.targets.visual(batch, device, dtype)
+                valid = valid & batch.mask(side).to(device)
+            cache[side] = (z, valid)
+        return cache[side]
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+        ref = next(outputs[s] for s in self.cfg.student if not s.startswith("teacher_"))
+        device, dtype, cache = ref.device, ref.dtype, {}
+        valid = torch.ones(len(batch), dtype=torch.bool, device=device)
+        student = []
+        for side in self.cfg.student:
+            if side.startswith("teacher_"):
+                z, ok = self._teacher_side(side[len("teacher_"):], batch, device, dtype, cache)
+            else:
+                self._check_dim(outputs[side], side)
+                z, ok = outputs[side], batch.mask(side).to(device)
+            student.append(z)
+            valid &= ok
+        teacher = []
+        for side in self.cfg.teacher_pair:
+            z, ok = self._teacher_side(side, batch, device, dtype, cache)
+            teacher.append(z)
+            valid &= ok
+        loss = distill_clip_loss(student[0], student[1], self._scale("student"), teacher[0], teacher[1],
+                                 torch.tensor(self.teacher.logit_scale, device=device, dtype=dtype), valid)
+        return {"loss": loss, "logit_kd_loss": loss}
+
+
+def distill_clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, ta: torch.Tensor, tb: torch.Tensor,
+                      teacher_scale: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """KD over the global batch's valid rows; this rank's rows are the queries. All inputs [B, D] / [B]."""
+    a_all, b_all = gather_with_grad(a), gather_with_grad(b)  # [W*B, D]
+    ta_all, tb_all, valid_all = gather_no_grad(ta), gather_no_grad(tb), gather_no_grad(valid)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    n_local = a.shape[0]
+    keep = torch.nonzero(valid_all).flatten()
+    mine = (keep >= rank * n_local) & (keep < (rank + 1) * n_local)
+    if keep.numel() < 2 or not bool(mine.any()):
+        return 0.0 * (a.sum() + b.sum())
+    rows = torch.nonzero(mine).flatten()
+    a_g, b_g, ta_g, tb_g = a_all[keep], b_all[keep], ta_all[keep], tb_all[keep]
+    s_ab, s_ba = scale * a_g[rows] @ b_g.t(), scale * b_g[rows] @ a_g.t()  # [n_mine, N]
+    t_ab, t_ba = teacher_scale * ta_g[rows] @ tb_g.t(), teacher_scale * tb_g[rows] @ ta_g.t()
+    return 0.5 * (kd_cross_entropy(t_ab, s_ab) + kd_cross_entropy(t_ba, s_ba))
