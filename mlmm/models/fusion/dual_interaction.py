@@ -1,0 +1,142 @@
+"""DI-vTR dual inter-modal interaction: score a (media, text) pair from their token sequences.
+
+Two cross-attention branches (the media is a video — frame tokens — or an audio clip — patch tokens):
+
+* **text-conditioned media** (``t2m``): every word token attends over the media tokens; a per-word
+  matching score is read from the attended word features and averaged over the real words;
+* **media-conditioned text** (``m2t``): every media token attends over the word tokens; per-token
+  scores averaged over the real media tokens.
+
+The interaction score is the mean of the two branch scores. It is *combined* with the global
+(contrastive, cosine) similarity as ``exp(global_scale) * cos + interaction``: the same combined
+score is trained on in-batch hard negatives (:func:`hard_negatives`, top-k by global similarity)
+and used to re-rank the global top-k at retrieval time (:mod:`mlmm.evaluation.rerank`).
+
+Padding is never attended: keys are masked in every cross-attention, and padded queries are left
+out of the per-branch averages, so the scores do not depend on what padding positions hold.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlmm.models.layers import MLP
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x [P, T], mask Bool[P, T] -> [P]: mean over the True positions (0 for a row without any)."""
+    m = mask.to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm block: queries x [P, Tq, D] attend over ctx [P, Tk, D] (ctx_mask True = real key), then an MLP.
+
+    A row whose context has no real key gets no attention update (its attention output is zeroed),
+    rather than attending over padding.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 2.0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"heads={heads} does not divide width={width}")
+        self.heads = heads
+        self.ln_q, self.ln_kv = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.q_proj = nn.Linear(width, width)
+        self.kv_proj = nn.Linear(width, 2 * width)
+        self.out_proj = nn.Linear(width, width)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, int(width * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
+        P, Tq, D = x.shape
+        Tk, H = ctx.shape[1], self.heads
+        q = self.q_proj(self.ln_q(x)).view(P, Tq, H, D // H).transpose(1, 2)  # [P, H, Tq, d]
+        k, v = self.kv_proj(self.ln_kv(ctx)).view(P, Tk, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # [P, H, Tk, d]
+        keep = ctx_mask.bool()
+        has_key = keep.any(dim=1)  # [P]
+        keep = keep | ~has_key[:, None]  # avoid an all -inf softmax (NaN); the update is zeroed below
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])  # [P, H, Tq, d]
+        a = self.out_proj(a.transpose(1, 2).reshape(P, Tq, D)) * has_key[:, None, None].to(x.dtype)
+        x = x + a
+        return x + self.mlp(self.ln_2(x))
+
+
+class DualInteraction(nn.Module):
+    """Pairwise interaction score of aligned (media, text) token sequences.
+
+    ``forward(m_tok [P, Tm, Dm], m_mask Bool[P, Tm], t_tok [P, Tt, Dt], t_mask Bool[P, Tt])`` ->
+    ``{"t2m": [P], "m2t": [P], "interaction": [P]}``; ``combine(global_sim [P], interaction [P])`` -> [P].
+    """
+
+    def __init__(self, media_width: int, text_width: int, width: int = 64, heads: int = 2, layers: int = 1,
+                 init_global_scale: float = 10.0):
+        super().__init__()
+        self.media_in = nn.Linear(media_width, width)
+        self.text_in = nn.Linear(text_width, width)
+        self.t2m = nn.ModuleList([CrossAttentionBlock(width, heads) for _ in range(layers)])  # words over media
+        self.m2t = nn.ModuleList([CrossAttentionBlock(width, heads) for _ in range(layers)])  # media over words
+        self.score_t = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
+        self.score_m = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
+        # combined score = exp(global_scale) * cosine + interaction; shape [1] (DeepSpeed cannot broadcast 0-dim)
+        self.global_scale = nn.Parameter(torch.full((1,), math.log(init_global_scale)))
+
+    def forward(self, m_tok: torch.Tensor, m_mask: torch.Tensor, t_tok: torch.Tensor, t_mask: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        m_mask, t_mask = m_mask.bool(), t_mask.bool()
+        m = self.media_in(m_tok)  # [P, Tm, W]
+        t = self.text_in(t_tok)  # [P, Tt, W]
+        x = t
+        for block in self.t2m:  # (a) text-conditioned media: word tokens attend over media tokens
+            x = block(x, m, m_mask)
+        y = m
+        for block in self.m2t:  # (b) media-conditioned text: media tokens attend over word tokens
+            y = block(y, t, t_mask)
+        s_t2m = masked_mean(self.score_t(x).squeeze(-1), t_mask)  # [P]
+        s_m2t = masked_mean(self.score_m(y).squeeze(-1), m_mask)  # [P]
+        return {"t2m": s_t2m, "m2t": s_m2t, "interaction": 0.5 * (s_t2m + s_m2t)}
+
+    def combine(self, global_sim: torch.Tensor, interaction: torch.Tensor) -> torch.Tensor:
+        return self.global_scale.exp().squeeze(0) * global_sim + interaction
+
+    def score_pairs(self, m_tok: torch.Tensor, m_mask: torch.Tensor, t_tok: torch.Tensor, t_mask: torch.Tensor,
+                    m_idx: torch.Tensor, t_idx: torch.Tensor, global_sim: Optional[torch.Tensor] = None,
+                    chunk_size: int = 512) -> torch.Tensor:
+        """Combined (or, without ``global_sim``, interaction) score of pairs (m_idx[p], t_idx[p]): [P].
+
+        m_tok [N, Tm, Dm] / t_tok [M, Tt, Dt] are whole galleries; pairs are scored ``chunk_size`` at a time.
+        """
+        out = []
+        for s in range(0, m_idx.numel(), chunk_size):
+            mi, ti = m_idx[s:s + chunk_size], t_idx[s:s + chunk_size]
+            r = self(m_tok[mi], m_mask[mi], t_tok[ti], t_mask[ti])["interaction"]
+            if global_sim is not None:
+                r = self.combine(global_sim[s:s + chunk_size].to(r.dtype), r)
+            out.append(r)
+        return torch.cat(out) if out else m_tok.new_zeros(0)
+
+
+def hard_negatives(sim: torch.Tensor, k: int, exclude: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most similar non-positive candidates of each query.
+
+    sim [N, N]: sim[i, j] = similarity of query i and candidate j; the positive of query i is
+    candidate i (the diagonal). exclude Bool[N, N]: candidates that must not be negatives (same
+    sample in another language, identical caption). Returns (Long[N, k'] candidate indices, most
+    similar first; Bool[N, k'] valid) with k' = min(k, N - 1); a slot is invalid when the query
+    has fewer than k' allowed candidates.
+    """
+    n = sim.shape[0]
+    k = min(int(k), n - 1)
+    if k <= 0:
+        return sim.new_zeros((n, 0), dtype=torch.long), torch.zeros((n, 0), dtype=torch.bool, device=sim.device)
+    banned = torch.eye(n, dtype=torch.bool, device=sim.device)
+    if exclude is not None:
+        banned = banned | exclude.bool()
+    s = sim.detach().float().masked_fill(banned, float("-inf"))
+    vals, idx = s.topk(k, dim=1)  # [N, k]
+    return idx, torch.isfinite(vals)

@@ -1,0 +1,117 @@
+"""DI-vTR head: dual inter-modal interaction between a media modality (video frames / audio patches) and text.
+
+    model:
+      heads:
+        divtr: {name: divtr, media: video, width: 64, heads: 2, layers: 1, hard_negatives: 4}
+
+In ``forward`` the head picks, for each row that has both the media and text, the ``hard_negatives``
+most similar in-batch candidates by *global* similarity (both directions; other rows of the same
+sample and rows with an identical caption are never negatives) and scores the positive and those
+negatives with :class:`~mlmm.models.fusion.dual_interaction.DualInteraction`. Outputs (consumed by
+the ``divtr`` loss), with n = rows with both modalities and k' = min(k, n - 1):
+
+* ``divtr_t2m_logits`` [n, 1 + k']: combined score of each text with its own media (column 0) and
+  its hard-negative media; ``-inf`` on invalid slots;
+* ``divtr_m2t_logits`` [n, 1 + k']: same for each media against texts;
+* ``divtr_t2m_negatives`` / ``divtr_m2t_negatives`` Long[n, k'] (batch row indices), ``divtr_rows`` Long[n].
+
+Hard negatives are taken from this rank's rows (the global InfoNCE of the loss gathers across ranks).
+At retrieval time :mod:`mlmm.evaluation.rerank` uses ``head.interaction.score_pairs`` to re-rank
+the global top-k with the same combined score.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mlmm.config import ConfigError
+from mlmm.data.batch import Batch
+from mlmm.losses.contrastive import key_groups
+from mlmm.models.fusion.dual_interaction import DualInteraction, hard_negatives
+from mlmm.registry import HEADS
+
+
+@dataclass
+class DIVTRHeadConfig:
+    media: str = "video"  # video | audio: the modality whose tokens interact with the text tokens
+    width: int = 64
+    heads: int = 2
+    layers: int = 1
+    hard_negatives: int = 4  # in-batch negatives per query, top-k by global similarity
+    init_global_scale: float = 10.0  # combined score = exp(global_scale) * cosine + interaction
+    name: str = field(default="divtr", init=False)
+
+    def validate(self, where: str) -> None:
+        if self.media not in ("video", "audio", "image"):
+            raise ConfigError(f"{where}.media: must be video, audio or image, got {self.media!r}")
+        if self.width % self.heads:
+            raise ConfigError(f"{where}.heads: {self.heads} does not divide width {self.width}")
+        if self.hard_negatives < 1:
+            raise ConfigError(f"{where}.hard_negatives: must be >= 1, got {self.hard_negatives}")
+
+
+@HEADS.register("divtr", config=DIVTRHeadConfig)
+class DIVTRHead(nn.Module):
+    def __init__(self, cfg: DIVTRHeadConfig, model):
+        super().__init__()
+        widths = model.widths
+        for m in (cfg.media, "text"):
+            if m not in widths:
+                raise ConfigError(f"model.heads.{cfg.name}: needs a {m} tower (model has {sorted(widths)})")
+        self.cfg = cfg
+        self.media = cfg.media
+        self.needs_tokens = (cfg.media, "text")
+        self.interaction = DualInteraction(widths[cfg.media], widths["text"], cfg.width, cfg.heads, cfg.layers,
+                                           cfg.init_global_scale)
+
+    @staticmethod
+    def excluded(batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+        """Bool[n, n]: pairs of rows that must not be each other's negatives (same key or same caption)."""
+        device = rows.device
+        excl = torch.zeros((rows.numel(), rows.numel()), dtype=torch.bool, device=device)
+        if batch.keys:
+            g = key_groups(batch.keys, device)[rows]
+            excl |= g[:, None] == g[None, :]
+        if batch.text_ids is not None:
+            ids = batch.text_ids.to(device)[rows]  # [n, L]
+            att = batch.text_attention.to(device)[rows].bool() if batch.text_attention is not None else None
+            if att is not None:
+                ids = ids.masked_fill(~att, -1)
+            excl |= (ids[:, None, :] == ids[None, :, :]).all(-1)
+        return excl
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+        m = self.media
+        z_m, z_t = outputs[m], outputs["text"]  # [B, E]
+        device = z_m.device
+        valid = batch.mask(m).to(device) & batch.mask("text").to(device)
+        rows = torch.nonzero(valid).squeeze(1)  # [n]
+        if rows.numel() == 0:  # keep a (zero) graph through every parameter: ZeRO expects a grad for each
+            rows = torch.zeros(1, dtype=torch.long, device=device)
+        n = rows.numel()
+        sim = z_t[rows] @ z_m[rows].t()  # [n, n]: text i vs media j
+        excl = self.excluded(batch, rows)
+        neg_t2m, ok_t2m = hard_negatives(sim, self.cfg.hard_negatives, excl)  # media candidates of each text
+        neg_m2t, ok_m2t = hard_negatives(sim.t(), self.cfg.hard_negatives, excl.t())  # text candidates of each media
+        k = neg_t2m.shape[1]
+        ar = torch.arange(n, device=device)
+        cand_t2m = torch.cat([ar[:, None], neg_t2m], 1)  # [n, 1+k] media index per text query
+        cand_m2t = torch.cat([ar[:, None], neg_m2t], 1)  # [n, 1+k] text index per media query
+        # pairs (media, text), t2m block then m2t block; all of them scored in one call
+        m_idx = torch.cat([cand_t2m.flatten(), ar.repeat_interleave(1 + k)])
+        t_idx = torch.cat([ar.repeat_interleave(1 + k), cand_m2t.flatten()])
+        glob = sim.detach()[t_idx, m_idx]  # the global term trains through the contrastive loss only
+        m_tok, m_mask = outputs[f"{m}_tokens"][rows], outputs[f"{m}_token_mask"][rows]
+        t_tok, t_mask = outputs["text_tokens"][rows], outputs["text_token_mask"][rows]
+        scores = self.interaction.score_pairs(m_tok, m_mask, t_tok, t_mask, m_idx, t_idx, global_sim=glob)
+        t2m, m2t = scores[: n * (1 + k)].view(n, 1 + k), scores[n * (1 + k):].view(n, 1 + k)
+        ninf = torch.tensor(float("-inf"), dtype=scores.dtype, device=device)
+        ones = torch.ones((n, 1), dtype=torch.bool, device=device)
+        t2m = torch.where(torch.cat([ones, ok_t2m], 1), t2m, ninf)
+        m2t = torch.where(torch.cat([ones, ok_m2t], 1), m2t, ninf)
+        if not bool(valid.any()):
+            t2m, m2t = t2m[:, :1], m2t[:, :1]  # one column: zero cross-entropy, graph kept
+        return {"divtr_t2m_logits": t2m, "divtr_m2t_logits": m2t, "divtr_t2m_negatives": neg_t2m,
+                "divtr_m2t_negatives": neg_m2t, "divtr_rows": rows}

@@ -1,0 +1,260 @@
+"""DI-vTR: dual interaction module (shapes, padding never attended), hard negatives, head + loss, re-ranking."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlmm.config import load_config
+from mlmm.data.batch import Batch
+from mlmm.evaluation.rerank import ranks_from_scores, rerank_topk
+from mlmm.models.fusion.dual_interaction import CrossAttentionBlock, DualInteraction, hard_negatives
+from mlmm.registry import LOSSES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------- interaction
+def test_interaction_shapes_and_padding_never_attended():
+    torch.manual_seed(0)
+    inter = DualInteraction(media_width=24, text_width=16, width=32, heads=4, layers=2).eval()
+    P, Tm, Tt = 5, 6, 9
+    m, t = torch.randn(P, Tm, 24), torch.randn(P, Tt, 16)
+    m_mask = torch.ones(P, Tm, dtype=torch.bool)
+    t_mask = torch.ones(P, Tt, dtype=torch.bool)
+    m_mask[1, 4:] = False
+    m_mask[3, 1:] = False
+    t_mask[0, 5:] = False
+    t_mask[2, 2:] = False
+    out = inter(m, m_mask, t, t_mask)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"t2m": (P,), "m2t": (P,), "interaction": (P,)}
+    torch.testing.assert_close(out["interaction"], 0.5 * (out["t2m"] + out["m2t"]))
+    # overwrite every padding position with garbage: nothing changes (keys masked, padded queries not averaged)
+    m2, t2 = m.clone(), t.clone()
+    m2[~m_mask] = 1e3 * torch.randn(int((~m_mask).sum()), 24)
+    t2[~t_mask] = 1e3 * torch.randn(int((~t_mask).sum()), 16)
+    out2 = inter(m2, m_mask, t2, t_mask)
+    for k in out:
+        torch.testing.assert_close(out2[k], out[k], rtol=1e-5, atol=1e-5)
+    # while a real token does change the score of its pair (and only of its pair)
+    m3 = m.clone()
+    m3[1, 0] += torch.randn(24)
+    out3 = inter(m3, m_mask, t, t_mask)
+    assert abs(float(out3["interaction"][1] - out["interaction"][1])) > 1e-4
+    keep = torch.tensor([0, 2, 3, 4])
+    torch.testing.assert_close(out3["interaction"][keep], out["interaction"][keep])
+
+
+def test_cross_attention_matches_reference_and_ignores_empty_context():
+    torch.manual_seed(1)
+    blk = CrossAttentionBlock(8, 2).eval()
+    x, ctx = torch.randn(2, 3, 8), torch.randn(2, 4, 8)
+    mask = torch.tensor([[True, True, False, True], [False, False, False, False]])
+    y = blk(x, ctx, mask)
+    # reference for row 0: softmax attention over the 3 real keys, per head, by hand
+    q = blk.q_proj(blk.ln_q(x[0])).view(3, 2, 4).transpose(0, 1)  # [H, 3, 4]
+    kv = blk.kv_proj(blk.ln_kv(ctx[0, mask[0]])).view(3, 2, 2, 4)  # [3, 2(kv), H, d]
+    k, v = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)  # [H, 3, d]
+    a = torch.softmax(q @ k.transpose(1, 2) / 2.0, -1) @ v  # [H, 3, d]
+    ref = x[0] + blk.out_proj(a.transpose(0, 1).reshape(3, 8))
+    ref = ref + blk.mlp(blk.ln_2(ref))
+    torch.testing.assert_close(y[0], ref, rtol=1e-5, atol=1e-5)
+    # a row without any real key gets no attention update (only the MLP on the residual)
+    torch.testing.assert_close(y[1], x[1] + blk.mlp(blk.ln_2(x[1])))
+
+
+# ----------------------------------------------------------------------------------- hard negatives
+def test_hard_negatives_match_brute_force():
+    g = torch.Generator().manual_seed(0)
+    n, k = 7, 3
+    sim = torch.randn(n, n, generator=g)
+    exclude = torch.rand(n, n, generator=g) < 0.3
+    exclude[5] = True  # query 5: every candidate excluded -> all slots invalid
+    exclude[6] = True
+    exclude[6, 2] = False  # query 6: one allowed candidate
+    idx, ok = hard_negatives(sim, k, exclude)
+    assert idx.shape == ok.shape == (n, k)
+    for i in range(n):
+        allowed = [j for j in range(n) if j != i and not exclude[i, j]]
+        expect = sorted(allowed, key=lambda j: -float(sim[i, j]))[:k]
+        assert idx[i, : len(expect)].tolist() == expect
+        assert ok[i].tolist() == [True] * len(expect) + [False] * (k - len(expect))
+    # k larger than the batch: clipped to n - 1
+    idx, ok = hard_negatives(sim[:3, :3], 10)
+    assert idx.shape == (3, 2) and bool(ok.all())
+    assert all(i not in idx[i].tolist() for i in range(3))
+
+
+# ----------------------------------------------------------------------------------- head + loss
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    from mlmm.data.generate import video_captions
+    from mlmm.data.generate_av import order_captions
+    from mlmm.data.tokenization import train_tokenizer
+
+    caps = [c for col in ("red", "blue", "green") for sh in ("circle", "square") for d in ("left", "right")
+            for cs in video_captions(col, sh, d).values() for c in cs]
+    caps += [c for cs in order_captions(("red", "circle"), ("blue", "square")).values() for c in cs]
+    out = tmp_path_factory.mktemp("tok") / "tok"
+    train_tokenizer(caps, out, vocab_size=200)
+    return out
+
+
+def tiny_model(tok_dir, *overrides):
+    from transformers import AutoTokenizer
+
+    from mlmm.models.model import MultimodalModel
+
+    cfg = load_config(REPO / "recipes" / "configs" / "tiny_divtr.yaml", [f"model.text.tokenizer={tok_dir}", *overrides])
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    torch.manual_seed(0)
+    return cfg, MultimodalModel(cfg.model, tok), tok
+
+
+def make_batch(tok, texts, video_present, keys=None):
+    B = len(texts)
+    enc = tok(texts, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+    return Batch(keys=keys or [f"k{i}" for i in range(B)], video=torch.randn(B, 4, 3, 32, 32),
+                 video_mask=torch.tensor(video_present), text_ids=enc["input_ids"],
+                 text_attention=enc["attention_mask"], text_mask=torch.ones(B, dtype=torch.bool))
+
+
+def test_divtr_head_selects_valid_hard_negatives_and_scores_pairs(tok_dir):
+    cfg, model, tok = tiny_model(tok_dir, "model.heads.divtr.hard_negatives=3")
+    model.eval()
+    texts = ["a red circle moving left", "a blue square moving right", "a red circle moving left",
+             "a green circle moving right", "a blue circle moving left", "ein roter Kreis bewegt sich nach links",
+             "a green square moving left"]
+    present = [True, True, True, True, False, True, True]
+    keys = ["a", "b", "c", "d", "e", "a", "g"]  # row 5 = sample "a" in German
+    batch = make_batch(tok, texts, present, keys)
+    with torch.no_grad():
+        out = model(batch)
+    rows = out["divtr_rows"]
+    assert rows.tolist() == [0, 1, 2, 3, 5, 6]  # row 4 has no video
+    n = rows.numel()
+    t2m, m2t, neg = out["divtr_t2m_logits"], out["divtr_m2t_logits"], out["divtr_t2m_negatives"]
+    assert t2m.shape == m2t.shape == (n, 4) and neg.shape == (n, 3)
+    # brute-force selection on the global similarities, excluding same key (0<->5) and same caption (0<->2)
+    sim = out["text"][rows] @ out["video"][rows].t()
+    bad = {(0, 2), (2, 0), (0, 4), (4, 0)}  # positions inside `rows`
+    for i in range(n):
+        allowed = [j for j in range(n) if j != i and (i, j) not in bad]
+        expect = sorted(allowed, key=lambda j: -float(sim[i, j]))[:3]
+        assert neg[i].tolist()[: len(expect)] == expect
+        assert torch.isfinite(t2m[i, : 1 + len(expect)]).all()
+        assert torch.isinf(t2m[i, 1 + len(expect):]).all()
+    # column 0 = combined score of the positive pair, computed directly
+    head = model.heads["divtr"]
+    vt, vm = out["video_tokens"][rows], out["video_token_mask"][rows]
+    tt, tm = out["text_tokens"][rows], out["text_token_mask"][rows]
+    direct = head.interaction.combine(torch.diagonal(sim), head.interaction(vt, vm, tt, tm)["interaction"])
+    torch.testing.assert_close(t2m[:, 0], direct, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m2t[:, 0], direct, rtol=1e-5, atol=1e-5)
+    # first t2m negative of text 1 = its hardest video, scored as a pair
+    j = int(neg[1, 0])
+    pair = head.interaction(vt[j:j + 1], vm[j:j + 1], tt[1:2], tm[1:2])["interaction"]
+    torch.testing.assert_close(t2m[1, 1:2], head.interaction.combine(sim[1, j:j + 1], pair), rtol=1e-5, atol=1e-5)
+
+
+def test_divtr_loss_equals_reference_and_reaches_every_head_parameter(tok_dir):
+    cfg, model, tok = tiny_model(tok_dir)
+    loss_fn = LOSSES.get("divtr").cls(cfg.loss, model.modalities)
+    batch = make_batch(tok, ["a red circle moving left", "a blue square moving right", "a green circle moving right",
+                             "a blue circle moving left", "a green square moving left"], [True] * 5)
+    out = model(batch)
+    res = loss_fn(out, batch)
+    scale = loss_fn.contrastive.logit_scale["video_text"].exp()
+    logits = scale * out["video"] @ out["text"].t()
+    lab = torch.arange(5)
+    glob = 0.5 * (F.cross_entropy(logits, lab) + F.cross_entropy(logits.t(), lab))
+    inter = 0.5 * (F.cross_entropy(out["divtr_t2m_logits"], torch.zeros(5, dtype=torch.long))
+                   + F.cross_entropy(out["divtr_m2t_logits"], torch.zeros(5, dtype=torch.long)))
+    torch.testing.assert_close(res["global_loss"], glob)
+    torch.testing.assert_close(res["interaction_loss"], inter)
+    torch.testing.assert_close(res["loss"], glob + inter)
+    res["loss"].backward()
+    for name, p in model.heads.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert float(model.heads["divtr"].interaction.t2m[0].q_proj.weight.grad.abs().sum()) > 0
+
+
+def test_divtr_head_without_pairs_keeps_graph(tok_dir):
+    cfg, model, tok = tiny_model(tok_dir)
+    loss_fn = LOSSES.get("divtr").cls(cfg.loss, model.modalities)
+    batch = make_batch(tok, ["a red circle", "a blue square"], [False, False])
+    out = model(batch)
+    res = loss_fn(out, batch)
+    assert float(res["interaction_loss"]) == 0.0
+    res["loss"].backward()  # every head parameter still receives a (zero) gradient
+    assert all(p.grad is not None for p in model.heads.parameters())
+
+
+# ----------------------------------------------------------------------------------- re-ranking
+def test_rerank_only_changes_order_inside_topk():
+    g = torch.Generator().manual_seed(3)
+    Q, G, k = 9, 20, 5
+    scores = torch.randn(Q, G, generator=g)
+    new_pair = torch.randn(Q, G, generator=g)  # the "interaction" score of every pair
+    calls = []
+
+    def scorer(q, gi, glob):
+        calls.append(q.numel())
+        torch.testing.assert_close(glob, scores[q, gi])
+        return new_pair[q, gi]
+
+    out = rerank_topk(scores, k, scorer)
+    assert calls == [Q * k]  # only the top-k pairs are scored
+    old_order, new_order = scores.argsort(1, descending=True), out.argsort(1, descending=True)
+    for q in range(Q):
+        top = old_order[q, :k]
+        assert set(new_order[q, :k].tolist()) == set(top.tolist())  # same top-k set
+        assert new_order[q, k:].tolist() == old_order[q, k:].tolist()  # untouched outside
+        expect = top[new_pair[q, top].argsort(descending=True)]
+        assert new_order[q, :k].tolist() == expect.tolist()  # ordered by the new score
+    # ranks of positives outside the top-k do not move; R@k at depth k is unchanged
+    pos = torch.zeros(Q, G, dtype=torch.bool)
+    pos[torch.arange(Q), torch.randint(0, G, (Q,), generator=g)] = True
+    r0, r1 = ranks_from_scores(scores, pos), ranks_from_scores(out, pos)
+    assert torch.equal(r0 > k, r1 > k)
+    assert torch.equal(r0[r0 > k], r1[r0 > k])
+    # a perfect pair scorer puts every positive found in the top-k at rank 1
+    perfect = rerank_topk(scores, k, lambda q, gi, glob: pos[q, gi].float())
+    r2 = ranks_from_scores(perfect, pos)
+    assert torch.equal(r2[r0 <= k], torch.ones(int((r0 <= k).sum()), dtype=torch.long))
+
+
+def test_ranks_from_scores_match_metrics_module():
+    from mlmm.evaluation.retrieval import first_positive_ranks
+
+    g = torch.Generator().manual_seed(4)
+    q, x = F.normalize(torch.randn(6, 8, generator=g), dim=1), F.normalize(torch.randn(11, 8, generator=g), dim=1)
+    pos = torch.rand(6, 11, generator=g) < 0.25
+    pos[torch.arange(6), torch.arange(6)] = True
+    assert torch.equal(ranks_from_scores(q @ x.t(), pos), first_positive_ranks(q, x, pos))
+
+
+def test_contextual_video_encoder_attends_to_audio_tokens_but_not_padding():
+    from mlmm.config import ImageTowerConfig, VideoTowerConfig
+    from mlmm.models.towers.video import VideoTower
+
+    torch.manual_seed(0)
+    cfg = VideoTowerConfig(frames=4, share_image_tower=False, audio_context=True, audio_width=24,
+                           frame_encoder=ImageTowerConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2))
+    tower = VideoTower(cfg).eval()
+    x = torch.randn(2, 4, 3, 16, 16)
+    audio, mask = torch.randn(2, 5, 24), torch.tensor([[True] * 5, [True, True, False, False, False]])
+    plain = tower.forward_tokens(x)
+    ctx = tower.forward_tokens(x, audio, mask)
+    assert ctx.shape == plain.shape == (2, 4, 32)  # tokens = frames, audio only as context
+    assert not torch.allclose(ctx, plain)
+    audio2 = audio.clone()
+    audio2[1, 2:] = 1e3  # padding: no effect
+    torch.testing.assert_close(tower.forward_tokens(x, audio2, mask), ctx)
+    audio2[1, 0] = torch.randn(24)  # a real audio token: changes row 1 only
+    out = tower.forward_tokens(x, audio2, mask)
+    assert not torch.allclose(out[1], ctx[1])
+    torch.testing.assert_close(out[0], ctx[0])
+    with pytest.raises(ValueError, match="audio_context"):
+        VideoTower(VideoTowerConfig(frames=4, share_image_tower=False, frame_encoder=cfg.frame_encoder)).forward_tokens(
+            x, audio, mask)
