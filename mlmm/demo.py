@@ -91,6 +91,19 @@ def summary_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_demo_suite(work: Path, export: Path) -> None:
+    """The demo's last step: the eval suite ``eval/configs/demo.yaml`` (retrieval per language; VQA / captioning
+    when their exports exist) -> ``work/eval_demo/results.{json,md,png}``."""
+    from mlmm.evaluation.suite import run_suite
+
+    suite = REPO / "eval" / "configs" / "demo.yaml"
+    if not suite.is_file():
+        return
+    paths = run_suite(suite, checkpoint=str(export), out_dir=work / "eval_demo", progress=False,
+                      rewrite={"runs/demo": str(work.resolve())})
+    print(f"\n[suite] {paths['md']} (+ results.json, results.png)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="work folder (data, shards, run, export, results)")
@@ -130,6 +143,7 @@ def main(argv=None) -> int:
     save_results(records, work / "results.json")
     print(f"[4/4] retrieval on held-out items, recall in % (chance in brackets) -> {work / 'results.json'}\n")
     print(summary_table(records))
+    run_demo_suite(work, export)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
     return 0
 

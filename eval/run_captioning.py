@@ -1,0 +1,47 @@
+"""Captioning evaluation of an export with a ``caption`` head: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D
+(pycocoevalcap) and sacreBLEU / chrF per language.
+
+    python eval/run_captioning.py --checkpoint runs/tiny_caption/export --shards data/test --languages en,vi \
+        --decoding beam --beam-size 3
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlmm  # noqa: E402
+from mlmm.evaluation import markdown_table, save_results  # noqa: E402
+from mlmm.evaluation.captioning import evaluate_captioning  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--languages", default=None)
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--decoding", choices=("greedy", "beam"), default="beam")
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--no-meteor", action="store_true")
+    p.add_argument("--out", default="results_captioning.json")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    model = mlmm.from_pretrained(args.checkpoint, device=args.device)
+    records = evaluate_captioning(model, args.shards, languages=args.languages.split(",") if args.languages else None,
+                                  dataset=args.dataset or args.shards, method=args.decoding, beam_size=args.beam_size,
+                                  batch_size=args.batch_size, device=args.device, meteor=not args.no_meteor)
+    if not records:
+        print(f"nothing to caption in {args.shards} for the decoder's languages", file=sys.stderr)
+        return 1
+    save_results(records, args.out)
+    print(markdown_table(records))
+    for r in records:
+        print(f"{r['language']}: tokenisation {r['info']['tokenization']}, examples: {r['info']['examples'][:2]}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Captioning loss: token cross-entropy (teacher forcing) over the ``caption`` head's real target tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn.functional as F
+from torch import nn
+
+from mlmm.config import ConfigError
+from mlmm.registry import LOSSES
+
+
+@dataclass
+class CaptionLossConfig:
+    label_smoothing: float = 0.0
+    name: str = field(default="caption", init=False)
+
+    def validate(self, where: str) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"{where}.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+
+
+@LOSSES.register("caption", config=CaptionLossConfig)
+class CaptionLoss(nn.Module):
+    def __init__(self, cfg: CaptionLossConfig, modalities: list[str]):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, outputs: dict, batch) -> dict:
+        logits, targets, mask = outputs["caption_logits"], outputs["caption_targets"], outputs["caption_target_mask"]
+        if not bool(mask.any()):
+            z = logits.sum() * 0.0
+            return {"loss": z, "caption_loss": z}
+        loss = F.cross_entropy(logits[mask].float(), targets[mask], label_smoothing=self.cfg.label_smoothing)
+        return {"loss": loss, "caption_loss": loss}

@@ -1,0 +1,123 @@
+"""VQA head: question tokens (text tower) attend to image / video tokens through a cross-attention fusion
+encoder; the pooled fused question is classified over an answer vocabulary built from training answers
+(the standard VQAv2 setup: answers normalised as the official evaluation does, kept when seen at least
+``min_answer_count`` times, at most ``max_answers`` of them, most frequent first).
+
+    model.heads: {vqa: {name: vqa, media: image, width: 64, layers: 2, heads: 4, answers_from: SHARDS}}
+
+Outputs: ``vqa_logits`` [B, A]; when the rows carry human answers (``meta["answers"][lang]``) also
+``vqa_targets`` [B, A] (the soft VQA score every vocabulary answer would get, :func:`mlmm.evaluation.vqa.soft_scores`)
+and ``vqa_target_mask`` Bool[B] (row has a question, the media and at least one answer). The vocabulary is stored
+in the head config (``answers``), so it lands in the export's ``config.json``.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from mlmm.config import ConfigError
+from mlmm.models.fusion.cross_attention import CrossAttentionFusion
+from mlmm.registry import HEADS
+
+
+@dataclass
+class VQAHeadConfig:
+    media: str = "image"  # image | video: the tokens the question attends to
+    width: int = 64
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    answers: list[str] = field(default_factory=list)  # the answer vocabulary (filled from answers_from if empty)
+    answers_from: str = ""  # training shards (folder / glob / list) to build the vocabulary from
+    min_answer_count: int = 1
+    max_answers: int = 3129  # VQAv2 convention
+    name: str = field(default="vqa", init=False)
+
+    def validate(self, where: str) -> None:
+        if self.media not in ("image", "video"):
+            raise ConfigError(f"{where}.media: must be image or video, got {self.media!r}")
+        if self.width % self.heads:
+            raise ConfigError(f"{where}.heads: {self.heads} does not divide width {self.width}")
+        if not self.answers and not self.answers_from:
+            raise ConfigError(f"{where}.answers: give the answer vocabulary or answers_from (training shards)")
+
+
+def build_answer_vocab(answer_lists: Iterable[Sequence[str]], min_count: int = 1,
+                       max_answers: Optional[int] = None) -> list[str]:
+    """Normalised answers counted over every human answer; most frequent first (ties: alphabetical)."""
+    from mlmm.evaluation.vqa import normalize_answer
+
+    counts = Counter(normalize_answer(a) for answers in answer_lists for a in answers)
+    vocab = sorted((a for a, c in counts.items() if c >= min_count and a), key=lambda a: (-counts[a], a))
+    return vocab[:max_answers] if max_answers else vocab
+
+
+def shard_answers(shards: str) -> Iterable[list[str]]:
+    """Every answer list (every language) of every sample in ``shards``."""
+    from mlmm.data.pipeline import iter_samples, resolve_shards
+
+    for raw in iter_samples(resolve_shards(shards)):
+        for answers in (raw["json"].get("answers") or {}).values():
+            yield list(answers)
+
+
+@HEADS.register("vqa", config=VQAHeadConfig)
+class VQAHead(nn.Module):
+    def __init__(self, cfg: VQAHeadConfig, model):
+        super().__init__()
+        if "text" not in model.widths or cfg.media not in model.widths:
+            raise ConfigError(f"model.heads.vqa: needs a text tower and a {cfg.media} tower")
+        if not cfg.answers:
+            cfg.answers = build_answer_vocab(shard_answers(cfg.answers_from), cfg.min_answer_count, cfg.max_answers)
+            if not cfg.answers:
+                raise ValueError(f"vqa head: no answers found in {cfg.answers_from}")
+        self.cfg = cfg
+        self.needs_tokens = (cfg.media, "text")
+        self.answers = list(cfg.answers)
+        self.index = {a: i for i, a in enumerate(self.answers)}
+        self.fusion = CrossAttentionFusion(cfg.width, cfg.layers, cfg.heads, query_dim=model.widths["text"],
+                                           context_dim=model.widths[cfg.media], mlp_ratio=cfg.mlp_ratio)
+        self.classifier = nn.Sequential(nn.Linear(cfg.width, 2 * cfg.width), nn.GELU(), nn.LayerNorm(2 * cfg.width),
+                                        nn.Linear(2 * cfg.width, len(self.answers)))
+
+    def logits(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, media_tokens: torch.Tensor,
+               media_mask: torch.Tensor) -> torch.Tensor:
+        """[B, Lq, Dt], Bool[B, Lq], [B, T, Dm], Bool[B, T] -> answer logits [B, A]."""
+        fused = self.fusion(text_tokens, media_tokens, query_mask=text_mask, context_mask=media_mask)  # [B, Lq, W]
+        m = text_mask.to(fused.dtype).unsqueeze(-1)
+        pooled = (fused * m).sum(1) / m.sum(1).clamp(min=1.0)  # [B, W]
+        return self.classifier(pooled)
+
+    def targets(self, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+        from mlmm.evaluation.vqa import soft_scores
+
+        B = len(batch)
+        t = torch.zeros(B, len(self.answers), device=device)
+        has = torch.zeros(B, dtype=torch.bool, device=device)
+        for i, (meta, lang) in enumerate(zip(batch.meta, batch.lang)):
+            answers = (meta.get("answers") or {}).get(lang) if lang else None
+            if not answers:
+                continue
+            for a, s in soft_scores(answers).items():
+                if a in self.index and s > 0:
+                    t[i, self.index[a]] = s
+            has[i] = True
+        return t, has
+
+    def forward(self, outputs: dict, batch) -> dict:
+        m = self.cfg.media
+        logits = self.logits(outputs["text_tokens"], outputs["text_token_mask"], outputs[f"{m}_tokens"],
+                             outputs[f"{m}_token_mask"])
+        out = {"vqa_logits": logits}
+        if batch.meta and any("answers" in (meta or {}) for meta in batch.meta):
+            t, has = self.targets(batch, logits.device)
+            present = outputs["text_token_mask"].any(1) & outputs[f"{m}_token_mask"].any(1)
+            out.update(vqa_targets=t, vqa_target_mask=has & present)
+        return out
+
+    def predict(self, logits: torch.Tensor) -> list[str]:
+        return [self.answers[i] for i in logits.argmax(-1).tolist()]
