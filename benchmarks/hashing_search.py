@@ -1,0 +1,216 @@
+"""Hamming search vs float search: speed at 1M items, and recall on a trained tiny hashing model.
+
+    python benchmarks/hashing_search.py --export runs/tiny_hashing/export        # ~3-5 min on 2 cores
+    python benchmarks/hashing_search.py --n 100000 --queries 200                  # quick look
+
+Part 1 (speed): N database items as 64-bit codes (packed, 8 bytes each) vs as 512-d float32 embeddings
+(2 KB each), Q queries, exact top-10:
+  * Hamming: faiss ``IndexBinaryFlat`` (and optionally ``IndexBinaryHNSW``, ``--hnsw``), and the pure-torch
+    popcount fallback (timed on a subset of the queries: it is the slow, dependency-free path);
+  * float: faiss ``IndexFlatIP`` (BLAS) and torch matmul + top-k (cosine on L2-normalised rows).
+  The speed-up is faiss Hamming over the *faster* float search.
+Part 2 (quality, needs ``--export`` of a model with a hash head, e.g. ``recipes/configs/tiny_hashing.yaml``):
+  generated held-out images form the database (hash codes + float embeddings from the same model), captions in
+  en/de/fr are the queries. Reported: k-recall@10 of Hamming top-10 against the float top-10 (neighbour
+  overlap), the same after Hamming top-100 -> float re-rank, and the retrieval quality of each (P@10 with
+  class relevance, i.e. same colour and shape) relative to float search.
+Writes ``benchmarks/results/hashing_search.json`` with the date and machine info (incl. the load average:
+numbers measured on a busy machine are slower).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mlmm.search import (FloatIndex, HammingIndex, cosine_topk, faiss_available, hamming_topk,  # noqa: E402
+                         pack_codes, recall_at_k, rerank)
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    if faiss_available():
+        import faiss
+
+        info["faiss"] = faiss.__version__
+        info["faiss_threads"] = faiss.omp_get_max_threads()
+    try:
+        info["load_average_1m_5m_15m"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+def timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t, out
+
+
+# ------------------------------------------------------------------------------------------ part 1
+def speed(n: int, queries: int, bits: int, dim: int, k: int, torch_queries: int, hnsw: bool) -> dict:
+    g = torch.Generator().manual_seed(0)
+    print(f"[speed] database: {n:,} x {bits}-bit codes ({n * bits // 8 / 2**20:.0f} MiB) vs {n:,} x {dim} float32 "
+          f"({n * dim * 4 / 2**30:.2f} GiB); {queries} queries, top-{k}", flush=True)
+    codes = torch.randint(0, 256, (n, bits // 8), dtype=torch.uint8, generator=g)
+    q_codes = torch.randint(0, 256, (queries, bits // 8), dtype=torch.uint8, generator=g)
+    emb = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=1)
+    q_emb = torch.nn.functional.normalize(torch.randn(queries, dim, generator=g), dim=1)
+    rows = []
+
+    def row(method, kind, n_q, seconds, extra=None):
+        r = {"method": method, "kind": kind, "queries": n_q, "seconds": seconds, "queries_per_s": n_q / seconds,
+             **(extra or {})}
+        rows.append(r)
+        print(f"  {method:38s} {r['queries_per_s']:12.1f} q/s  ({n_q} queries in {seconds:.2f} s)", flush=True)
+        return r
+
+    if faiss_available():
+        index = HammingIndex(bits, backend="faiss").add(codes)
+        index.search(q_codes[:8], k)  # warm-up
+        dt, (fd, fi) = timed(index.search, q_codes, k)
+        row("hamming faiss IndexBinaryFlat", "hamming", queries, dt)
+        if hnsw:
+            h = HammingIndex(bits, kind="hnsw", backend="faiss", hnsw_m=16, ef_search=64)
+            build, _ = timed(h.add, codes)
+            dt, (hd, hi) = timed(h.search, q_codes, k)
+            rr = row("hamming faiss IndexBinaryHNSW(M=16,ef=64)", "hamming", queries, dt, {"build_seconds": build})
+            rr["distance_gap_vs_exact"] = float((hd.float() - fd.float()).mean())
+        fl = FloatIndex(dim, backend="faiss").add(emb)
+        fl.search(q_emb[:8], k)
+        dt, _ = timed(fl.search, q_emb, k)
+        row("float faiss IndexFlatIP", "float", queries, dt)
+    tq = min(torch_queries, queries)
+    dt, (td, ti) = timed(hamming_topk, q_codes[:tq], codes, k, 8)
+    row("hamming torch popcount (SWAR, fallback)", "hamming", tq, dt)
+    if faiss_available():
+        assert torch.equal(td, fd[:tq]), "faiss and torch Hamming distances disagree"
+    fq = min(max(torch_queries, 256), queries)
+    dt, _ = timed(cosine_topk, q_emb[:fq], emb, k, 128, False)
+    row("float torch matmul + topk", "float", fq, dt)
+    best = {kind: max((r for r in rows if r["kind"] == kind and "HNSW" not in r["method"]),
+                      key=lambda r: r["queries_per_s"]) for kind in ("hamming", "float")}
+    ratio = best["hamming"]["queries_per_s"] / best["float"]["queries_per_s"]
+    print(f"  speed-up: {best['hamming']['method']} / {best['float']['method']} = {ratio:.1f}x", flush=True)
+    return {"n": n, "bits": bits, "dim": dim, "queries": queries, "k": k, "rows": rows,
+            "best_hamming": best["hamming"]["method"], "best_float": best["float"]["method"], "speedup": ratio,
+            "memory_bytes": {"codes": n * bits // 8, "float": n * dim * 4}}
+
+
+# ------------------------------------------------------------------------------------------ part 2
+def quality(export: str, n_items: int, queries: int, k: int, candidates: int, seed: int) -> dict:
+    from mlmm.data.generate import generate
+    from mlmm.data.pipeline import Preprocessor, load_eval_items
+    from mlmm.evaluation.hashing import encode_media_codes, encode_text_codes, find_hash_head
+    from mlmm.hub import from_pretrained
+
+    model = from_pretrained(export)
+    head = find_hash_head(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        from mlmm.data.write_shards import write_shards
+
+        print(f"[quality] generating {n_items} held-out images (seed {seed}) ...", flush=True)
+        generate(Path(tmp) / "gen", n_images=n_items, n_videos=0, n_audio=0,
+                 size=model.cfg.image.image_size, seed=seed, progress=False)
+        write_shards(Path(tmp) / "gen" / "manifest.jsonl", Path(tmp) / "shards", shard_size=1000, progress=False)
+        items = load_eval_items(str(Path(tmp) / "shards"), Preprocessor(model.cfg, model.tokenizer, train=False),
+                                ["image"])
+    x_codes, x_emb = encode_media_codes(model, head, "image", items["image"]["data"])
+    labels = [frozenset(items["meta"][int(i)]["labels"]) for i in items["image"]["items"]]
+    rng = random.Random(seed)
+    picks = [rng.randrange(len(labels)) for _ in range(queries)]
+    texts, q_labels = [], []
+    for p in picks:
+        caps = items["meta"][int(items["image"]["items"][p])]["captions"]
+        lang = rng.choice(sorted(caps))
+        texts.append(rng.choice(caps[lang]))
+        q_labels.append(labels[p])
+    t_codes, t_emb = encode_text_codes(model, head, texts)
+    db_packed, q_packed = pack_codes(x_codes), pack_codes(t_codes)
+    hidx = HammingIndex(head.bits).add(db_packed)
+    _, float_ids = cosine_topk(t_emb, x_emb, k)
+    _, ham_ids = hidx.search(q_packed, k)
+    _, cand = hidx.search(q_packed, candidates)
+    _, rr_ids = rerank(t_emb, x_emb, cand, k)
+
+    def precision(ids):  # class relevance: same colour and shape
+        return sum(sum(labels[j] == q_labels[r] for j in row.tolist()) for r, row in enumerate(ids)) / ids.numel()
+
+    p_float, p_ham, p_rr = precision(float_ids), precision(ham_ids), precision(rr_ids)
+    out = {"export": str(export), "bits": head.bits, "database": len(labels), "queries": queries, "k": k,
+           "candidates": candidates, "languages": sorted({lang for lang in items["captions"]}),
+           "knn_recall@10_hamming": recall_at_k(ham_ids, float_ids, k),
+           "knn_recall@10_hamming_rerank": recall_at_k(rr_ids, float_ids, k),
+           "P@10_float": p_float, "P@10_hamming": p_ham, "P@10_hamming_rerank": p_rr,
+           "P@10_ratio_hamming_vs_float": p_ham / max(p_float, 1e-12),
+           "P@10_ratio_rerank_vs_float": p_rr / max(p_float, 1e-12),
+           "P@10_chance": sum(sum(lab == q for lab in labels) for q in q_labels) / (len(q_labels) * len(labels))}
+    print(f"  k-recall@{k} vs float top-{k}: Hamming {out['knn_recall@10_hamming']:.3f}, "
+          f"Hamming top-{candidates} + re-rank {out['knn_recall@10_hamming_rerank']:.3f}")
+    print(f"  P@{k} (same class): float {p_float:.3f}, Hamming {p_ham:.3f} ({out['P@10_ratio_hamming_vs_float']:.2f}x), "
+          f"re-rank {p_rr:.3f} ({out['P@10_ratio_rerank_vs_float']:.2f}x), chance {out['P@10_chance']:.3f}", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--bits", type=int, default=64)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--torch-queries", type=int, default=32, help="queries timed for the torch popcount fallback")
+    ap.add_argument("--hnsw", action="store_true", help="also build and time a faiss IndexBinaryHNSW (slow to build)")
+    ap.add_argument("--export", default=None, help="export folder of a model with a hash head (part 2)")
+    ap.add_argument("--items", type=int, default=3000, help="part 2: held-out database images")
+    ap.add_argument("--candidates", type=int, default=100)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "hashing_search.json"))
+    ap.add_argument("--skip-speed", action="store_true",
+                    help="only part 2; keep the speed results already in --out (recorded as such)")
+    args = ap.parse_args(argv)
+    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine_info(), "command": " ".join(sys.argv)}
+    print(f"machine: {result['machine']}", flush=True)
+    if args.skip_speed:
+        previous = json.loads(Path(args.out).read_text())
+        result["speed"] = previous["speed"]
+        result["speed_measured"] = {"date": previous["date"], "machine": previous["machine"],
+                                    "command": previous.get("command", "")}
+    else:
+        result["speed"] = speed(args.n, args.queries, args.bits, args.dim, args.k, args.torch_queries, args.hnsw)
+    if args.export:
+        result["quality"] = quality(args.export, args.items, args.queries, args.k, args.candidates, seed=11)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    s = result["speed"]
+    print("\n| method | queries/s |\n|---|---:|")
+    for r in s["rows"]:
+        print(f"| {r['method']} | {r['queries_per_s']:.1f} |")
+    print(f"\nspeed-up (best Hamming / best float): {s['speedup']:.1f}x  ->  {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
