@@ -62,8 +62,14 @@ def chance_metrics(positives: torch.Tensor, x: str, ks: Sequence[int]) -> dict[s
 
 def evaluate_retrieval(model, shards, *, languages: Optional[Sequence[str]] = None, dataset: str = "",
                        batch_size: int = 64, device="cpu", ks: Sequence[int] = (1, 5, 10),
-                       progress: bool = True) -> list[dict]:
-    """One record per (media modality with text, language): t2x/x2t R@k, MdR, MnR, rsum, chance."""
+                       progress: bool = True, rerank_topk: int = 0) -> list[dict]:
+    """One record per (media modality with text, language): t2x/x2t R@k, MdR, MnR, rsum, chance.
+
+    Also one ``video-audio`` record (v2a / a2v, positives = the same sample) when the model has both
+    towers and the shards have samples with both. ``rerank_topk`` > 0: for each media modality that has a DI-vTR
+    interaction head, an extra ``<m>-text+rerank@K`` record re-ranks every query's global top-K with it
+    (:mod:`mlmm.evaluation.rerank`).
+    """
     from mlmm.data.pipeline import Preprocessor, load_eval_items
 
     model.eval()
@@ -90,4 +96,42 @@ def evaluate_retrieval(model, shards, *, languages: Optional[Sequence[str]] = No
             metrics.update(chance_metrics(positives, SHORT.get(m, m[0]), ks))
             metrics["n_texts"] = len(texts)
             records.append(result_record(f"{m}-text", dataset, lang, metrics, n=len(rows)))
+            if rerank_topk > 0:
+                from mlmm.evaluation.rerank import find_interaction_head, rerank_retrieval
+
+                head = find_interaction_head(model, m)
+                if head is not None:
+                    rr = rerank_retrieval(model, head, m, items[m]["data"], texts, positives, k=rerank_topk, ks=ks,
+                                          batch_size=batch_size, device=device, x_short=SHORT.get(m, m[0]))
+                    rr.update(chance_metrics(positives, SHORT.get(m, m[0]), ks))
+                    rr["n_texts"] = len(texts)
+                    records.append(result_record(f"{m}-text+rerank@{rerank_topk}", dataset, lang, rr, n=len(rows)))
+    records.extend(media_pair_records(model, items, dataset, batch_size, device, ks))
+    return records
+
+
+def media_pair_records(model, items: dict, dataset: str, batch_size: int, device, ks: Sequence[int],
+                       pairs: Sequence[tuple[str, str]] = (("video", "audio"),)) -> list[dict]:
+    """Media-media retrieval (e.g. video<->audio) over the samples that have both: positives = the same sample."""
+    from mlmm.evaluation.retrieval import retrieval_metrics
+
+    records = []
+    for a, b in pairs:
+        if a not in items or b not in items:
+            continue
+        rows_b = {int(item): r for r, item in enumerate(items[b]["items"])}
+        both = [(ra, rows_b[int(item)]) for ra, item in enumerate(items[a]["items"]) if int(item) in rows_b]
+        if len(both) < 2:
+            continue
+        ia, ib = (torch.tensor(x, dtype=torch.long) for x in zip(*both))
+        za = embed_media(model, a, items[a]["data"][ia], batch_size, device)  # [N, E]
+        zb = embed_media(model, b, items[b]["data"][ib], batch_size, device)  # [N, E]
+        sa, sb, n = SHORT.get(a, a[0]), SHORT.get(b, b[0]), len(both)
+        metrics = {}
+        for (q, g, name) in ((za, zb, f"{sa}2{sb}"), (zb, za, f"{sb}2{sa}")):
+            metrics.update({f"{name}_{k}": v for k, v in retrieval_metrics(q, g, torch.arange(n), ks=ks).items()})
+        for k in ks:
+            metrics[f"chance_{sa}2{sb}_R@{k}"] = metrics[f"chance_{sb}2{sa}_R@{k}"] = chance_recall(n, 1, k)
+        metrics["rsum"] = sum(metrics[f"{x}_R@{k}"] for x in (f"{sa}2{sb}", f"{sb}2{sa}") for k in ks)
+        records.append(result_record(f"{a}-{b}", dataset, "-", metrics, n=n))
     return records
