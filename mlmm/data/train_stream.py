@@ -28,7 +28,7 @@ LANG_CODE = re.compile(r"^[a-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")  # BCP-47-like:
 
 
 def check_captions(meta: dict) -> None:
-    """Reject captions under an invalid language code or a language whose captions are all blank."""
+    """Reject captions under an invalid language code, or a language whose captions are all blank strings."""
     captions = meta.get("captions")
     if not isinstance(captions, dict):
         return  # no captions: the sample may still serve its media (caught later if nothing is usable)
@@ -36,8 +36,11 @@ def check_captions(meta: dict) -> None:
         if not LANG_CODE.match(str(lang)):
             raise SampleError("unknown language code", f"{lang!r}")
         caps = [caps] if isinstance(caps, str) else caps
-        if not isinstance(caps, list) or not any(isinstance(c, str) and c.strip() for c in caps):
-            raise SampleError("empty captions", f"language {lang!r} has no non-blank caption")
+        if not isinstance(caps, list):
+            raise SampleError("bad captions", f"language {lang!r}: expected a list of strings, got {type(caps).__name__}")
+        # an empty list means "no caption" (e.g. an uncaptioned clip); blank strings are broken data
+        if caps and not any(isinstance(c, str) and c.strip() for c in caps):
+            raise SampleError("empty captions", f"language {lang!r} has only blank captions")
 
 
 class TrainStream(torch.utils.data.IterableDataset):
