@@ -16,7 +16,6 @@ post-processor that wraps every text as ``[CLS] ... [SEP]``. Always reload from 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -71,21 +70,13 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 def manifest_captions(manifest_paths: Iterable[str | Path]) -> Iterator[str]:
     """Every caption (all languages) of every row of the given mlmm manifests."""
+    from mlmm.data.write_shards import iter_jsonl
+
     for path in manifest_paths:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: manifest not found")
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from e
-                for caps in (row.get("captions") or {}).values():
-                    for cap in [caps] if isinstance(caps, str) else caps:
-                        yield cap
+        for _, row in iter_jsonl(path):
+            for caps in (row.get("captions") or {}).values():
+                for cap in [caps] if isinstance(caps, str) else caps:
+                    yield cap
 
 
 def main(argv: list[str] | None = None) -> None:

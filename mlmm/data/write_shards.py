@@ -21,7 +21,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from tqdm import tqdm
 
@@ -110,30 +110,36 @@ def _read_row(row: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
     return sample
 
 
-def read_manifest(manifest_path: str | Path) -> list[dict[str, Any]]:
-    """Parse and validate a manifest: JSON objects with a unique, shard-safe string "key"."""
-    path = Path(manifest_path)
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line; errors name the file and line."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest not found")
-    rows, seen = [], {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: each line must be a JSON object")
-            key = row.get("key")
-            if not isinstance(key, str) or not _KEY_RE.match(key):
-                raise ValueError(f"{path}:{lineno}: 'key' must be a non-empty string of letters, digits and "
-                                 f"_-:+=@, (no '.' or '/'), got {key!r}")
-            if key in seen:
-                raise ValueError(f"{path}:{lineno}: duplicate key {key!r} (first on line {seen[key]})")
-            seen[key] = lineno
-            rows.append(row)
+
+
+def read_manifest(manifest_path: str | Path) -> list[dict[str, Any]]:
+    """Parse and validate a manifest: JSON objects with a unique, shard-safe string "key"."""
+    path = Path(manifest_path)
+    rows, seen = [], {}
+    for lineno, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: each line must be a JSON object")
+        key = row.get("key")
+        if not isinstance(key, str) or not _KEY_RE.match(key):
+            raise ValueError(f"{path}:{lineno}: 'key' must be a non-empty string of letters, digits and "
+                             f"_-:+=@, (no '.' or '/'), got {key!r}")
+        if key in seen:
+            raise ValueError(f"{path}:{lineno}: duplicate key {key!r} (first on line {seen[key]})")
+        seen[key] = lineno
+        rows.append(row)
     return rows
 
 
