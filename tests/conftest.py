@@ -10,3 +10,17 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "slow" in item.keywords:
                 item.add_marker(skip)
+
+
+def build_tiny_data(root, *, n_images, n_videos, n_audio, shard_size, seed, vocab_size=300):
+    """Generated samples -> ``root/shards`` + a BPE tokenizer in ``root/tok`` (trained on their captions)."""
+    from mlmm.data.generate import generate
+    from mlmm.data.tokenization import train_tokenizer
+    from mlmm.data.write_shards import write_shards
+
+    rows = generate(root / "gen", n_images=n_images, n_videos=n_videos, n_audio=n_audio, size=32, seed=seed,
+                    progress=False)
+    write_shards(root / "gen" / "manifest.jsonl", root / "shards", shard_size=shard_size, progress=False)
+    train_tokenizer((c for r in rows for caps in r["captions"].values() for c in caps), root / "tok",
+                    vocab_size=vocab_size)
+    return root

@@ -4,6 +4,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+from conftest import build_tiny_data
 import torch
 
 from mlmm.config import ConfigError, build_config, load_config
@@ -124,15 +125,12 @@ def test_similarity_modes():
 @pytest.fixture(scope="module")
 def hash_data(tmp_path_factory):
     from mlmm.data.generate import generate
-    from mlmm.data.tokenization import train_tokenizer
     from mlmm.data.write_shards import write_shards
 
-    root = tmp_path_factory.mktemp("hash_data")
-    rows = generate(root / "gen", n_images=192, n_videos=0, n_audio=0, size=32, seed=1, progress=False)
-    write_shards(root / "gen" / "manifest.jsonl", root / "shards", shard_size=64, progress=False)
+    root = build_tiny_data(tmp_path_factory.mktemp("hash_data"), n_images=192, n_videos=0, n_audio=0, shard_size=64,
+                           seed=1)
     generate(root / "test", n_images=72, n_videos=0, n_audio=0, size=32, seed=5, progress=False)
     write_shards(root / "test" / "manifest.jsonl", root / "test_shards", shard_size=100, progress=False)
-    train_tokenizer((c for r in rows for caps in r["captions"].values() for c in caps), root / "tok", vocab_size=300)
     return root
 
 

@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import build_tiny_data
 import torch
 
 from mlmm.config import load_config
@@ -21,15 +22,8 @@ DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 @pytest.fixture(scope="module")
 def rel_data(tmp_path_factory):
-    from mlmm.data.generate import generate
-    from mlmm.data.tokenization import train_tokenizer
-    from mlmm.data.write_shards import write_shards
-
-    root = tmp_path_factory.mktemp("rel_data")
-    rows = generate(root / "gen", n_images=60, n_videos=12, n_audio=40, size=32, seed=2, progress=False)
-    write_shards(root / "gen" / "manifest.jsonl", root / "shards", shard_size=16, progress=False)
-    train_tokenizer((c for r in rows for caps in r["captions"].values() for c in caps), root / "tok", vocab_size=300)
-    return root
+    return build_tiny_data(tmp_path_factory.mktemp("rel_data"), n_images=60, n_videos=12, n_audio=40,
+                           shard_size=16, seed=2)
 
 
 def overrides(data: Path, out: Path, *extra):

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import build_tiny_data
 import torch
 
 from mlmm.config import load_config
@@ -20,15 +21,8 @@ TINY = REPO / "recipes" / "configs" / "tiny_clip.yaml"
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from mlmm.data.generate import generate
-    from mlmm.data.tokenization import train_tokenizer
-    from mlmm.data.write_shards import write_shards
-
-    root = tmp_path_factory.mktemp("tiny_data")
-    rows = generate(root / "gen", n_images=96, n_videos=24, n_audio=64, size=32, seed=1, progress=False)
-    write_shards(root / "gen" / "manifest.jsonl", root / "shards", shard_size=50, progress=False)
-    train_tokenizer((c for r in rows for caps in r["captions"].values() for c in caps), root / "tok", vocab_size=300)
-    return root
+    return build_tiny_data(tmp_path_factory.mktemp("tiny_data"), n_images=96, n_videos=24, n_audio=64,
+                           shard_size=50, seed=1)
 
 
 def tiny_config(data: Path, out: Path, *overrides):
