@@ -222,3 +222,115 @@ def test_stream_resumes_exactly_at_every_batch(rel_data, world, policy, shuffle)
         for got, want in zip(resumed, full[k + 1:k + 4]):
             assert (got.keys, got.lang) == (want.keys, want.lang)
             assert torch.equal(got.text_ids, want.text_ids)
+
+
+@pytest.mark.parametrize("old_world,new_world", [(2, 1), (1, 3), (3, 2)])
+def test_layout_change_resplits_the_rest_of_the_pass(rel_data, old_world, new_world):
+    """World size changes mid-epoch: the samples the old ranks had not consumed are dealt to the new
+    ranks, so within the pass none is seen twice and none is skipped; the new order is deterministic."""
+    import itertools
+
+    from mlmm.data.pipeline import Preprocessor, resolve_shards
+    from mlmm.data.resplit import build_source
+    from mlmm.data.tokenization import load_tokenizer
+    from mlmm.data.train_stream import LoaderState, TrainStream
+
+    # (buffer 10: every old slot is still inside its first epoch, so `seen` holds epoch-0 samples only)
+    cfg = load_config(TINY, overrides(rel_data, rel_data / "unused", "data.shuffle_buffer=10", "data.batch_size=5"))
+    pre = Preprocessor(cfg.model, load_tokenizer(rel_data / "tok"), train=True)
+    shards = resolve_shards(cfg.data.train_shards)
+    seen, ranks = [], []
+    for rank in range(old_world):  # each old rank consumes a different number of batches
+        state = LoaderState(0)
+        for b in itertools.islice(iter(TrainStream(shards, cfg.data, pre, rank=rank, world_size=old_world)), 2 + rank):
+            seen += b.keys
+            state.update(b)
+        ranks.append(state.to_dict())
+    old = {"world_size": old_world, "num_workers": 1, "ranks": ranks}
+    record = {"from": old, "seed": cfg.data.seed, "buffer_size": cfg.data.shuffle_buffer}
+
+    rest = []
+    for slot in range(new_world):
+        source = build_source(shards, seed=cfg.data.seed, slot=slot, n_slots=new_world, resplit=record)
+        rest += [raw["__key__"] for _, raw in itertools.islice(source.read(0), len(source.prefix))]
+        again = build_source(shards, seed=cfg.data.seed, slot=slot, n_slots=new_world, resplit=record)
+        assert again.prefix == source.prefix  # a pure function of the checkpoint
+    everything = [raw["__key__"] for raw in build_source(shards, seed=0, slot=0, n_slots=1).plan.epoch_samples(0, 0)]
+    assert len(seen) + len(rest) == len(everything)  # nothing twice ...
+    assert sorted(seen + rest) == sorted(everything)  # ... nothing skipped
+
+    # the training stream of a new rank starts with its share and then goes on with the new layout's epochs
+    state = {"slots": {}, "next_role": 0, "resplit": record}
+    stream = TrainStream(shards, cfg.data, pre, rank=0, world_size=new_world, state=state)
+    first = next(iter(stream))
+    assert len(first) == 5 and first.data_state["emitted"] >= 5
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_resume_on_fewer_processes(rel_data, tmp_path, zero):
+    """torchrun with 2 processes writes a ZeRO checkpoint; one process resumes it through DeepSpeed's universal
+    checkpoint: weights equal the consolidated fp32 weights, Adam moments survive, training and data go on."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from mlmm.training.engine import full_state_dict
+
+    out = tmp_path / "run"
+    extra = (f"train.zero_stage={zero}", "train.max_steps=4")
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(MLMM_CPU_SHM_ALLREDUCE="0", OMP_NUM_THREADS="1")  # plain gloo: no 1-min kernel build in CI
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "recipes" / "train.py"),
+           "--config", str(TINY), *overrides(rel_data, out, *extra), "--no-export"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = json.loads((out / "checkpoints" / "step_00000004" / "mlmm_state.json").read_text())
+    assert saved["world_size"] == 2
+    want = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step_00000004")
+
+    trainer = Trainer(load_config(TINY, overrides(rel_data, out, *extra))).setup()
+    assert trainer.step == 4 and trainer.resumed_state["resharded_from"] == 2
+    got = full_state_dict(trainer.engine, trainer.model)
+    for k, v in got.items():
+        assert torch.equal(v.float(), want[f"model.{k}"].float()), k
+    moments = [s for s in trainer.engine.optimizer.optimizer.state.values() if "exp_avg" in s]
+    assert moments and all(float(s["exp_avg"].norm()) > 0 for s in moments)  # not a fresh optimizer
+    trainer.cfg.train.max_steps = 7
+    trainer.train()
+    trainer.cleanup()
+    assert trainer.step == 7 and len(trainer.losses) == 3 and all(map(lambda x: x == x, trainer.losses))
+    state = json.loads((out / "checkpoints" / "step_00000007" / "mlmm_state.json").read_text())
+    assert state["world_size"] == 1 and "resplit" in state["data"]["ranks"][0]
+
+
+def test_unsupported_language_in_the_tokenizer_is_named(rel_data, tmp_path):
+    """Thai captions under a tokenizer trained on en/de/fr only: stop at once, naming the language."""
+    from mlmm.data.write_shards import iter_jsonl, write_shards
+
+    rows = [row for _, row in iter_jsonl(rel_data / "gen" / "manifest.jsonl") if "image" in row][:24]
+    thai = ["วงกลมสีแดงบนพื้นหลัง", "สี่เหลี่ยมสีน้ำเงิน", "สามเหลี่ยมสีเขียวขนาดเล็ก"]
+    manifest = tmp_path / "manifest.jsonl"
+    with open(manifest, "w", encoding="utf-8") as f:
+        for i, row in enumerate(rows):
+            row = {**row, "image": str(rel_data / "gen" / row["image"]), "captions": {"th": [thai[i % 3]]}}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_shards(manifest, tmp_path / "shards", shard_size=12, progress=False)
+    cfg = load_config(TINY, overrides(rel_data, tmp_path / "run", f"data.train_shards={tmp_path / 'shards'}",
+                                      "loss.pairs=[[image,text]]"))
+    cfg.model.video = cfg.model.audio = None
+    trainer = Trainer(cfg).setup()
+    with pytest.raises(ValueError, match=r"language 'th' is not supported by the tokenizer .*tok.*data.languages"):
+        trainer.train()
+    assert trainer.step == 0  # caught before the first update
+    trainer.cleanup()
+
+
+def test_out_of_memory_says_which_batch_size_to_lower(rel_data, tmp_path, monkeypatch):
+    trainer = Trainer(load_config(TINY, overrides(rel_data, tmp_path / "run"))).setup()
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer.engine, "forward", oom)
+    with pytest.raises(RuntimeError, match=r"out of memory at step 1 with data.batch_size=8 .*data.batch_size=4") as e:
+        trainer.train()
+    assert isinstance(e.value.__cause__, torch.OutOfMemoryError)
+    trainer.cleanup()

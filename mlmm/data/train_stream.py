@@ -21,7 +21,8 @@ import torch
 from mlmm.config import DataConfig
 from mlmm.data.batch import Batch
 from mlmm.data.pipeline import Preprocessor, SampleError, _parse, resolve_shards
-from mlmm.data.stream import ShuffleBuffer, SlotPlan, restore
+from mlmm.data.resplit import build_source
+from mlmm.data.stream import ShuffleBuffer, restore
 
 log = logging.getLogger("mlmm.data")
 LANG_CODE = re.compile(r"^[a-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")  # BCP-47-like: en, de, pt-BR, zh_Hant
@@ -90,7 +91,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         emitted, used = int(own.get("emitted", 0)), int(own.get("used", 0))
         counts = collections.Counter(own.get("skipped", {}))
         self.skipped = counts
-        plan = SlotPlan(self.shards, seed=self.cfg.seed, slot=slot, n_slots=n_slots)
+        plan = build_source(self.shards, seed=self.cfg.seed, slot=slot, n_slots=n_slots,
+                            resplit=self.state.get("resplit"))
         buffer = ShuffleBuffer(self.cfg.shuffle_buffer, f"shuffle/{self.cfg.seed}/{slot}")
         resume_partial = used > 0
         reader = restore(plan, buffer, emitted - 1 if resume_partial else emitted)
@@ -152,6 +154,7 @@ class LoaderState:
         start = start or {}
         self.slots: dict[str, dict] = dict(start.get("slots", {}))
         self.next_role = int(start.get("next_role", 0))
+        self.resplit = start.get("resplit")  # layout-change record (mlmm.data.resplit), kept for later resumes
 
     def update(self, batch: Batch) -> None:
         st = batch.data_state
@@ -161,7 +164,10 @@ class LoaderState:
         self.next_role = (self.next_role + 1) % self.workers
 
     def to_dict(self) -> dict:
-        return {"slots": self.slots, "next_role": self.next_role, "num_workers": self.workers}
+        out = {"slots": self.slots, "next_role": self.next_role, "num_workers": self.workers}
+        if self.resplit:
+            out["resplit"] = self.resplit
+        return out
 
     def bad_counts(self) -> tuple[int, int]:
         """(bad samples, raw samples emitted) over this rank's slots."""

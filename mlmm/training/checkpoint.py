@@ -130,17 +130,64 @@ def latest_tag(root: str | Path) -> Optional[str]:
     return tag if (Path(root) / tag / STATE_NAME).is_file() else None
 
 
-def load(engine, root: str | Path, tag: Optional[str] = None) -> Optional[dict[str, Any]]:
-    """Load the checkpoint `tag` (default: latest) into `engine`; returns its mlmm state or None."""
+def to_universal(root: str | Path, tag: str, is_main: bool = True) -> Path:
+    """Convert checkpoint `tag` to DeepSpeed's universal format (once; collective call).
+
+    A ZeRO-1/2/3 checkpoint stores optimizer state partitioned over the data-parallel ranks that
+    wrote it; the universal format stores every parameter whole (fp32 weights + Adam moments), so
+    any world size can load it. Written to ``<root>/universal/<tag>`` through a temp folder.
+    """
+    import argparse
+    import contextlib
+    import io
+
+    import torch.distributed as dist
+
+    out = Path(root) / "universal" / tag
+    if is_main and not (out / "zero").is_dir():
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = out.with_name(tag + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(Path(root) / tag), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress bars
+            ds_to_universal.main(args)
+        _fsync_tree(tmp)
+        os.replace(tmp, out)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def load(engine, root: str | Path, tag: Optional[str] = None, world_size: int = 1,
+         is_main: bool = True) -> Optional[dict[str, Any]]:
+    """Load the checkpoint `tag` (default: latest) into `engine`; returns its mlmm state or None.
+
+    A ZeRO checkpoint written by a different number of processes is first converted to
+    DeepSpeed's universal format (:func:`to_universal`) and loaded from there, optimizer moments
+    included. Collective call.
+    """
     root = Path(root)
     tag = tag or latest_tag(root)
     if tag is None:
         return None
-    if not (root / tag).is_dir():
-        raise FileNotFoundError(f"{root / tag}: checkpoint not found")
-    path, client = engine.load_checkpoint(str(root), tag=tag)
+    if not (root / tag / STATE_NAME).is_file():
+        raise FileNotFoundError(f"{root / tag}: checkpoint not found or incomplete (no {STATE_NAME})")
+    state = json.loads((root / tag / STATE_NAME).read_text())
+    saved_world = int(state.get("world_size", world_size))
+    load_dir = root
+    universal = saved_world != world_size and engine.zero_optimization_stage() > 0
+    if universal:
+        load_dir = to_universal(root, tag, is_main).parent
+        engine._config.load_universal_checkpoint = True  # DeepSpeed reads this flag at load time only
+    try:
+        path, client = engine.load_checkpoint(str(load_dir), tag=tag)
+    finally:
+        engine._config.load_universal_checkpoint = False
     if path is None:
         raise RuntimeError(f"{root / tag}: DeepSpeed could not load this checkpoint")
     set_rng_state(client["rng"])
-    state = json.loads((root / tag / STATE_NAME).read_text())
+    if universal:
+        state["resharded_from"] = saved_world
     return state

@@ -35,9 +35,10 @@ def init_distributed() -> tuple[int, int]:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        elif int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        elif int(os.environ.get("WORLD_SIZE", 1)) == 1 or os.environ.get("MLMM_CPU_SHM_ALLREDUCE") == "0":
             # DeepSpeed compiles a shared-memory all-reduce kernel for CPU process groups on first
-            # use (~1 min of g++). With one process there is nothing to reduce: skip the build.
+            # use (~1 min of g++). With one process there is nothing to reduce: skip the build;
+            # MLMM_CPU_SHM_ALLREDUCE=0 skips it for several processes too (plain gloo all-reduce).
             import importlib
 
             # (importlib: `import deepspeed.comm.torch as m` would bind the real torch re-exported there)

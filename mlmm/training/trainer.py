@@ -18,9 +18,12 @@ import numpy as np
 import torch
 
 from mlmm.config import RunConfig
+from mlmm.data.pipeline import resolve_shards
+from mlmm.data.stream import shard_counts
 from mlmm.data.train_stream import LoaderState
 from mlmm.registry import LOSSES
 from mlmm.training import checkpoint, distributed, finetune
+from mlmm.training.guards import LanguageCoverage, out_of_memory_error
 from mlmm.training.engine import TrainModule, compute_dtype, full_state_dict, initialize
 
 log = logging.getLogger("mlmm")
@@ -82,6 +85,8 @@ class Trainer:
         setup_logging(self.out, self.is_main)
         seed_everything(cfg.seed)
         self.tokenizer = load_tokenizer(cfg)
+        self.coverage = (LanguageCoverage(self.tokenizer, cfg.model.text.tokenizer or cfg.model.text.pretrained)
+                         if self.tokenizer is not None and cfg.model.text is not None else None)
         self.model = MultimodalModel(cfg.model, self.tokenizer)
         loss_entry = LOSSES.get(cfg.loss.name, key="loss.name")
         self.loss = loss_entry.cls(cfg.loss, self.model.modalities)
@@ -94,7 +99,7 @@ class Trainer:
         self.engine, self.ds_config = initialize(cfg, module, self.device)
         self.dtype = compute_dtype(self.ds_config)
         if self.is_main:
-            n_params = sum(p.numel() for p in self.model.parameters())
+            n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())  # ZeRO-3: partitioned
             log.info("model: towers %s, %.2fM parameters; ZeRO stage %d, %s, world size %d, device %s",
                      self.model.modalities, n_params / 1e6, self.engine.zero_optimization_stage(),
                      str(self.dtype).replace("torch.", ""), self.world, self.device)
@@ -125,40 +130,59 @@ class Trainer:
         mode = self.cfg.train.resume
         if mode == "never":
             return
-        state = checkpoint.load(self.engine, self.out / "checkpoints", None if mode == "auto" else mode)
+        state = checkpoint.load(self.engine, self.out / "checkpoints", None if mode == "auto" else mode,
+                                world_size=self.world, is_main=self.is_main)
         self.resumed_state = state
         if state is not None:
             self.step = state["step"]
             self.samples_seen = state.get("samples_seen", 0)
             self.skipped_steps = state.get("skipped_steps", 0)
-            log.info("resumed from %s at step %d", self.out / "checkpoints" / checkpoint.tag_for(self.step),
-                     self.step)
+            log.info("resumed from %s at step %d%s", self.out / "checkpoints" / checkpoint.tag_for(self.step),
+                     self.step, f" (written by {state['resharded_from']} processes, now {self.world}: loaded "
+                                "through a DeepSpeed universal checkpoint)" if "resharded_from" in state else "")
 
     def _data_resume_state(self) -> Optional[dict]:
-        """This rank's data position from the checkpoint, if the data layout (ranks x workers) is unchanged."""
+        """This rank's data position from the checkpoint.
+
+        Same layout (ranks x workers): the exact position of every slot. Another layout: the rest
+        of the interrupted pass is re-split over the new slots (:mod:`mlmm.data.resplit`).
+        """
         data = (getattr(self, "resumed_state", None) or {}).get("data")
         if not data:
             return None
-        if data.get("world_size") != self.world or data.get("num_workers") != max(self.cfg.data.num_workers, 1):
-            log.warning("data layout changed (world size %s -> %d, workers %s -> %d): the data order restarts "
-                        "deterministically from a new seed instead of the exact position",
-                        data.get("world_size"), self.world, data.get("num_workers"), self.cfg.data.num_workers)
+        workers = max(self.cfg.data.num_workers, 1)
+        if data.get("world_size") == self.world and data.get("num_workers") == workers:
+            return data["ranks"][self.rank]
+        shards = resolve_shards(self.cfg.data.train_shards)
+        if data.get("n_shards", len(shards)) != len(shards) or not all(shard_counts(shards)):
+            log.warning("data layout and shards changed (or shard sizes unknown): the data order restarts "
+                        "deterministically from a new seed instead of the exact position")
             return None
-        return data["ranks"][self.rank]
+        log.info("data layout changed (world size %s -> %d, workers %s -> %d): the rest of the interrupted pass is "
+                 "re-split over the new ranks/workers", data.get("world_size"), self.world, data.get("num_workers"),
+                 workers)
+        record = {"from": data, "seed": data.get("seed", self.cfg.data.seed),
+                  "buffer_size": data.get("shuffle_buffer", self.cfg.data.shuffle_buffer)}
+        return {"slots": {}, "next_role": 0, "resplit": record}
 
     # ---------------------------------------------------------------------------- train
     def train_step(self, batch) -> dict[str, float]:
         """Forward/backward/step; a non-finite loss or grad norm skips the update (counted)."""
+        if self.coverage is not None:
+            self.coverage.check(batch)
         batch = batch.to(self.device, self.dtype)
-        out = self.engine(batch)
-        finite = torch.isfinite(out["loss"].detach()).float()
-        if self.world > 1:  # every rank must take the same branch
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        applied = bool(finite)
-        if applied:
-            self.engine.backward(out["loss"])
-            self.engine.step()
-            applied = self.engine.was_step_applied()  # ZeRO skips steps whose grad norm is not finite
+        try:
+            out = self.engine(batch)
+            finite = torch.isfinite(out["loss"].detach()).float()
+            if self.world > 1:  # every rank must take the same branch
+                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            applied = bool(finite)
+            if applied:
+                self.engine.backward(out["loss"])
+                self.engine.step()
+                applied = self.engine.was_step_applied()  # ZeRO skips steps whose grad norm is not finite
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory_error(e, step=self.step + 1, batch_size=len(batch), world=self.world) from e
         terms = {k: float(v.detach()) for k, v in out.items()}
         if applied:
             self.bad_steps = 0
@@ -241,7 +265,9 @@ class Trainer:
             torch.distributed.all_gather_object(ranks, self.loader_state.to_dict())
         state = {"samples_seen": self.samples_seen, "world_size": self.world, "skipped_steps": self.skipped_steps,
                  "bad_samples": self._check_bad_data(), "loss_history": self.history[-5:],
-                 "data": {"world_size": self.world, "num_workers": max(self.cfg.data.num_workers, 1), "ranks": ranks}}
+                 "data": {"world_size": self.world, "num_workers": max(self.cfg.data.num_workers, 1), "ranks": ranks,
+                          "seed": self.cfg.data.seed, "shuffle_buffer": self.cfg.data.shuffle_buffer,
+                          "n_shards": len(resolve_shards(self.cfg.data.train_shards))}}
         path = checkpoint.save(self.engine, self.out / "checkpoints", self.step, state,
                                keep=self.cfg.train.keep_checkpoints, is_main=self.is_main)
         distributed.barrier()
