@@ -1,6 +1,7 @@
 """Generic fine-tuning hooks of the Trainer: initialise from an export, freeze by regex, extra loss inputs.
 
     load_init(model, "runs/stage1/export", trainable=["model\\.heads\\..*"])   # train.init_from
+    load_init(model, "ViT-B-32.safetensors")                                    # or an open_clip checkpoint
     freeze_except(train_module, ["model\\.heads\\..*", "loss\\..*"])           # train.trainable
     loss_extra_inputs(loss)   # media a loss reads without a student tower (a frozen teacher's images)
 
@@ -28,9 +29,15 @@ def load_init(model: nn.Module, export_dir: str | Path, trainable: Optional[Sequ
     Strict, with one exception: every key of the export must exist in the model with the same shape, and a
     model key absent from the export is allowed only if ``trainable`` selects it (as ``model.<key>``), i.e. a
     module added for fine-tuning (adapters, heads). Anything else raises ``ValueError`` naming the keys.
-    """
-    from mlmm.hub import WEIGHTS_NAME, load_state_dict
 
+    An open_clip checkpoint (a weights file, ``local-dir:DIR`` or an open_clip folder) initialises the image /
+    text towers it has (:func:`mlmm.hub.interop_open_clip.load_open_clip_into`, strict per tower); the other
+    towers keep their own initialisation (e.g. ``model.text.pretrained``), whatever ``trainable`` says.
+    """
+    from mlmm.hub import WEIGHTS_NAME, is_open_clip_source, load_open_clip_into, load_state_dict
+
+    if is_open_clip_source(export_dir):
+        return load_open_clip_into(model, export_dir)
     path = Path(export_dir)
     if not (path / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"train.init_from: {path} is not an mlmm export (no {WEIGHTS_NAME})")

@@ -1,16 +1,20 @@
-"""Export and reload: ``config.json`` + ``model.safetensors`` + tokenizer files + ``README.md``.
+"""The mlmm export folder: ``config.json`` + ``model.safetensors`` + tokenizer files + ``README.md``.
 
     save_pretrained(model, "runs/x/export", run_config=cfg)
-    model = from_pretrained("runs/x/export")   # identical embeddings
+    model = load_export("runs/x/export")   # identical embeddings (``mlmm.hub.from_pretrained`` also takes repo ids)
 
-Only safetensors and JSON are read back: loading an export never unpickles anything.
+Only safetensors and JSON are read back: loading an export never unpickles anything. ``config.json`` holds
+``{"mlmm_format", "name", "model", "modalities", "train_config"?, "text_base_model"?}``; any other top-level key
+(e.g. the text tower's transformers config merged in by :func:`mlmm.hub.interop_open_clip.export_open_clip`) is
+ignored by mlmm.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -18,29 +22,18 @@ from mlmm.config import ModelConfig, from_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
 FORMAT_VERSION = 1
+MLMM_CONFIG_KEYS = ("mlmm_format", "name", "model", "modalities", "train_config", "text_base_model")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+_HF_CONFIG_DROP = ("architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype",
+                   "_attn_implementation_autoset")
 
 
-def _model_card(config: dict, results_md: Optional[str]) -> str:
-    model = config["model"]
-    towers = ", ".join(m for m in ("image", "video", "audio", "text") if model.get(m))
-    lines = [
-        "---",
-        "library_name: mlmm",
-        "tags: [mlmm, multimodal, multilingual, contrastive]",
-        "---",
-        f"# {config.get('name', 'mlmm model')}",
-        "",
-        f"Multimodal embedding model trained with mlmm. Towers: {towers}; embedding size {model['embed_dim']}.",
-        "",
-        "```python",
-        "import mlmm",
-        "model = mlmm.from_pretrained('path/to/this/folder')",
-        "```",
-    ]
-    if results_md:
-        lines += ["", "## Evaluation", "", results_md]
-    return "\n".join(lines) + "\n"
+def text_hf_config(model) -> dict[str, Any]:
+    """The text tower's transformers config as a plain dict (without paths, versions and architectures)."""
+    hf = model.towers["text"].model.config.to_dict()
+    return {k: v for k, v in hf.items() if k not in _HF_CONFIG_DROP}
 
 
 def save_pretrained(model, out_dir: str | Path, *, state_dict: Optional[dict] = None,
@@ -48,12 +41,14 @@ def save_pretrained(model, out_dir: str | Path, *, state_dict: Optional[dict] = 
     """Write an export folder. `state_dict` overrides model.state_dict() (e.g. gathered from ZeRO-3)."""
     from safetensors.torch import save_file
 
+    from mlmm.hub.card import build_model_card
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = state_dict if state_dict is not None else model.state_dict()
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     save_file(sd, str(out / WEIGHTS_NAME), metadata={"format": "pt", "mlmm_format": str(FORMAT_VERSION)})
-    config = {
+    config: dict[str, Any] = {
         "mlmm_format": FORMAT_VERSION,
         "name": getattr(run_config, "name", "mlmm"),
         "model": dataclasses.asdict(model.cfg),
@@ -66,29 +61,37 @@ def save_pretrained(model, out_dir: str | Path, *, state_dict: Optional[dict] = 
         config["model"]["text"]["tokenizer"] = "."  # relative to the export folder
     if config["model"].get("text"):
         text = config["model"]["text"]
-        if text.get("pretrained"):  # rebuild that architecture on load; the weights are in model.safetensors
-            hf = model.towers["text"].model.config.to_dict()
-            text["hf_config"] = {k: v for k, v in hf.items()
-                                 if k not in ("architectures", "_name_or_path", "transformers_version", "dtype",
-                                              "torch_dtype", "_attn_implementation_autoset")}
+        pretrained = text.get("pretrained")
+        if pretrained:  # rebuild that architecture on load; the weights are in model.safetensors
+            text["hf_config"] = text_hf_config(model)
+            if not Path(pretrained).exists() and _HUB_NAME.match(pretrained):
+                config["text_base_model"] = pretrained  # a Hub model id: the card's `base_model`
         text["pretrained"] = None
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
-    (out / "README.md").write_text(_model_card(config, results_md), encoding="utf-8")
+    (out / CARD_NAME).write_text(build_model_card(config, results_md=results_md), encoding="utf-8")
     return out
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The raw ``config.json`` of an export folder; clear errors for a non-export or a newer format."""
+    cfg_file = Path(path) / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path}: not an mlmm export (no {CONFIG_NAME})")
+    raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise FileNotFoundError(f"{cfg_file}: not an mlmm export (no 'model' key; a transformers config?)")
+    if raw.get("mlmm_format", 0) > FORMAT_VERSION:
+        raise ValueError(f"{cfg_file}: written by a newer mlmm (format {raw['mlmm_format']}); upgrade mlmm")
+    return raw
 
 
 def load_model_config(path: str | Path) -> tuple[ModelConfig, dict]:
     path = Path(path)
-    cfg_file = path / CONFIG_NAME
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path}: not an mlmm export (no {CONFIG_NAME})")
-    raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-    if raw.get("mlmm_format", 0) > FORMAT_VERSION:
-        raise ValueError(f"{cfg_file}: written by a newer mlmm (format {raw['mlmm_format']}); upgrade mlmm")
+    raw = read_config(path)
     model_raw = raw["model"]
     if model_raw.get("text") and model_raw["text"].get("tokenizer") == ".":
         model_raw["text"]["tokenizer"] = str(path)
-    return from_dict(ModelConfig, model_raw, f"{cfg_file}: model"), raw
+    return from_dict(ModelConfig, model_raw, f"{path / CONFIG_NAME}: model"), raw
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -104,8 +107,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: unreadable safetensors file (truncated or tampered?): {e}") from None
 
 
-def from_pretrained(path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild a MultimodalModel from an export folder, in eval mode."""
+def load_export(path: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild a MultimodalModel from a local export folder, in eval mode."""
     from mlmm.models.model import MultimodalModel
 
     path = Path(path)
