@@ -189,6 +189,10 @@ def test_resolve_shards(tmp_path):
     assert resolve_shards(str(folder)) == names
     assert resolve_shards(str(folder / "shard-*.tar")) == names
     assert resolve_shards(f"{names[2]},{names[0]}") == [names[2], names[0]]
+    assert resolve_shards(str(folder / "shard-{000000..000002}.tar")) == names  # webdataset / open_clip brace range
+    assert resolve_shards(f"{folder}/shard-{{000002,000000}}.tar,{names[1]}") == [names[2], names[0], names[1]]
+    with pytest.raises(FileNotFoundError, match="shard-000003.tar"):
+        resolve_shards(str(folder / "shard-{000000..000003}.tar"))
     (folder / "index.json").unlink()
     assert resolve_shards(str(folder)) == names
     for spec in ("", str(tmp_path / "nowhere"), str(tmp_path / "x*.tar")):
@@ -252,7 +256,10 @@ def test_loader_multimodal_batches_and_reproducible(data_shards, data_tokenizer,
         assert a.keys == b.keys and a.lang == b.lang and torch.equal(a.image, b.image)
     b = runs[0][0]
     assert b.image.shape == (5, 3, 32, 32) and b.video.shape == (5, 4, 3, 32, 32)
-    assert b.audio.shape == (5, 1, 32, 51) and b.text_ids.shape == (5, 16)
+    assert b.audio.shape == (5, 1, 32, 51) and b.text_ids.shape[0] == 5
+    # text is padded to the batch's longest caption rounded up to 8 (<= model.text.max_length = 16)
+    longest = int(b.text_attention.sum(1).max())
+    assert b.text_ids.shape[1] == min(16, max(8, -(-longest // 8) * 8))
     modal = torch.stack([b.image_mask, b.video_mask, b.audio_mask]).sum(0)
     assert torch.equal(modal, torch.ones(5, dtype=torch.long))  # each generated sample has one medium
     assert set(runs[0][0].keys + runs[0][1].keys + runs[0][2].keys) <= {s["__key__"] for s in iter_samples(resolve_shards(str(data_shards)))}

@@ -51,12 +51,27 @@ class SampleError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ shards
+def _split_spec(spec: str) -> list[str]:
+    """"a.tar,b-{000..009}.tar" -> parts, with webdataset/open_clip brace ranges expanded (commas inside braces kept)."""
+    from braceexpand import braceexpand  # a webdataset dependency
+
+    parts, depth, cur = [], 0, ""
+    for ch in spec or "":
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [q for p in parts if p.strip() for q in (braceexpand(p.strip()) if "{" in p else [p.strip()])]
+
+
 def resolve_shards(spec: str) -> list[str]:
-    """Shard paths from a folder (its index.json, else its sorted *.tar), a glob, or "a.tar,b.tar"."""
+    """Shard paths from a folder (its index.json, else its sorted *.tar), a glob, a brace range
+    ("shards/train-{000000..000127}.tar", as webdataset and open_clip write it), or "a.tar,b.tar"."""
     files: list[str] = []
-    for part in (p.strip() for p in (spec or "").split(",")):
-        if not part:
-            continue
+    for part in _split_spec(spec):
         path = Path(part)
         if path.is_dir():
             index = path / "index.json"
@@ -199,6 +214,23 @@ class Preprocessor:
                 raise SampleError(f"undecodable {modality}", f"{key}: {e}") from e
         return out
 
+    def extra_images(self, raw: dict[str, Any], rng: Optional[random.Random] = None) -> dict[str, torch.Tensor]:
+        """Further images of a sample stored as ``<name>.jpg|png|...`` (e.g. ``ref.jpg``: the reference image of a
+        composed-retrieval triplet) -> ``{name: Float[3, S, S]}``, transformed as the main image; they reach the
+        batch as ``extras[name]``. Only decoded when the model has an image tower."""
+        if "image" not in self.shapes:
+            return {}
+        out, size = {}, self.shapes["image"][-1]
+        for ext, data in raw.items():
+            name, _, suffix = ext.rpartition(".") if isinstance(ext, str) else ("", "", "")
+            if not name or name.startswith("__") or suffix not in EXTENSIONS["image"] or data is None:
+                continue
+            try:
+                out[name] = image_to_tensor(decode_image(data, draft_size=size), size, self.train, rng)
+            except ValueError as e:
+                raise SampleError("undecodable image", f"{raw.get('__key__', '?')}.{ext}: {e}") from e
+        return out
+
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts -> (ids Long[N, L], attention Long[N, L]) padded/truncated to model.text.max_length."""
         if self.tokenizer is None or "text" not in self.shapes:
@@ -225,7 +257,7 @@ class Preprocessor:
         if not media and not choices:
             raise SampleError("nothing the model uses", f"{key}: no {'/'.join(self.modalities)} in the sample")
         base = {"key": key, "meta": meta, "lang": "", **media}
-        extras = decode_extras(raw)
+        extras = {**decode_extras(raw), **self.extra_images(raw, rng)}
         if extras:
             base["extras"] = extras
         if not choices:
@@ -270,6 +302,11 @@ def collate(samples: Sequence[dict[str, Any]], *, shapes: Optional[dict[str, tup
             if "text_ids" in s:
                 ids[i, : len(s["text_ids"])] = s["text_ids"]
                 att[i, : len(s["text_attention"])] = s["text_attention"]
+        # pad to the batch's longest text (rounded up to a multiple of 8), not to model.text.max_length: the
+        # text tower's cost follows the real caption lengths (masked positions change no output)
+        longest = int(att.sum(dim=1).max()) if n else 0
+        keep = min(length, max(8, -(-longest // 8) * 8))
+        ids, att = ids[:, :keep].contiguous(), att[:, :keep].contiguous()  # [B, L'] with L' <= L
         fields.update(text_ids=ids, text_attention=att, text_mask=torch.tensor(have, dtype=torch.bool))
     return Batch(keys=[s["key"] for s in samples], lang=[s.get("lang", "") for s in samples],
                  meta=[s.get("meta", {}) for s in samples], captions=[s.get("caption", "") for s in samples],

@@ -6,7 +6,9 @@ Manifest rows (paths relative to the manifest's folder, or absolute)::
 
     {"key": "img-000001", "image": "images/1.jpg", "captions": {"en": ["a cat", ...], "de": "eine Katze"}, ...}
 
-``image`` / ``video`` / ``audio`` are optional; other keys are kept in the sample json. Each
+``image`` / ``video`` / ``audio`` are optional; other keys are kept in the sample json. ``extra_images``
+(``{name: path}``, e.g. ``{"ref": "images/3.jpg"}``) stores further images as ``<name>.jpg`` entries of the
+sample; the reader decodes them into ``Batch.extras[name]`` (see ``Preprocessor.extra_images``). Each
 sample in ``out/shard-000000.tar ...`` holds the raw file bytes under the file's extension
 (``jpg`` (also for .jpeg), ``png``, ``mp4``, ``avi``, ``wav``, ``flac``) and ``json`` = the row
 without the path keys, captions normalised to ``{lang: [str, ...]}`` (stripped, empty strings
@@ -103,6 +105,20 @@ def _read_row(row: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
         check_media(modality, data)
         sample[kind[1]] = data
         modalities.append(modality)
+    extra = row.get("extra_images") or {}  # {name: path}: further images stored as "<name>.<ext>" (e.g. ref.jpg)
+    if not isinstance(extra, dict):
+        raise SkipSample(f"extra_images must be a mapping name -> image path, got {type(extra).__name__}")
+    meta.pop("extra_images", None)
+    for name, rel in sorted(extra.items()):
+        path = Path(rel) if Path(rel).is_absolute() else base / rel
+        kind = EXTENSIONS.get(path.suffix.lower())
+        if not re.fullmatch(r"[a-z0-9_]+", str(name)) or kind is None or kind[0] != "image":
+            raise SkipSample(f"extra image {name!r}: expected a lower-case name and an image file, got {path.name}")
+        if not path.is_file():
+            raise SkipSample(f"missing extra image {name!r}: {path}")
+        data = path.read_bytes()
+        check_media("image", data)
+        sample[f"{name}.{kind[1]}"] = data
     if not modalities and not any(meta["captions"].values()):
         raise SkipSample("no media file and no caption")
     meta["modalities"] = modalities

@@ -14,3 +14,5 @@ from mlmm.losses.divtr import DIVTRLoss, DIVTRLossConfig  # noqa: E402  (DI-vTR:
 from mlmm.losses.cmmae import CMMAELoss, CMMAELossConfig  # noqa: E402  (CMMAE: masked patches + matching)
 from mlmm.losses.vqa import VQALoss, VQALossConfig  # noqa: E402  (VQA: soft-score BCE / CE)
 from mlmm.losses.caption import CaptionLoss, CaptionLossConfig  # noqa: E402  (captioning: token CE)
+from mlmm.losses.noisy import RCARLoss, RCARLossConfig  # noqa: E402  (RCAR: noisy correspondence, BMM soft labels)
+from mlmm.losses.infomax import ComposedLoss, ComposedLossConfig  # noqa: E402  (composed retrieval + Deep InfoMax)

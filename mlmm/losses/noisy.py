@@ -1,0 +1,231 @@
+"""RCAR-style learning with noisy correspondence: loss memory -> beta mixture -> soft targets + complementary loss.
+
+    loss:
+      name: rcar
+      pair: [image, text]
+      warmup_steps: 20        # plain InfoNCE while the loss memory fills
+      refit_every: 10         # refit the BMM every 10 training steps (the "epoch" of a streaming run)
+      soft_labels: true       # target = w_i on the positive, (1 - w_i) spread over the in-batch negatives
+      downweight: true        # and scale the row's soft InfoNCE by w_i
+      complementary_weight: 1.0
+      complementary_on: noisy # complementary contrastive loss on every row (all) or weighted by 1 - w_i (noisy)
+
+Per training step, for every row i of the pair (image_i, text_i) in the global batch (gathered with
+gradient across ranks, each rank scoring its own rows as :func:`~mlmm.losses.contrastive.masked_info_nce`):
+
+1. **memory** — the per-sample symmetric InfoNCE ``l_i = (CE(i->t) + CE(t->i)) / 2`` (detached) is stored
+   under the sample key (latest value per key);
+2. **BMM** — mlmm streams without epochs, so the per-epoch refit of the papers becomes: after
+   ``warmup_steps`` steps, and then every ``refit_every`` steps, a two-component beta mixture
+   (:mod:`mlmm.losses.bmm`) is fitted by EM on the min-max-normalised memory; each key's clean
+   posterior ``w = P(clean | l)`` is kept until the next refit (keys not seen yet count as clean, w = 1).
+   With several ranks, the memories are merged (all_gather_object) before each fit so every rank fits
+   the same model;
+3. **split + soft targets** — rows with ``w_i >= clean_threshold`` form the clean split and keep their
+   hard InfoNCE target (``w_i := 1``). A row of the noisy split is re-labelled: its target puts ``w_i``
+   on its positive and spreads ``1 - w_i`` uniformly over its allowed negatives (other rows of the same
+   sample are never negatives), in both directions; with ``downweight`` its term is multiplied by ``w_i``;
+4. **complementary contrastive loss** (RCL, Hu et al. TPAMI 2023) — ``-sum_{j != i} log(1 - p_ij)``
+   with ``p`` the softmax over the row: it only pushes negatives away, so a wrong "positive" cannot be
+   memorised through it; applied to every row (``all``) or weighted by ``1 - w_i`` (``noisy``: the noisy split only).
+
+Total: ``mean_i(d_i * soft_i) + complementary_weight * mean_i(c_i * comp_i)``.
+
+The memory, the posteriors, the BMM and the step counter are the module's ``extra_state``, so they
+are saved in DeepSpeed checkpoints and restored on resume. "Steps" are training-mode forward calls
+(micro-batches when ``train.grad_accum`` > 1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mlmm.config import MODALITIES, ConfigError
+from mlmm.data.batch import Batch
+from mlmm.losses.bmm import BetaMixture, normalise_losses
+from mlmm.losses.contrastive import gather_no_grad, gather_with_grad, key_groups
+from mlmm.registry import LOSSES
+
+
+@dataclass
+class RCARLossConfig:
+    pair: list[str] = field(default_factory=lambda: ["image", "text"])
+    learn_temperature: bool = True
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100.0)
+    warmup_steps: int = 20  # plain InfoNCE (w = 1) until the first BMM fit
+    refit_every: int = 10  # steps between BMM refits (the epoch analogue)
+    bmm_iters: int = 50  # EM iterations per fit (Arazo et al. use 10; 50 converges on 2-3k samples)
+    min_memory: int = 32  # do not fit with fewer recorded samples
+    clean_threshold: float = 0.5  # rows with w >= this are the clean split: hard target, weight 1
+    soft_labels: bool = True
+    downweight: bool = True
+    complementary_weight: float = 1.0
+    complementary_on: str = "noisy"  # all | noisy
+    name: str = field(default="rcar", init=False)
+
+    def validate(self, where: str) -> None:
+        if len(self.pair) != 2 or any(m not in MODALITIES for m in self.pair) or self.pair[0] == self.pair[1]:
+            raise ConfigError(f"{where}.pair: expected two different modalities of {MODALITIES}, got {self.pair}")
+        if self.refit_every < 1:
+            raise ConfigError(f"{where}.refit_every: must be >= 1, got {self.refit_every}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{where}.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.clean_threshold <= 1.0:
+            raise ConfigError(f"{where}.clean_threshold: must be in [0, 1], got {self.clean_threshold}")
+        if self.complementary_on not in ("all", "noisy"):
+            raise ConfigError(f"{where}.complementary_on: must be 'all' or 'noisy', got {self.complementary_on!r}")
+
+
+# ------------------------------------------------------------------------------------------ terms
+def soft_targets(allowed: torch.Tensor, labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Target rows: ``w`` on the positive column ``labels``, ``1 - w`` spread over the other allowed columns.
+
+    allowed Bool[n, N] (the positive included), labels Long[n], w Float[n] -> Float[n, N] (rows sum to 1;
+    a row without any negative keeps all its mass on the positive).
+    """
+    n = labels.numel()
+    ar = torch.arange(n, device=labels.device)
+    neg = allowed.clone()
+    neg[ar, labels] = False
+    n_neg = neg.sum(1)  # [n]
+    w = torch.where(n_neg > 0, w, torch.ones_like(w))
+    target = neg.to(w.dtype) * ((1 - w) / n_neg.clamp_min(1)).unsqueeze(1)  # [n, N]
+    target[ar, labels] = w
+    return target
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Per row ``-sum_j target_j log softmax(logits)_j`` over allowed columns: [n, N] -> [n]."""
+    logp = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=1)
+    return -(target * logp.masked_fill(~allowed, 0.0)).sum(1)
+
+
+def complementary_loss(logits: torch.Tensor, allowed: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row ``-sum_{j allowed, j != label} log(1 - p_j)``, p = softmax over allowed columns: -> [n]."""
+    n = labels.numel()
+    logp = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=1)  # [n, N]
+    neg = allowed.clone()
+    neg[torch.arange(n, device=labels.device), labels] = False
+    logp = logp.masked_fill(~neg, -1.0).clamp(max=-1e-6)  # placeholder on unused slots; p < 1
+    # log(1 - exp(x)) computed stably (Maechler's log1mexp): expm1 near 0, log1p far from it
+    log1m = torch.where(logp > -math.log(2.0), torch.log(-torch.expm1(logp)), torch.log1p(-torch.exp(logp)))
+    return -(log1m.masked_fill(~neg, 0.0)).sum(1)
+
+
+# ------------------------------------------------------------------------------------------ loss
+@LOSSES.register("rcar", config=RCARLossConfig)
+class RCARLoss(nn.Module):
+    def __init__(self, cfg: RCARLossConfig, modalities: list[str]):
+        super().__init__()
+        missing = [m for m in cfg.pair if m not in modalities]
+        if missing:
+            raise ConfigError(f"loss.pair: the model has no {missing} tower (towers: {modalities})")
+        self.cfg = cfg
+        self.a, self.b = cfg.pair
+        # shape [1]: DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes
+        self.logit_scale = nn.Parameter(torch.full((1,), cfg.init_logit_scale), requires_grad=cfg.learn_temperature)
+        self.steps = 0  # training forward calls
+        self.memory: dict[str, tuple[float, int]] = {}  # key -> (latest per-sample loss, step it was recorded)
+        self.clean_posterior: dict[str, float] = {}  # key -> w = P(clean | loss) at the last refit
+        self.bmm: Optional[BetaMixture] = None
+        self.fits = 0
+
+    # ------------------------------------------------------------------------------ memory / BMM
+    def record(self, keys: list[str], losses: torch.Tensor) -> None:
+        for k, v in zip(keys, losses.detach().float().cpu().tolist()):
+            self.memory[k] = (float(v), self.steps)
+
+    def _merged_memory(self) -> dict[str, tuple[float, int]]:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.memory
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, self.memory)
+        merged: dict[str, tuple[float, int]] = {}
+        for part in parts:
+            for k, (v, s) in part.items():
+                if k not in merged or s >= merged[k][1]:
+                    merged[k] = (v, s)
+        return merged
+
+    def refit(self) -> Optional[BetaMixture]:
+        """Fit the BMM on the (merged) memory and refresh every key's clean posterior."""
+        self.memory = self._merged_memory()
+        if len(self.memory) < self.cfg.min_memory:
+            return None
+        keys = list(self.memory)
+        x = normalise_losses(torch.tensor([self.memory[k][0] for k in keys], dtype=torch.float64))
+        self.bmm = BetaMixture.fit(x, max_iter=self.cfg.bmm_iters)
+        w = self.bmm.clean_posterior(x)
+        self.clean_posterior = dict(zip(keys, w.tolist()))
+        self.fits += 1
+        return self.bmm
+
+    def weights_for(self, keys: list[str], device, dtype) -> torch.Tensor:
+        """Clean posterior of each key (1 before the first fit / for unseen keys): [n]."""
+        return torch.tensor([self.clean_posterior.get(k, 1.0) for k in keys], device=device, dtype=dtype)
+
+    def get_extra_state(self) -> dict:
+        return {"steps": self.steps, "fits": self.fits, "memory": {k: list(v) for k, v in self.memory.items()},
+                "clean_posterior": dict(self.clean_posterior), "bmm": self.bmm.state() if self.bmm else None}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.steps, self.fits = int(state["steps"]), int(state["fits"])
+        self.memory = {k: (float(v[0]), int(v[1])) for k, v in state["memory"].items()}
+        self.clean_posterior = {k: float(v) for k, v in state["clean_posterior"].items()}
+        self.bmm = BetaMixture.from_state(state["bmm"]) if state["bmm"] else None
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+        a_local, b_local = outputs[self.a], outputs[self.b]  # [B, E] each, L2-normalised
+        device, B = a_local.device, a_local.shape[0]
+        training = self.training and torch.is_grad_enabled()
+        if training:
+            self.steps += 1
+            if self.steps > self.cfg.warmup_steps and (self.steps - self.cfg.warmup_steps - 1) % self.cfg.refit_every == 0:
+                self.refit()
+        valid_local = batch.mask(self.a).to(device) & batch.mask(self.b).to(device)  # [B]
+        scale = self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp().squeeze(0)
+        a_all, b_all = gather_with_grad(a_local), gather_with_grad(b_local)  # [W*B, E]
+        valid_all = gather_no_grad(valid_local)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        keep = torch.nonzero(valid_all).squeeze(1)  # global rows taking part: [N]
+        mine = (keep >= rank * B) & (keep < (rank + 1) * B)
+        zero = 0.0 * (a_local.sum() + b_local.sum() + self.logit_scale.sum())
+        if keep.numel() < 2 or not bool(mine.any()):
+            return {"loss": zero, "rcar_loss": zero, "complementary_loss": zero, "clean_weight": zero.detach() + 1}
+        a_g, b_g = a_all[keep], b_all[keep]  # [N, E]
+        labels = torch.nonzero(mine).squeeze(1)  # [n] my rows inside the kept set
+        local_rows = (keep[labels] - rank * B).tolist()
+        keys = [batch.keys[r] for r in local_rows] if batch.keys else [str(r) for r in local_rows]
+        allowed = torch.ones((labels.numel(), keep.numel()), dtype=torch.bool, device=device)  # [n, N]
+        if batch.keys:  # other rows of the same sample (all_languages) are never negatives
+            groups = gather_no_grad(key_groups(batch.keys, device))[keep]
+            allowed = groups[labels].unsqueeze(1) != groups.unsqueeze(0)
+            allowed[torch.arange(labels.numel(), device=device), labels] = True
+        logits = {"ab": scale * a_g[labels] @ b_g.t(), "ba": scale * b_g[labels] @ a_g.t()}  # [n, N] each
+
+        per_sample = 0.5 * sum(soft_cross_entropy(l.detach(), F.one_hot(labels, keep.numel()).to(l.dtype), allowed)
+                               for l in logits.values())  # [n] plain InfoNCE per row
+        if training:
+            self.record(keys, per_sample)
+        w = self.weights_for(keys, device, a_local.dtype)  # [n]
+        w = torch.where(w >= self.cfg.clean_threshold, torch.ones_like(w), w)  # the clean split keeps its labels
+        target = soft_targets(allowed, labels, w if self.cfg.soft_labels else torch.ones_like(w))
+        soft = 0.5 * sum(soft_cross_entropy(l, target, allowed) for l in logits.values())  # [n]
+        d = w if self.cfg.downweight else torch.ones_like(w)
+        comp = 0.5 * sum(complementary_loss(l, allowed, labels) for l in logits.values())  # [n]
+        c = torch.ones_like(w) if self.cfg.complementary_on == "all" else 1 - w
+        soft_term, comp_term = (d * soft).mean(), (c * comp).mean()
+        total = soft_term + self.cfg.complementary_weight * comp_term
+        return {"loss": total, "rcar_loss": soft_term, "complementary_loss": comp_term,
+                "clean_weight": w.mean().detach()}
+
+    def temperatures(self) -> dict[str, float]:
+        return {f"{self.a}_{self.b}_logit_scale": float(self.logit_scale.detach().exp().squeeze(0))}
