@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import random
 import sys
 import tempfile
@@ -35,31 +33,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_common import machine_info  # noqa: E402
 from mlmm.search import (FloatIndex, HammingIndex, cosine_topk, faiss_available, hamming_topk,  # noqa: E402
                          pack_codes, recall_at_k, rerank)
-
-
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
-    if faiss_available():
-        import faiss
-
-        info["faiss"] = faiss.__version__
-        info["faiss_threads"] = faiss.omp_get_max_threads()
-    try:
-        info["load_average_1m_5m_15m"] = list(os.getloadavg())
-    except OSError:
-        pass
-    return info
 
 
 def timed(fn, *args, **kwargs):

@@ -66,10 +66,15 @@ def crop_box(width: int, height: int, train: bool, rng: Optional[random.Random] 
     return left, top, left + side, top + side
 
 
+_SCALE = 1.0 / (255.0 * _STD)  # (x / 255 - mean) / std  ==  x * _SCALE - _SHIFT, two in-place ops
+_SHIFT = _MEAN / _STD
+
+
 def _normalise(rgb: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] -> float [3, H, W] normalised with the CLIP mean/std."""
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
-    return (x - _MEAN) / _STD
+    # planar uint8 copy first (cheap), then float: ops on a contiguous [3, H, W] take the vectorised path
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous().float()  # [3, H, W]
+    return x.mul_(_SCALE).sub_(_SHIFT)
 
 
 def image_to_tensor(

@@ -24,24 +24,34 @@ from mlmm.data.train_stream import LoaderState
 from mlmm.registry import LOSSES
 from mlmm.training import checkpoint, distributed, finetune
 from mlmm.training.guards import LanguageCoverage, out_of_memory_error
-from mlmm.training.engine import TrainModule, compute_dtype, full_state_dict, initialize
+from mlmm.training.engine import TrainModule, compile_towers, compute_dtype, full_state_dict, initialize
 
 log = logging.getLogger("mlmm")
 
 
 def setup_logging(output_dir: Path, is_main: bool) -> None:
+    """INFO logs of the ``mlmm`` logger to ``<output_dir>/train.log`` and, unless the application configured
+    logging itself (root handlers), to the console. Records still propagate (pytest's caplog, user handlers)."""
+    logger = logging.getLogger("mlmm")
     if not is_main:
-        logging.getLogger("mlmm").setLevel(logging.WARNING)
+        logger.setLevel(logging.WARNING)
         return
     output_dir.mkdir(parents=True, exist_ok=True)
-    logger = logging.getLogger("mlmm")
     logger.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    log_file = str((output_dir / "train.log").resolve())
+    for h in [h for h in logger.handlers if isinstance(h, logging.FileHandler) and h.baseFilename != log_file]:
+        logger.removeHandler(h)  # a previous run in this process: its log file is done
+        h.close()
     if not any(isinstance(h, logging.FileHandler) for h in logger.handlers):
-        fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-        for h in (logging.StreamHandler(), logging.FileHandler(output_dir / "train.log")):
-            h.setFormatter(fmt)
-            logger.addHandler(h)
-        logger.propagate = False
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    console = [h for h in logger.handlers if type(h) is logging.StreamHandler]
+    if not logging.getLogger().handlers and not console:
+        handler = logging.StreamHandler()
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
 
 
 def seed_everything(seed: int) -> None:
@@ -96,6 +106,8 @@ class Trainer:
         if cfg.train.trainable is not None:
             n_train, n_total = finetune.freeze_except(module, cfg.train.trainable)
             log.info("train.trainable: %.3fM of %.2fM parameters trainable", n_train / 1e6, n_total / 1e6)
+        if cfg.train.compile:
+            compile_towers(self.model)
         self.engine, self.ds_config = initialize(cfg, module, self.device)
         self.dtype = compute_dtype(self.ds_config)
         if self.is_main:

@@ -1,0 +1,102 @@
+"""Every fast path computes what the plain path computes (they are written for users' GPUs, tested here on CPU)."""
+import pytest
+import torch
+
+from mlmm.config import build_config
+from mlmm.data.batch import Batch
+from mlmm.losses import ContrastiveLoss
+from mlmm.models.model import MultimodalModel
+from mlmm.training.engine import TrainModule, compile_towers
+
+
+class Vocab:
+    pad_token_id = 0
+
+    def __len__(self):
+        return 100
+
+
+def tiny(seed=0):
+    cfg = build_config({
+        "data": {"train_shards": "unused", "batch_size": 6},
+        "model": {"embed_dim": 16, "image": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2},
+                  "text": {"tokenizer": "unused", "hidden": 32, "layers": 2, "heads": 2, "intermediate": 64,
+                           "max_length": 16}},
+        "loss": {"name": "contrastive", "pairs": [["image", "text"]]},
+    })
+    torch.manual_seed(seed)
+    model = MultimodalModel(cfg.model, Vocab())
+    return TrainModule(model, ContrastiveLoss(cfg.loss, model.modalities)).eval()  # eval: no dropout
+
+
+def batch(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (n, 16), generator=g)
+    att = torch.ones_like(ids)
+    att[::2, 10:] = 0  # padded rows
+    ids[att == 0] = 0
+    ones = torch.ones(n, dtype=torch.bool)
+    return Batch(keys=[f"k{i}" for i in range(n)], image=torch.randn(n, 3, 32, 32, generator=g), image_mask=ones,
+                 text_ids=ids, text_attention=att, text_mask=ones)
+
+
+def loss_and_grads(module, b):
+    module.zero_grad()
+    loss = module(b)["loss"]
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
+
+
+def test_trimmed_text_padding_gives_the_same_loss_and_gradients():
+    """The collate pads text to the batch's longest caption (rounded to 8), not to max_length: same result."""
+    module, b = tiny(), batch()
+    b.text_attention[:, 12:] = 0  # every row ends by position 12
+    b.text_ids[:, 12:] = 0
+    cut = Batch(**{**b.__dict__, "text_ids": b.text_ids[:, :12], "text_attention": b.text_attention[:, :12]})
+    loss_full, grads_full = loss_and_grads(module, b)
+    loss_cut, grads_cut = loss_and_grads(module, cut)
+    torch.testing.assert_close(loss_cut, loss_full, atol=1e-5, rtol=1e-5)
+    for k in grads_full:
+        torch.testing.assert_close(grads_cut[k], grads_full[k], atol=1e-5, rtol=1e-4)
+
+
+def test_fused_adamw_matches_foreach():
+    torch.manual_seed(0)
+    params = [torch.randn(300, 40, requires_grad=True), torch.randn(40, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    opts = [torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True),
+            torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1, foreach=True)]
+    for step in range(5):
+        for ps, opt in zip((params, twins), opts):
+            g = torch.Generator().manual_seed(step)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+    for a, b in zip(params, twins):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow  # compiling fwd + bwd of two towers takes ~1 min on 2 cores
+def test_compiled_towers_match_eager():
+    eager, compiled, b = tiny(), tiny(), batch()
+    compile_towers(compiled.model)
+    loss_e, grads_e = loss_and_grads(eager, b)
+    loss_c, grads_c = loss_and_grads(compiled, b)
+    torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
+    for k in grads_e:
+        torch.testing.assert_close(grads_c[k], grads_e[k], atol=1e-4, rtol=1e-3)
+    assert set(dict(compiled.named_parameters())) == set(dict(eager.named_parameters()))  # names unchanged
+
+
+def test_bf16_weights_track_the_fp32_path():
+    """DeepSpeed's bf16 mode runs the model in bf16 (fp32 master weights in the optimizer): same loss to bf16 precision."""
+    fp32, b = tiny(), batch()
+    bf16 = tiny().to(torch.bfloat16)
+    b16 = Batch(**{**b.__dict__, "image": b.image.to(torch.bfloat16)})
+    loss32, grads32 = loss_and_grads(fp32, b)
+    loss16, grads16 = loss_and_grads(bf16, b16)
+    assert abs(float(loss16) - float(loss32)) < 0.03 * float(loss32)
+    cos = torch.nn.functional.cosine_similarity(
+        torch.cat([g.flatten() for g in grads32.values()]), torch.cat([grads16[k].float().flatten() for k in grads32]),
+        dim=0)
+    assert cos > 0.98
