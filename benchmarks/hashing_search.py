@@ -142,6 +142,26 @@ def quality(export: str, n_items: int, queries: int, k: int, candidates: int, se
            "P@10_ratio_hamming_vs_float": p_ham / max(p_float, 1e-12),
            "P@10_ratio_rerank_vs_float": p_rr / max(p_float, 1e-12),
            "P@10_chance": sum(sum(lab == q for lab in labels) for q in q_labels) / (len(q_labels) * len(labels))}
+    # ITQ codes of the same float embeddings: neighbour-preserving (not semantic) codes for speeding up float search
+    from mlmm.search.itq import ITQ
+
+    out["itq"] = []
+    for bits in (32, 64, 128):  # at most the embedding width
+        if bits > min(x_emb.shape):
+            continue
+        itq = ITQ(bits=bits).fit(x_emb)
+        iidx = HammingIndex(bits).add(pack_codes(itq.encode(x_emb)))
+        q_itq = pack_codes(itq.encode(t_emb))
+        _, i_ids = iidx.search(q_itq, k)
+        row = {"bits": bits, f"knn_recall@{k}_hamming": recall_at_k(i_ids, float_ids, k)}
+        for c in (candidates, 4 * candidates):
+            _, i_cand = iidx.search(q_itq, c)
+            _, i_rr = rerank(t_emb, x_emb, i_cand, k)
+            row[f"knn_recall@{k}_rerank_top{c}"] = recall_at_k(i_rr, float_ids, k)
+            row[f"P@{k}_rerank_top{c}"] = precision(i_rr)
+        out["itq"].append(row)
+        print(f"  ITQ {bits} bits on the float embeddings: k-recall@{k} " + ", ".join(
+            f"{key.split('_', 1)[1]} {v:.3f}" for key, v in row.items() if key.startswith("knn")), flush=True)
     print(f"  k-recall@{k} vs float top-{k}: Hamming {out['knn_recall@10_hamming']:.3f}, "
           f"Hamming top-{candidates} + re-rank {out['knn_recall@10_hamming_rerank']:.3f}")
     print(f"  P@{k} (same class): float {p_float:.3f}, Hamming {p_ham:.3f} ({out['P@10_ratio_hamming_vs_float']:.2f}x), "
