@@ -19,7 +19,8 @@ from mlmm.search.codes import (
     unpack_codes,
 )
 from mlmm.search.index import FloatIndex, HammingIndex, faiss_available, hamming_rerank_search
+from mlmm.search.itq import ITQ
 
-__all__ = ["POPCOUNT_TABLE", "FloatIndex", "HammingIndex", "cosine_topk", "faiss_available", "hamming_distances",
+__all__ = ["ITQ", "POPCOUNT_TABLE", "FloatIndex", "HammingIndex", "cosine_topk", "faiss_available", "hamming_distances",
            "hamming_rerank_search", "hamming_topk", "pack_codes", "popcount64", "popcount_bytes", "recall_at_k",
            "rerank", "unpack_codes"]
