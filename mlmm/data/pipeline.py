@@ -286,12 +286,16 @@ def collate(samples: Sequence[dict[str, Any]], *, shapes: Optional[dict[str, tup
         if not any(have) and m not in shapes:
             continue
         shape = next((tuple(s[m].shape) for s in samples if m in s), None) or shapes[m]
-        data = torch.zeros((n, *shape), dtype=torch.float32)  # [B, *shape]
-        for i, s in enumerate(samples):
-            if m in s:
-                if tuple(s[m].shape) != shape:
-                    raise ValueError(f"collate: {m} of {s['key']} has shape {tuple(s[m].shape)}, expected {shape}")
-                data[i] = s[m]
+        for s in samples:
+            if m in s and tuple(s[m].shape) != shape:
+                raise ValueError(f"collate: {m} of {s['key']} has shape {tuple(s[m].shape)}, expected {shape}")
+        if all(have):  # one pass, no zero fill
+            data = torch.stack([s[m] for s in samples]).float()  # [B, *shape]
+        else:
+            data = torch.zeros((n, *shape), dtype=torch.float32)  # [B, *shape]
+            for i, s in enumerate(samples):
+                if m in s:
+                    data[i] = s[m]
         fields[m], fields[f"{m}_mask"] = data, torch.tensor(have, dtype=torch.bool)
     have = ["text_ids" in s for s in samples]
     if any(have) or "text" in shapes:
