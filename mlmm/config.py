@@ -71,8 +71,11 @@ class ImageTowerConfig:
     layers: int = 2
     heads: int = 2
     mlp_ratio: float = 4.0
+    pooling: str = "cls"  # cls | mean (over patch tokens) | gpo (generalized pooling operator over patch tokens)
 
     def validate(self, where: str) -> None:
+        if self.pooling not in ("cls", "mean", "gpo"):
+            raise ConfigError(f"{where}.pooling: must be 'cls', 'mean' or 'gpo', got {self.pooling!r}")
         if self.image_size % self.patch_size:
             raise ConfigError(f"{where}.patch_size: {self.patch_size} does not divide image_size {self.image_size}")
         if self.width % self.heads:
@@ -127,12 +130,12 @@ class TextTowerConfig:
     heads: int = 2
     intermediate: int = 64
     max_length: int = 32
-    pooling: str = "mean"  # mean | cls
+    pooling: str = "mean"  # mean | cls | gpo (generalized pooling operator over the real tokens)
     hf_config: Optional[dict] = None  # set by exports of a `pretrained` tower: its transformers config
 
     def validate(self, where: str) -> None:
-        if self.pooling not in ("mean", "cls"):
-            raise ConfigError(f"{where}.pooling: must be 'mean' or 'cls', got {self.pooling!r}")
+        if self.pooling not in ("mean", "cls", "gpo"):
+            raise ConfigError(f"{where}.pooling: must be 'mean', 'cls' or 'gpo', got {self.pooling!r}")
         self.tokenizer = resolve_package_path(self.tokenizer, f"{where}.tokenizer") or ""
         self.pretrained = resolve_package_path(self.pretrained, f"{where}.pretrained")
         if not self.tokenizer and not self.pretrained:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from mlmm.config import ConfigError, load_config
@@ -50,3 +52,20 @@ def test_bad_key_or_type_names_key_and_file(tmp_path, override, needle):
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/x.yaml")
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "recipes" / "configs")
+                                          .glob("*.yaml")))
+def test_every_recipe_validates(recipe):
+    """Each shipped recipe loads and validates (tiny ones get their tokenizer from the command line)."""
+    path = Path(__file__).resolve().parents[1] / "recipes" / "configs" / recipe
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        assert "model.text.tokenizer" in str(e), e
+        try:
+            cfg = load_config(path, ["model.text.tokenizer=some/tokenizer"])
+        except ConfigError as e:  # a data path the command line must give: named
+            assert "model.heads.vqa.answers" in str(e), e
+            return
+    assert cfg.name == path.stem

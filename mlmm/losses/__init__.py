@@ -15,4 +15,7 @@ from mlmm.losses.cmmae import CMMAELoss, CMMAELossConfig  # noqa: E402  (CMMAE: 
 from mlmm.losses.vqa import VQALoss, VQALossConfig  # noqa: E402  (VQA: soft-score BCE / CE)
 from mlmm.losses.caption import CaptionLoss, CaptionLossConfig  # noqa: E402  (captioning: token CE)
 from mlmm.losses.noisy import RCARLoss, RCARLossConfig  # noqa: E402  (RCAR: noisy correspondence, BMM soft labels)
+from mlmm.losses.asymmetry import ASCLLoss, ASCLLossConfig  # noqa: E402  (ASCL: asymmetry-sensitive contrastive)
 from mlmm.losses.infomax import ComposedLoss, ComposedLossConfig  # noqa: E402  (composed retrieval + Deep InfoMax)
+from mlmm.losses.vse import VSELoss, VSELossConfig, VSETripletLoss, VSETripletLossConfig  # noqa: E402  (VSE++ / VSE)
+from mlmm.losses.mvsen import MVSENLoss, MVSENLossConfig  # noqa: E402  (MVSEN: multi-task VSE)

@@ -13,4 +13,7 @@ from mlmm.models.heads import hashing as _hashing  # noqa: E402,F401  (hash: cro
 from mlmm.models.heads import divtr as _divtr  # noqa: E402,F401  (divtr: DI-vTR dual interaction)
 from mlmm.models.heads import cmmae as _cmmae  # noqa: E402,F401  (cmmae: cross-modal mixer + masked autoencoder)
 from mlmm.models.heads import vqa as _vqa, caption as _caption  # noqa: E402,F401  (vqa, caption: issue 7)
+from mlmm.models.heads import ascl as _ascl  # noqa: E402,F401  (hierarchical_fusion: ASCL edits + global/local fusion)
 from mlmm.models.heads import composed as _composed  # noqa: E402,F401  (composed: composed image retrieval, TIRG-style + DIM)
+from mlmm.models.heads import vse as _vse  # noqa: E402,F401  (vse: alignment module + fusion encoder)
+from mlmm.models.heads import mvsen as _mvsen  # noqa: E402,F401  (mvsen: graph matching + labels + text-text)

@@ -56,9 +56,27 @@ class ViT(nn.Module):
 
 
 class ImageTower(ViT):
-    """Images Float[B, in_channels, image_size, image_size] -> [B, width]."""
+    """Images Float[B, in_channels, image_size, image_size] -> [B, width].
+
+    ``cfg.pooling``: ``cls`` (default, the CLS token), ``mean`` or ``gpo`` (:class:`~mlmm.models.pooling.GPO`)
+    over the patch tokens.
+    """
 
     def __init__(self, cfg: ImageTowerConfig, in_channels: int = 3):
         g = cfg.image_size // cfg.patch_size
         super().__init__(in_channels, (g, g), cfg.patch_size, cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio)
         self.cfg = cfg
+        if getattr(cfg, "pooling", "cls") == "gpo":
+            from mlmm.models.pooling import GPO
+
+            self.gpo = GPO()
+
+    def pool(self, tokens: torch.Tensor, attention: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, 1+N, D] -> [B, D]: CLS, or mean / GPO over the N patch tokens."""
+        pooling = getattr(self.cfg, "pooling", "cls")
+        if pooling == "cls":
+            return tokens[:, 0]
+        patches = tokens[:, 1:]  # [B, N, D]
+        if pooling == "mean":
+            return patches.mean(dim=1)
+        return self.gpo(patches, torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device))

@@ -1,4 +1,4 @@
-"""Text tower: a Hugging Face encoder (BERT, XLM-R, ...) with mean or CLS pooling."""
+"""Text tower: a Hugging Face encoder (BERT, XLM-R, ...) with mean, CLS or GPO pooling."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -54,6 +54,10 @@ class TextTower(nn.Module):
         if getattr(self.model, "pooler", None) is not None:  # a model type without add_pooling_layer
             self.model.pooler = None
         self.width: int = self.model.config.hidden_size
+        if cfg.pooling == "gpo":
+            from mlmm.models.pooling import GPO
+
+            self.gpo = GPO()
         self.train()  # from_pretrained returns eval(); keep the usual nn.Module default
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -67,9 +71,11 @@ class TextTower(nn.Module):
         return self.model(input_ids=ids, attention_mask=attention).last_hidden_state
 
     def pool(self, h: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """tokens [B, L, D], attention [B, L] -> [B, D] (masked mean over real tokens, or CLS)."""
+        """tokens [B, L, D], attention [B, L] -> [B, D] (masked mean over real tokens, CLS, or GPO)."""
         if self.cfg.pooling == "cls":
             return h[:, 0]
+        if self.cfg.pooling == "gpo":
+            return self.gpo(h, attention.bool())
         m = attention.to(h.dtype).unsqueeze(-1)  # [B, L, 1]
         return (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 

@@ -1,0 +1,112 @@
+"""MVSEN loss: InfoNCE + text-text matching + multi-label classification + graph matching (multi-task VSE).
+
+    loss:
+      name: mvsen
+      media: image
+      text_text_weight: 0.5
+      label_weight: 1.0
+      graph_weight: 1.0
+
+With the ``mvsen`` head's outputs (see :mod:`mlmm.models.heads.mvsen`)::
+
+    global    = InfoNCE(media, text) on the pooled embeddings (gathered across ranks)
+    text_text = 0.5 * (CE(s_tt * T Y^T, diag) + CE(s_tt * Y T^T, diag))   T = captions, Y = their sibling captions
+                (other rows of the same sample / identical captions are not negatives)
+    label     = mean BCE-with-logits over the valid rows and the C labels, media and text classifiers averaged
+    graph     = 0.5 * (CE(t2m, 0) + CE(m2t, 0))   on the graph pair scores (positive in column 0)
+    loss      = global + text_text_weight * text_text + label_weight * label + graph_weight * graph
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlmm.config import ConfigError
+from mlmm.losses.contrastive import ContrastiveLoss, ContrastiveLossConfig, key_groups
+from mlmm.losses.divtr import interaction_ce
+from mlmm.registry import LOSSES
+
+
+@dataclass
+class MVSENLossConfig:
+    media: str = "image"
+    global_weight: float = 1.0
+    text_text_weight: float = 0.5
+    label_weight: float = 1.0
+    graph_weight: float = 1.0
+    learn_temperature: bool = True
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100.0)
+    name: str = field(default="mvsen", init=False)
+
+    def validate(self, where: str) -> None:
+        if self.media not in ("image", "video"):
+            raise ConfigError(f"{where}.media: must be image or video, got {self.media!r}")
+        for k in ("global_weight", "text_text_weight", "label_weight", "graph_weight"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{where}.{k}: must be >= 0, got {getattr(self, k)}")
+
+
+def text_text_infonce(t: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE between captions t [S, E] and their siblings y [S, E]; ``same`` Bool[S, S] off-diagonal
+    pairs that are not negatives (same sample / identical caption)."""
+    logits = (scale * t @ y.t()).masked_fill(same, float("-inf"))  # [S, S]
+    target = torch.arange(t.shape[0], device=t.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def multilabel_bce(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean BCE-with-logits over valid rows x labels (0 with a graph when no row is valid)."""
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[valid], targets[valid].to(logits.dtype))
+
+
+@LOSSES.register("mvsen", config=MVSENLossConfig)
+class MVSENLoss(nn.Module):
+    def __init__(self, cfg: MVSENLossConfig, modalities: list[str]):
+        super().__init__()
+        if cfg.media not in modalities or "text" not in modalities:
+            raise ConfigError(f"loss.media: the mvsen loss needs {cfg.media} and text towers (model has {modalities})")
+        self.cfg = cfg
+        self.contrastive = ContrastiveLoss(
+            ContrastiveLossConfig(pairs=[[cfg.media, "text"]], learn_temperature=cfg.learn_temperature,
+                                  init_logit_scale=cfg.init_logit_scale, max_logit_scale=cfg.max_logit_scale),
+            modalities)
+        self.text_scale = nn.Parameter(torch.full((1,), cfg.init_logit_scale), requires_grad=cfg.learn_temperature)
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
+        if "mvsen_t2m_logits" not in outputs:
+            raise KeyError("the mvsen loss needs the mvsen head (model.heads: {mvsen: {name: mvsen}})")
+        c, m = self.cfg, self.cfg.media
+        glob = self.contrastive(outputs, batch)["loss"]
+        w = outputs["mvsen_weight"]
+        graph = 0.5 * (interaction_ce(outputs["mvsen_t2m_logits"]) + interaction_ce(outputs["mvsen_m2t_logits"])) * w
+        label = 0.5 * (multilabel_bce(outputs["mvsen_label_logits_media"], outputs["mvsen_label_targets_media"],
+                                      outputs["mvsen_label_valid_media"])
+                       + multilabel_bce(outputs["mvsen_label_logits_text"], outputs["mvsen_label_targets_text"],
+                                        outputs["mvsen_label_valid_text"]))
+        rows, y = outputs["mvsen_sibling_rows"], outputs["mvsen_sibling"]
+        scale = self.text_scale.clamp(max=c.max_logit_scale).exp().squeeze(0)
+        if rows.numel() >= 2:
+            t = outputs["text"][rows]  # [S, E]
+            same = torch.zeros((rows.numel(), rows.numel()), dtype=torch.bool, device=t.device)
+            if batch.keys:
+                g = key_groups(batch.keys, t.device)[rows]
+                same |= g[:, None] == g[None, :]
+            caps = [batch.captions[i] for i in rows.tolist()] if batch.captions else []
+            if caps:
+                same |= torch.tensor([[a == b for b in caps] for a in caps], device=t.device)
+            same &= ~torch.eye(rows.numel(), dtype=torch.bool, device=t.device)
+            tt = text_text_infonce(t, y, scale, same)
+        else:  # keep the temperature in the graph
+            tt = scale * 0.0 + y.sum() * 0.0
+        total = c.global_weight * glob + c.text_text_weight * tt + c.label_weight * label + c.graph_weight * graph
+        return {"loss": total, "global_loss": glob, "text_text_loss": tt, "label_loss": label, "graph_loss": graph}
+
+    def temperatures(self) -> dict[str, float]:
+        return {**self.contrastive.temperatures(), "text_text_logit_scale": float(self.text_scale.detach().exp())}

@@ -1,0 +1,164 @@
+"""ASCL head ``hierarchical_fusion``: asymmetry-sensitive caption edits + hierarchical (global + local) pair scores.
+
+    model:
+      heads:
+        ascl: {name: hierarchical_fusion, media: image, width: 32, edits: [drop, insert, swap],
+               word_list: "package:mlmm/data/wordlists/shapes.yaml"}
+
+In training, for every row with the media and a caption the head builds one edit of the caption per configured kind
+with the per-language word list (:mod:`mlmm.data.word_edits`), one asymmetry type each:
+
+* ``drop``   — an attribute word removed: the text says *less* than the image -> a weaker positive;
+* ``insert`` — an attribute of a category the caption does not name is added: the text says *more* -> a negative;
+* ``swap``   — an attribute (or object, ``edit_targets``) word replaced by another of its category -> hard negative.
+
+Concepts in the sample's ``labels`` are never inserted or swapped in (they would make a true caption). The edited
+captions go through the model's own text tower + projection, and every pair is scored with
+:class:`~mlmm.models.fusion.hierarchical.HierarchicalFusion`. Outputs (n = rows with both modalities, K = #edits):
+
+* ``ascl_scores`` [n, n]: fused score of media i with caption j;
+* ``ascl_edit_scores`` [n, K], ``ascl_edit_valid`` Bool[n, K], ``ascl_edit_kinds`` Long[K] (index into
+  ``EDIT_KINDS``): fused score of media i with the edits of its own caption;
+* ``ascl_global`` [n, n], ``ascl_edit_global`` [n, K]: the same pairs' global cosine alone;
+* ``ascl_exclude`` Bool[n, n]: pairs that are not negatives (same sample key, identical caption);
+* ``ascl_weight`` []: 0 when the batch has no such row (outputs then hold a zero-graph placeholder row).
+
+At retrieval time ``head.interaction.score_pairs`` re-ranks the global top-k (``evaluate_retrieval(rerank_topk=K)``).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlmm.config import ConfigError
+from mlmm.data.word_edits import EDIT_KINDS, CaptionEditor, load_word_lists
+from mlmm.models.fusion.alignment import trim_padding
+from mlmm.models.fusion.hierarchical import HierarchicalFusion
+from mlmm.models.heads.divtr import DIVTRHead
+from mlmm.registry import HEADS
+
+DEFAULT_WORD_LIST = "package:mlmm/data/wordlists/shapes.yaml"
+
+
+def resolve_words(cfg, where: str) -> None:
+    """Fill ``cfg.words`` from ``cfg.word_list`` (kept inline so that exports do not depend on the file)."""
+    try:
+        cfg.words = load_word_lists(cfg.words if cfg.words else cfg.word_list)
+    except (OSError, ValueError) as e:
+        key = "words" if cfg.words else "word_list"
+        raise ConfigError(f"{where}.{key}: {e}") from None
+
+
+@dataclass
+class HierarchicalFusionHeadConfig:
+    media: str = "image"  # image (CLS token skipped) | video (frame tokens)
+    width: int = 64  # shared space of the local (token-level) attention
+    init_lambda: float = 10.0  # attention sharpness (learned)
+    init_gate: float = 0.0  # u = sigmoid(gate) weighs local vs global in the pair score
+    edits: list[str] = field(default_factory=lambda: ["drop", "insert", "swap"])
+    edit_targets: list[str] = field(default_factory=lambda: ["attribute"])  # attribute | object
+    forbid_labels: bool = True  # never insert / swap in a concept listed in the sample json "labels"
+    word_list: str = DEFAULT_WORD_LIST  # YAML path or package:... path
+    words: dict = field(default_factory=dict)  # the loaded word lists (filled from word_list)
+    chunk: int = 4096  # pairs scored at once
+    name: str = field(default="hierarchical_fusion", init=False)
+
+    def validate(self, where: str) -> None:
+        if self.media not in ("image", "video"):
+            raise ConfigError(f"{where}.media: must be image or video, got {self.media!r}")
+        bad = [e for e in self.edits if e not in EDIT_KINDS]
+        if bad or not self.edits:
+            raise ConfigError(f"{where}.edits: a non-empty list of {EDIT_KINDS} (repeat a kind for several edits "
+                              f"of it per caption), got {self.edits}")
+        if not self.edit_targets or any(t not in ("attribute", "object") for t in self.edit_targets):
+            raise ConfigError(f"{where}.edit_targets: a non-empty subset of [attribute, object], got {self.edit_targets}")
+        if self.width < 1:
+            raise ConfigError(f"{where}.width: must be >= 1, got {self.width}")
+        resolve_words(self, where)
+
+
+def text_encoder(model):
+    """A function encoding raw strings with the model's text tower + projection (no module reference kept)."""
+    tower, proj, tok, max_length = model.towers["text"], model.proj["text"], model.tokenizer, model.cfg.text.max_length
+
+    def encode(texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (embedding [N, E] L2-normalised, tokens [N, L, D], mask Bool[N, L])."""
+        enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        ids, att = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        tokens = tower.forward_tokens(ids, att)
+        return F.normalize(proj(tower.pool(tokens, att)), dim=-1), tokens, att.bool()
+
+    return encode
+
+
+def valid_rows(batch, media: str, device) -> tuple[torch.Tensor, bool]:
+    """Rows with both the media and a caption (Long[n]); a one-row placeholder and False when there is none."""
+    valid = batch.mask(media).to(device) & batch.mask("text").to(device)
+    rows = torch.nonzero(valid).squeeze(1)
+    if rows.numel() == 0:
+        return torch.zeros(1, dtype=torch.long, device=device), False
+    return rows, True
+
+
+@HEADS.register("hierarchical_fusion", config=HierarchicalFusionHeadConfig)
+class HierarchicalFusionHead(nn.Module):
+    def __init__(self, cfg: HierarchicalFusionHeadConfig, model):
+        super().__init__()
+        for m in (cfg.media, "text"):
+            if m not in model.widths:
+                raise ConfigError(f"model.heads.{cfg.name}: needs a {m} tower (model has {sorted(model.widths)})")
+        self.cfg, self.media = cfg, cfg.media
+        self.needs_tokens = (cfg.media, "text")
+        self.interaction = HierarchicalFusion(model.widths[cfg.media], model.widths["text"], cfg.width,
+                                              skip_first=cfg.media == "image", init_lambda=cfg.init_lambda,
+                                              init_gate=cfg.init_gate, chunk=cfg.chunk)
+        self.editor = CaptionEditor(cfg.words)
+        self._encode = [text_encoder(model)]  # a list: no module reference is registered
+        self.register_buffer("kinds", torch.tensor([EDIT_KINDS.index(e) for e in cfg.edits]), persistent=False)
+
+    def make_edits(self, batch, rows: list[int]) -> list[tuple[int, int, str]]:
+        """(position in rows, edit column, edited caption) for every edit that applies; seeded from torch's RNG."""
+        rng = random.Random(int(torch.randint(0, 2 ** 31 - 1, (1,))))
+        out = []
+        for pos, r in enumerate(rows):
+            caption, lang = batch.captions[r] if batch.captions else "", batch.lang[r] if batch.lang else ""
+            meta = batch.meta[r] if batch.meta else {}
+            forbid = set(meta.get("labels") or []) if self.cfg.forbid_labels else set()
+            for col, kind in enumerate(self.cfg.edits):
+                edited = self.editor.edit(caption, lang, kind, rng, targets=self.cfg.edit_targets, forbid=forbid)
+                if edited is not None and edited != caption:
+                    out.append((pos, col, edited))
+        return out
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
+        m = self.media
+        z_m, z_t = outputs[m], outputs["text"]  # [B, E]
+        device = z_m.device
+        rows, any_valid = valid_rows(batch, m, device)
+        n, K = rows.numel(), len(self.cfg.edits)
+        m_tok, m_mask = outputs[f"{m}_tokens"][rows], outputs[f"{m}_token_mask"][rows]
+        t_tok, t_mask = trim_padding(outputs["text_tokens"][rows], outputs["text_token_mask"][rows])  # [n, L', D]
+        glob = z_m[rows] @ z_t[rows].t()  # [n, n]
+        scores = self.interaction.score_matrix(m_tok, m_mask, t_tok, t_mask, glob)  # [n, n]
+        edit_scores, edit_global = scores.new_zeros((n, K)), scores.new_zeros((n, K))
+        edit_valid = torch.zeros((n, K), dtype=torch.bool, device=device)
+        edits = self.make_edits(batch, rows.tolist()) if (self.training and any_valid) else []
+        if edits:
+            pos = torch.tensor([e[0] for e in edits], device=device)
+            col = torch.tensor([e[1] for e in edits], device=device)
+            z_e, tok_e, mask_e = self._encode[0]([e[2] for e in edits], device)  # [P, E], [P, L, D], [P, L]
+            g = (z_m[rows][pos] * z_e).sum(-1)  # [P]
+            fused = self.interaction.score_pairs(m_tok, m_mask, tok_e, mask_e, pos,
+                                                 torch.arange(len(edits), device=device), global_sim=g)  # [P]
+            edit_scores = edit_scores.index_put((pos, col), fused)
+            edit_global = edit_global.index_put((pos, col), g)
+            edit_valid[pos, col] = True
+        exclude = DIVTRHead.excluded(batch, rows) & ~torch.eye(n, dtype=torch.bool, device=device)
+        return {"ascl_scores": scores, "ascl_edit_scores": edit_scores, "ascl_edit_valid": edit_valid,
+                "ascl_global": glob, "ascl_edit_global": edit_global,
+                "ascl_edit_kinds": self.kinds, "ascl_exclude": exclude,
+                "ascl_weight": torch.tensor(float(any_valid), device=device)}

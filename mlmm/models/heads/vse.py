@@ -1,0 +1,108 @@
+"""VSE head ``vse``: token-level alignment module + multimodal fusion encoder over the towers' tokens.
+
+    model:
+      image: {..., pooling: gpo}          # GPO pooling of the towers (mlmm.models.pooling), optional
+      text: {..., pooling: gpo}
+      heads:
+        vse: {name: vse, media: image, width: 32, fusion_width: 32, fusion_layers: 1, heads: 2, hard_negatives: 4}
+
+For the rows with both the media and text (n of them) the head outputs, for the ``vse`` loss:
+
+* ``vse_align_scores`` [n, n]: alignment score (each word to its best patch and back) of media i with text j;
+* ``vse_t2m_logits`` / ``vse_m2t_logits`` [n, 1 + k]: the full pair score
+  ``exp(a) * cos + exp(b) * align + fusion`` of each query with its positive (column 0) and its k hardest in-batch
+  negatives by ``cos + align`` (``hard_negatives: 0``: every other row; ``-inf`` on invalid slots); cos and align enter detached, so this term trains the
+  fusion encoder and the combination weights while the matrices train through their own terms;
+* ``vse_exclude`` Bool[n, n] (same sample / identical caption: never negatives), ``vse_weight`` [] (0 = no row).
+
+At retrieval time ``head.interaction.score_pairs`` re-ranks the global top-k (``evaluate_retrieval(rerank_topk=K)``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mlmm.config import ConfigError
+from mlmm.models.fusion.alignment import trim_padding
+from mlmm.models.fusion.dual_interaction import hard_negatives
+from mlmm.models.fusion.vse_fusion import AlignFusion
+from mlmm.models.heads.ascl import valid_rows
+from mlmm.models.heads.divtr import DIVTRHead
+from mlmm.registry import HEADS
+
+
+@dataclass
+class VSEHeadConfig:
+    media: str = "image"  # image (CLS token skipped) | video (frame tokens)
+    width: int = 64  # alignment space
+    fusion_width: int = 64
+    fusion_layers: int = 1
+    heads: int = 2
+    align_direction: str = "both"  # both (each word to its best patch and back) | t2m | m2t
+    hard_negatives: int = 4  # in-batch negatives per query scored by the fusion encoder; 0 = every in-batch pair
+    chunk: int = 4096  # pairs scored at once
+    name: str = field(default="vse", init=False)
+
+    def validate(self, where: str) -> None:
+        if self.media not in ("image", "video"):
+            raise ConfigError(f"{where}.media: must be image or video, got {self.media!r}")
+        if self.fusion_width % self.heads:
+            raise ConfigError(f"{where}.heads: {self.heads} does not divide fusion_width {self.fusion_width}")
+        if self.hard_negatives < 0:
+            raise ConfigError(f"{where}.hard_negatives: must be >= 0 (0 = all in-batch pairs), got {self.hard_negatives}")
+        if self.align_direction not in ("both", "t2m", "m2t"):
+            raise ConfigError(f"{where}.align_direction: must be both, t2m or m2t, got {self.align_direction!r}")
+        if self.fusion_layers < 1:
+            raise ConfigError(f"{where}.fusion_layers: must be >= 1, got {self.fusion_layers}")
+
+
+@HEADS.register("vse", config=VSEHeadConfig)
+class VSEHead(nn.Module):
+    def __init__(self, cfg: VSEHeadConfig, model):
+        super().__init__()
+        for m in (cfg.media, "text"):
+            if m not in model.widths:
+                raise ConfigError(f"model.heads.{cfg.name}: needs a {m} tower (model has {sorted(model.widths)})")
+        self.cfg, self.media = cfg, cfg.media
+        self.needs_tokens = (cfg.media, "text")
+        self.interaction = AlignFusion(model.widths[cfg.media], model.widths["text"], cfg.width, cfg.fusion_width,
+                                       cfg.fusion_layers, cfg.heads, skip_first=cfg.media == "image",
+                                       direction=cfg.align_direction, chunk=cfg.chunk)
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
+        m, inter = self.media, self.interaction
+        device = outputs[m].device
+        rows, any_valid = valid_rows(batch, m, device)
+        n = rows.numel()
+        m_tok, m_mask = outputs[f"{m}_tokens"][rows], outputs[f"{m}_token_mask"][rows]
+        t_tok, t_mask = trim_padding(outputs["text_tokens"][rows], outputs["text_token_mask"][rows])  # [n, L', D]
+        glob = outputs[m][rows] @ outputs["text"][rows].t()  # [n, n] media x text
+        align = inter.align_matrix(m_tok, m_mask, t_tok, t_mask)  # [n, n]
+        exclude = DIVTRHead.excluded(batch, rows) & ~torch.eye(n, dtype=torch.bool, device=device)
+        base = inter.combine(glob.detach(), align.detach())  # [n, n]: what the fusion encoder refines
+        k = self.cfg.hard_negatives or n - 1  # 0: every other row
+        neg_t2m, ok_t2m = hard_negatives(base.t(), k, exclude.t())  # [n, k] media of each text, hardest first
+        neg_m2t, ok_m2t = hard_negatives(base, k, exclude)  # [n, k] texts of each media
+        k = neg_t2m.shape[1]
+        ar = torch.arange(n, device=device)
+        cand_t2m = torch.cat([ar[:, None], neg_t2m], 1)  # [n, 1+k] media index per text query
+        cand_m2t = torch.cat([ar[:, None], neg_m2t], 1)  # [n, 1+k] text index per media query
+        if k >= n - 1:  # every pair is a candidate: score each (media, text) pair once
+            m_all, t_all = ar.repeat_interleave(n), ar.repeat(n)
+            fusion = inter.fusion_pairs(m_tok, m_mask, t_tok, t_mask, m_all, t_all).view(n, n)  # [n, n]
+            full = inter.combine(glob.detach(), align.detach(), fusion)  # [n, n] media x text
+            t2m, m2t = full.t().gather(1, cand_t2m), full.gather(1, cand_m2t)  # [n, 1+k] each
+        else:
+            m_idx = torch.cat([cand_t2m.flatten(), ar.repeat_interleave(1 + k)])
+            t_idx = torch.cat([ar.repeat_interleave(1 + k), cand_m2t.flatten()])
+            fusion = inter.fusion_pairs(m_tok, m_mask, t_tok, t_mask, m_idx, t_idx)  # [2 n (1+k)]
+            scores = inter.combine(glob.detach()[m_idx, t_idx], align.detach()[m_idx, t_idx], fusion)
+            t2m, m2t = scores[: n * (1 + k)].view(n, 1 + k), scores[n * (1 + k):].view(n, 1 + k)
+        ones = torch.ones((n, 1), dtype=torch.bool, device=device)
+        ninf = torch.tensor(float("-inf"), dtype=t2m.dtype, device=device)
+        t2m = torch.where(torch.cat([ones, ok_t2m], 1), t2m, ninf)
+        m2t = torch.where(torch.cat([ones, ok_m2t], 1), m2t, ninf)
+        return {"vse_align_scores": align, "vse_t2m_logits": t2m, "vse_m2t_logits": m2t, "vse_exclude": exclude,
+                "vse_weight": torch.tensor(float(any_valid), device=device)}
