@@ -3,7 +3,6 @@ M-CLIP / MLA / CLIP4VLA / logit-KD losses vs hand-written references, precompute
 with a frozen teacher, MLA stage 1 -> 2 through train.init_from + train.trainable, cross-lingual eval."""
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 
 from mlmm.config import ConfigError, from_dict, load_config
 from mlmm.data.batch import Batch
-from mlmm.data.pipeline import Preprocessor, collate, iter_samples, resolve_shards
+from mlmm.data.pipeline import Preprocessor, iter_samples, resolve_shards
 from mlmm.distill.teacher import TeacherConfig, build_teacher
 from mlmm.hub import from_pretrained, load_state_dict
 from mlmm.training import Trainer

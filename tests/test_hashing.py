@@ -8,7 +8,6 @@ from conftest import build_tiny_data
 import torch
 
 from mlmm.config import ConfigError, build_config, load_config
-from mlmm.data.batch import Batch
 from mlmm.evaluation.hashing import (chance_metrics, evaluate_hashing, hamming_ranking_metrics, ranking_metrics,
                                      relevance_from_labels)
 from mlmm.losses.hashing import (HashingLoss, balance_loss, pairwise_likelihood, quantization_loss,

@@ -25,12 +25,12 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from tqdm import tqdm
 
-from mlmm.config import DataConfig, ModelConfig
+from mlmm.config import ModelConfig
 from mlmm.data.batch import Batch
 from mlmm.data.transforms import audio_to_logmel, decode_audio, decode_image, decode_video, image_to_tensor
 

@@ -9,7 +9,11 @@ from mlmm.losses.distill_kd import LogitKDLoss  # noqa: E402
 from mlmm.losses.hashing import HashingLoss, HashingLossConfig  # noqa: E402  (cross-modal hashing)
 
 __all__ = ["ContrastiveLoss", "ContrastiveLossConfig", "MultiLoss", "MultiLossConfig", "info_nce",
-           "masked_info_nce"]
+           "masked_info_nce", "Clip4VLALoss", "MClipLoss", "MLALoss", "LogitKDLoss", "HashingLoss", "HashingLossConfig",
+           "DIVTRLoss", "DIVTRLossConfig", "CMMAELoss", "CMMAELossConfig", "VQALoss", "VQALossConfig", "CaptionLoss",
+           "CaptionLossConfig", "RCARLoss", "RCARLossConfig", "ASCLLoss", "ASCLLossConfig", "ComposedLoss",
+           "ComposedLossConfig", "VSELoss", "VSELossConfig", "VSETripletLoss", "VSETripletLossConfig", "MVSENLoss",
+           "MVSENLossConfig"]
 from mlmm.losses.divtr import DIVTRLoss, DIVTRLossConfig  # noqa: E402  (DI-vTR: global + interaction)
 from mlmm.losses.cmmae import CMMAELoss, CMMAELossConfig  # noqa: E402  (CMMAE: masked patches + matching)
 from mlmm.losses.vqa import VQALoss, VQALossConfig  # noqa: E402  (VQA: soft-score BCE / CE)

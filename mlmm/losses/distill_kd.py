@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from mlmm.config import ConfigError
 from mlmm.data.batch import Batch

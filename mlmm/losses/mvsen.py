@@ -82,7 +82,7 @@ class MVSENLoss(nn.Module):
     def forward(self, outputs: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
         if "mvsen_t2m_logits" not in outputs:
             raise KeyError("the mvsen loss needs the mvsen head (model.heads: {mvsen: {name: mvsen}})")
-        c, m = self.cfg, self.cfg.media
+        c = self.cfg
         glob = self.contrastive(outputs, batch)["loss"]
         w = outputs["mvsen_weight"]
         graph = 0.5 * (interaction_ce(outputs["mvsen_t2m_logits"]) + interaction_ce(outputs["mvsen_m2t_logits"])) * w
