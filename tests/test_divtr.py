@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlmm.config import load_config
+from mlmm.config import ConfigError, load_config
 from mlmm.data.batch import Batch
-from mlmm.evaluation.rerank import ranks_from_scores, rerank_topk
+from mlmm.evaluation.rerank import ranks_from_scores, rerank_ranks, rerank_topk
 from mlmm.models.fusion.dual_interaction import CrossAttentionBlock, DualInteraction, hard_negatives
 from mlmm.registry import LOSSES
 
@@ -40,7 +40,7 @@ def test_interaction_shapes_and_padding_never_attended():
     m3 = m.clone()
     m3[1, 0] += torch.randn(24)
     out3 = inter(m3, m_mask, t, t_mask)
-    assert abs(float(out3["interaction"][1] - out["interaction"][1])) > 1e-4
+    assert abs(float((out3["interaction"][1] - out["interaction"][1]).detach())) > 1e-4
     keep = torch.tensor([0, 2, 3, 4])
     torch.testing.assert_close(out3["interaction"][keep], out["interaction"][keep])
 
@@ -119,6 +119,15 @@ def make_batch(tok, texts, video_present, keys=None):
                  text_attention=enc["attention_mask"], text_mask=torch.ones(B, dtype=torch.bool))
 
 
+def test_divtr_head_config_errors_name_the_key(tok_dir):
+    for override, key in (("model.heads.divtr.tower_grad=1.5", "tower_grad"),
+                          ("model.heads.divtr.init_interaction_scale=0", "init_interaction_scale"),
+                          ("model.heads.divtr.hard_negatives=0", "hard_negatives"),
+                          ("model.heads.divtr.media=text", "media")):
+        with pytest.raises(ConfigError, match=rf"model\.heads\.divtr\.{key}"):
+            tiny_model(tok_dir, override)
+
+
 def test_divtr_head_selects_valid_hard_negatives_and_scores_pairs(tok_dir):
     cfg, model, tok = tiny_model(tok_dir, "model.heads.divtr.hard_negatives=3")
     model.eval()
@@ -157,6 +166,27 @@ def test_divtr_head_selects_valid_hard_negatives_and_scores_pairs(tok_dir):
     torch.testing.assert_close(t2m[1, 1:2], head.interaction.combine(sim[1, j:j + 1], pair), rtol=1e-5, atol=1e-5)
 
 
+def test_other_renderings_captioned_alike_are_never_hard_negatives(tok_dir):
+    from mlmm.data.generate_av import order_captions
+    from mlmm.models.heads.divtr import DIVTRHead
+
+    same = order_captions(("red", "circle"), ("blue", "square"))
+    other = order_captions(("blue", "square"), ("red", "circle"))  # the reversed twin
+    texts = [same["en"][0], same["de"][1], other["en"][0], same["fr"][0]]
+    _, _, tok = tiny_model(tok_dir)
+    batch = make_batch(tok, texts, [True] * 4, keys=["r0", "r1", "t0", "r0"])
+    batch.captions = texts
+    batch.meta = [{"captions": same}, {"captions": same}, {"captions": other}, {"captions": same}]
+    excl = DIVTRHead.excluded(batch, torch.arange(4))
+    # rows 0, 1, 3 show the same scene (two renderings; row 3 = row 0 in French): never each other's negatives
+    assert excl[[0, 0, 1, 1, 3, 3], [1, 3, 0, 3, 0, 1]].all()
+    # the reversed twin is a real (hard) negative in both directions
+    assert not excl[[0, 1, 3, 2, 2, 2], [2, 2, 2, 0, 1, 3]].any()
+    batch.meta = [{} for _ in texts]  # without sample captions: only the key and identical captions count
+    excl = DIVTRHead.excluded(batch, torch.arange(4))
+    assert bool(excl[0, 3]) and not bool(excl[0, 1])
+
+
 def test_divtr_loss_equals_reference_and_reaches_every_head_parameter(tok_dir):
     cfg, model, tok = tiny_model(tok_dir)
     loss_fn = LOSSES.get("divtr").cls(cfg.loss, model.modalities)
@@ -176,7 +206,7 @@ def test_divtr_loss_equals_reference_and_reaches_every_head_parameter(tok_dir):
     res["loss"].backward()
     for name, p in model.heads.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    assert float(model.heads["divtr"].interaction.t2m[0].q_proj.weight.grad.abs().sum()) > 0
+    assert float(model.heads["divtr"].interaction.t2m.blocks[0].q_proj.weight.grad.abs().sum()) > 0
 
 
 def test_divtr_head_without_pairs_keeps_graph(tok_dir):
@@ -185,7 +215,7 @@ def test_divtr_head_without_pairs_keeps_graph(tok_dir):
     batch = make_batch(tok, ["a red circle", "a blue square"], [False, False])
     out = model(batch)
     res = loss_fn(out, batch)
-    assert float(res["interaction_loss"]) == 0.0
+    assert float(res["interaction_loss"].detach()) == 0.0
     res["loss"].backward()  # every head parameter still receives a (zero) gradient
     assert all(p.grad is not None for p in model.heads.parameters())
 
@@ -224,6 +254,41 @@ def test_rerank_only_changes_order_inside_topk():
     assert torch.equal(r2[r0 <= k], torch.ones(int((r0 <= k).sum()), dtype=torch.long))
 
 
+def test_chunked_rerank_scores_only_topk_pairs_and_matches_scoring_everything():
+    g = torch.Generator().manual_seed(5)
+    Q, G, E, k, chunk = 23, 17, 8, 4, 5
+    q_emb = F.normalize(torch.randn(Q, E, generator=g), dim=1)
+    g_emb = F.normalize(torch.randn(G, E, generator=g), dim=1)
+    pair = torch.randn(Q, G, generator=g)  # the head's score of every pair
+    pos = torch.rand(Q, G, generator=g) < 0.15
+    pos[torch.arange(Q), torch.randint(0, G, (Q,), generator=g)] = True
+    full = q_emb @ g_emb.t()  # [Q, G]
+    top = full.topk(k, dim=1).indices  # [Q, k]
+    calls = []
+
+    def scorer(qi, gi, glob):
+        calls.append((qi.clone(), gi.clone()))
+        torch.testing.assert_close(glob, full[qi, gi])
+        return pair[qi, gi]
+
+    ranks = rerank_ranks(q_emb, g_emb, pos, k, scorer, chunk_size=chunk)
+    # the scorer only saw each query's global top-k pairs, at most chunk * k per call, each pair once
+    assert all(qi.numel() <= chunk * k for qi, _ in calls) and len(calls) == -(-Q // chunk)
+    seen = sorted((int(a), int(b)) for qi, gi in calls for a, b in zip(qi, gi))
+    assert seen == sorted((q, int(j)) for q in range(Q) for j in top[q])
+    # reference: score every pair, then re-order each query's global top-k by that score
+    ref = rerank_topk(full, k, lambda qi, gi, glob: pair[qi, gi], chunk_size=Q)  # one call over the whole matrix
+    assert torch.equal(ranks, ranks_from_scores(ref, pos))
+    manual = []
+    for q in range(Q):
+        order = top[q][pair[q, top[q]].argsort(descending=True)].tolist()
+        order += [int(j) for j in full[q].argsort(descending=True) if int(j) not in order]
+        manual.append(1 + min(order.index(j) for j in torch.nonzero(pos[q]).flatten().tolist()))
+    assert ranks.tolist() == manual
+    with pytest.raises(ValueError, match="chunk_size"):
+        rerank_ranks(q_emb, g_emb, pos, k, scorer, chunk_size=0)
+
+
 def test_ranks_from_scores_match_metrics_module():
     from mlmm.evaluation.retrieval import first_positive_ranks
 
@@ -258,3 +323,28 @@ def test_contextual_video_encoder_attends_to_audio_tokens_but_not_padding():
     with pytest.raises(ValueError, match="audio_context"):
         VideoTower(VideoTowerConfig(frames=4, share_image_tower=False, frame_encoder=cfg.frame_encoder)).forward_tokens(
             x, audio, mask)
+
+
+@pytest.mark.slow
+def test_reranking_gains_on_generated_order_set(tmp_path):
+    """Known answers: each caption's clip and its reversed twin are both in the gallery. benchmarks/video_rerank.py
+    (recipes/configs/tiny_divtr.yaml, 1000 steps, ~3 min on one CPU core). Measured 2026-11-25 over seeds 0, 1, 2:
+    re-ranking the top-10 lowers the mean rank in every language and direction and never lowers v2t R@1; the t2v
+    R@1 gain depends on the seed (seed 0: +9.1 / +9.7 / +10.4 de/en/fr; seed 1: -0.7 / -7.6 / -6.3), so only
+    the seed-robust properties are asserted, on seed 0."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from video_rerank import main
+
+    out = tmp_path / "video_rerank.json"
+    assert main(["--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == {"en", "de", "fr"}
+    for lang, s in summary.items():
+        assert s["t2v_R@1_global"] > 5 * s["chance_t2v_R@1"], (lang, s)  # the global retriever itself works
+        for d in ("t2v", "v2t"):
+            assert s[f"{d}_MnR_rerank"] < s[f"{d}_MnR_global"], (lang, d, s)
+        assert s["v2t_R@1_gain"] >= 0, (lang, s)
+    assert sum(s["t2v_R@1_gain"] + s["v2t_R@1_gain"] for s in summary.values()) > 0

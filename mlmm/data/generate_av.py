@@ -7,12 +7,12 @@
   by the shape** (circle low, square medium, triangle high) and whose **pattern by the colour**
   (red steady, green pulsing, blue rising). Video–audio retrieval is learnable; the captions (en/de/fr)
   describe both, e.g. "a red circle moving left, with a low steady tone".
-* :func:`generate_order` — the re-ranking set: every clip shows one object (colour × shape) for the
-  first half of its frames and a *different* object for the second half, captioned in order
-  ("a red circle, then a blue square"). Every ordered pair appears, so each clip's reversed twin
-  (same objects, other order, same bag of words in the caption) is in the gallery: a retriever must
-  use the temporal order, which an order-blind global pooling cannot. Rows carry ``"class"``
-  (``"red circle>blue square"``) and ``"order"`` (the two objects).
+* :func:`generate_order` — the re-ranking set: every clip shows ``segments`` (default 2) distinct objects
+  (colour × shape) one after the other, captioned in order ("a red circle, then a blue square").
+  Every ordered tuple appears, so each clip's re-ordered twins (same objects, other order, same bag of
+  words in the caption) are in the gallery: a retriever must use the temporal order, which an
+  order-blind global pooling cannot. Rows carry ``"class"`` (``"red circle>blue square"``) and
+  ``"order"`` (the objects in order).
 
 Both reuse the drawing / tone / mp4 helpers of :mod:`mlmm.data.generate` and are deterministic
 functions of the seed.
@@ -93,45 +93,56 @@ def generate_av(out_dir: str | Path, n_clips: int = 120, size: int = 64, seed: i
 
 
 # ----------------------------------------------------------------------------- temporal-order set
-def order_captions(first: tuple[str, str], second: tuple[str, str]) -> dict[str, list[str]]:
-    """Captions of a clip showing object ``first`` (colour, shape) and then ``second``."""
-    (c1, s1), (c2, s2) = first, second
-    fr1, fr2 = f"{SHAPES[s1][2]} {COLORS[c1][2]}", f"{SHAPES[s2][2]} {COLORS[c2][2]}"
+def order_captions(*objects: tuple[str, str]) -> dict[str, list[str]]:
+    """Captions of a clip showing the (colour, shape) ``objects`` one after the other (two or more)."""
+    if len(objects) < 2:
+        raise ValueError(f"order_captions: needs at least two objects, got {len(objects)}")
+    en = [f"a {c} {s}" for c, s in objects]
+    de = [_de_np(c, s, "nom") for c, s in objects]
+    fr = [f"un {SHAPES[s][2]} {COLORS[c][2]}" for c, s in objects]
     return {
-        "en": [f"a {c1} {s1}, then a {c2} {s2}", f"first a {c1} {s1}, then a {c2} {s2}"],
-        "de": [f"{_de_np(c1, s1, 'nom')}, dann {_de_np(c2, s2, 'nom')}",
-               f"zuerst {_de_np(c1, s1, 'nom')}, dann {_de_np(c2, s2, 'nom')}"],
-        "fr": [f"un {fr1}, puis un {fr2}", f"d'abord un {fr1}, puis un {fr2}"],
+        "en": [", then ".join(en), "first " + ", then ".join(en)],
+        "de": [", dann ".join(de), "zuerst " + ", dann ".join(de)],
+        "fr": [", puis ".join(fr), "d'abord " + ", puis ".join(fr)],
     }
 
 
-def order_objects(colors: Sequence[str] = AV_COLORS, shapes: Optional[Sequence[str]] = None
-                  ) -> list[tuple[tuple[str, str], tuple[str, str]]]:
-    """Every ordered pair of distinct (colour, shape) objects: both (A, B) and its twin (B, A)."""
+def order_objects(colors: Sequence[str] = AV_COLORS, shapes: Optional[Sequence[str]] = None, segments: int = 2
+                  ) -> list[tuple[tuple[str, str], ...]]:
+    """Every ordered tuple of ``segments`` distinct (colour, shape) objects: all orders of each set are present."""
     objects = list(itertools.product(colors, shapes or list(SHAPES)))
-    return [(a, b) for a, b in itertools.permutations(objects, 2)]
+    return list(itertools.permutations(objects, segments))
 
 
 def generate_order(out_dir: str | Path, n_repeats: int = 2, size: int = 32, seed: int = 0,
                    colors: Sequence[str] = AV_COLORS, shapes: Optional[Sequence[str]] = None,
-                   manifest: str = "manifest.jsonl") -> list[dict[str, Any]]:
-    """``n_repeats`` renderings of every ordered object pair (see module doc); writes ``order/*.mp4``."""
+                   manifest: str = "manifest.jsonl", segments: int = 2, frames_per_segment: int = 0
+                   ) -> list[dict[str, Any]]:
+    """``n_repeats`` renderings of every ordered object tuple (see module doc); writes ``order/*.mp4``.
+
+    Each object moves in a random direction for ``frames_per_segment`` frames (default: VIDEO_FRAMES //
+    segments, at least 2); sample the clip with ``model.video.frames`` >= 2 * segments so every object is seen.
+    """
+    if segments < 2:
+        raise ValueError(f"generate_order: segments must be >= 2, got {segments}")
     out = Path(out_dir)
     (out / "order").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    pairs = order_objects(colors, shapes)
-    half = VIDEO_FRAMES // 2
+    tuples = order_objects(colors, shapes, segments)
+    per = frames_per_segment or max(VIDEO_FRAMES // segments, 2)
     rows = []
     for rep in range(n_repeats):
-        for j, (a, b) in enumerate(pairs):
+        for j, objs in enumerate(tuples):
             bg = _background(rng, size)
-            d1, d2 = (list(DIRECTIONS)[rng.integers(len(DIRECTIONS))] for _ in range(2))
-            frames = _moving_frames(rng, bg, a[0], a[1], d1, size, half) + \
-                _moving_frames(rng, bg, b[0], b[1], d2, size, VIDEO_FRAMES - half)
+            frames = []
+            for color, shape in objs:
+                direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
+                frames += _moving_frames(rng, bg, color, shape, direction, size, per)
             key = f"ord-{seed:03d}-{rep:03d}-{j:04d}"
             _write_mp4(out / "order" / f"{key}.mp4", frames)
-            rows.append({"key": key, "video": f"order/{key}.mp4", "captions": order_captions(a, b),
-                         "class": f"{a[0]} {a[1]}>{b[0]} {b[1]}", "order": [" ".join(a), " ".join(b)]})
+            names = [" ".join(o) for o in objs]
+            rows.append({"key": key, "video": f"order/{key}.mp4", "captions": order_captions(*objs),
+                         "class": ">".join(names), "order": names})
     rows = [rows[i] for i in np.random.default_rng(seed + 1).permutation(len(rows))]
     _write_manifest(out, rows, manifest)
     return rows

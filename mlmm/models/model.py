@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlmm.config import ModelConfig
+from mlmm.config import ConfigError, ModelConfig
 from mlmm.data.batch import Batch
 from mlmm.models.towers import AudioTower, ImageTower, TextTower, VideoTower
 from mlmm.registry import HEADS
@@ -42,6 +42,15 @@ class MultimodalModel(nn.Module):
             nn.init.normal_(p.weight, std=p.in_features ** -0.5)
         self.heads = nn.ModuleDict({name: HEADS.get(hcfg.name).cls(hcfg, self) for name, hcfg in cfg.heads.items()})
         self.token_modalities = sorted({m for h in self.heads.values() for m in getattr(h, "needs_tokens", ())})
+        self.audio_context = cfg.video is not None and cfg.video.audio_context  # audio tokens join the video tower
+        if self.audio_context and "audio" not in towers:
+            raise ConfigError("model.video.audio_context: needs model.audio (its tokens are the video's context)")
+        if self.audio_context and cfg.video.temporal_layers < 1:
+            raise ConfigError("model.video.temporal_layers: audio_context needs at least one temporal layer "
+                              "(the audio tokens join the frames there)")
+        if self.audio_context and cfg.video.audio_width != towers["audio"].width:
+            raise ConfigError(f"model.video.audio_width: {cfg.video.audio_width} must equal model.audio.width "
+                              f"({towers['audio'].width}), the width of the audio tokens")
 
     @property
     def widths(self) -> dict[str, int]:
@@ -70,11 +79,21 @@ class MultimodalModel(nn.Module):
         device = device or next(self.parameters()).device
         return self.encode("text", tok["input_ids"].to(device), tok["attention_mask"].to(device))
 
-    def encode_tokens(self, modality: str, x: torch.Tensor, attention: Optional[torch.Tensor] = None
+    def encode_tokens(self, modality: str, x: torch.Tensor, attention: Optional[torch.Tensor] = None,
+                      audio_tokens: Optional[torch.Tensor] = None, audio_mask: Optional[torch.Tensor] = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (embedding [B, E] L2-normalised, tokens [B, T, D_m], token mask Bool[B, T])."""
+        """-> (embedding [B, E] L2-normalised, tokens [B, T, D_m], token mask Bool[B, T]).
+
+        Video with ``model.video.audio_context``: ``audio_tokens`` [B, Ta, D_audio] / ``audio_mask`` Bool[B, Ta]
+        (the audio tower's tokens of the same clips) join its temporal transformer as context.
+        """
         tower = self.towers[modality]
-        tokens = tower.forward_tokens(x, attention) if modality == "text" else tower.forward_tokens(x)
+        if modality == "text":
+            tokens = tower.forward_tokens(x, attention)
+        elif audio_tokens is not None:
+            tokens = tower.forward_tokens(x, audio_tokens=audio_tokens, audio_mask=audio_mask)
+        else:
+            tokens = tower.forward_tokens(x)
         pooled = tower.pool(tokens, attention)
         z = F.normalize(self.proj[modality](pooled), dim=-1)
         token_mask = attention.bool() if attention is not None else torch.ones(tokens.shape[:2], dtype=torch.bool,
@@ -88,16 +107,28 @@ class MultimodalModel(nn.Module):
         ``<m>_token_mask`` Bool[B, T] for the modalities a head reads, plus whatever the heads return.
         Every tower always runs (on one row when none is present, contributing zero) so that each
         parameter gets a gradient on every rank: ZeRO's gradient hooks expect that.
+        With ``model.video.audio_context`` the audio tower runs first and its tokens (masked on rows without
+        audio) are the video tower's context.
         """
         out: dict[str, torch.Tensor] = {}
-        for m in self.modalities:
+        order = self.modalities
+        if self.audio_context:  # audio before video
+            order = [m for m in order if m != "video"] + ["video"]
+        context: dict[str, torch.Tensor] = {}
+        for m in order:
             x = batch.text_ids if m == "text" else getattr(batch, m)
             if x is None:
                 continue
             attention = batch.text_attention if m == "text" else None
             idx = torch.nonzero(batch.mask(m).to(x.device)).squeeze(1)
             rows = idx if idx.numel() else idx.new_zeros(1)  # no row present: run on row 0, keep zero
-            z, tokens, tmask = self.encode_tokens(m, x[rows], None if attention is None else attention[rows])
+            ctx = {k: v[rows] for k, v in self._audio_context(context, x).items()} if m == "video" else {}
+            z, tokens, tmask = self.encode_tokens(m, x[rows], None if attention is None else attention[rows], **ctx)
+            if m == "audio" and self.audio_context:  # the video tower's context; nothing real on rows without audio
+                B, present = x.shape[0], tmask & bool(idx.numel())  # present Bool[n, Ta]
+                zeros = tokens.new_zeros((B, *tokens.shape[1:]))  # [B, Ta, Da]
+                context["audio_tokens"] = zeros.index_copy(0, rows, tokens)
+                context["audio_mask"] = present.new_zeros((B, present.shape[1])).index_copy(0, rows, present)
             if idx.numel() == 0:
                 z, tokens, tmask = z * 0.0, tokens * 0.0, tmask & False
             results = {m: z}
@@ -115,3 +146,14 @@ class MultimodalModel(nn.Module):
         for head in self.heads.values():
             out.update(head(out, batch))
         return out
+
+    def _audio_context(self, context: dict[str, torch.Tensor], video: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The video tower's audio context for the B rows of ``video``: {} without ``model.video.audio_context``;
+        one masked zero token per row when the batch has no audio (the projection stays in the graph)."""
+        if not self.audio_context:
+            return {}
+        if context:
+            return context
+        width = self.towers["audio"].width
+        return {"audio_tokens": video.new_zeros((video.shape[0], 1, width)),
+                "audio_mask": torch.zeros((video.shape[0], 1), dtype=torch.bool, device=video.device)}

@@ -2,18 +2,24 @@
 
 Two cross-attention branches (the media is a video — frame tokens — or an audio clip — patch tokens):
 
-* **text-conditioned media** (``t2m``): every word token attends over the media tokens; a per-word
-  matching score is read from the attended word features and averaged over the real words;
-* **media-conditioned text** (``m2t``): every media token attends over the word tokens; per-token
-  scores averaged over the real media tokens.
+* **text-conditioned media** (``t2m``): every word token attends over the media tokens;
+* **media-conditioned text** (``m2t``): every media token attends over the word tokens.
 
-The interaction score is the mean of the two branch scores. It is *combined* with the global
+In each branch a query token is compared with what it attended to: its per-token score is the cosine
+between the (projected) query token and its attended context from the last cross-attention layer,
+and the branch score is a weighted mean of the per-token scores over the real query tokens (weights:
+a learned softmax over the tokens, so that function words can count less). Attention decides *where*
+to look (a word of the second clause looks at the late frames), the cosine *whether* it matches.
+Media tokens get a learned position embedding in the head (``media_positions``: the video's frame
+index), so temporal order reaches the cross-attention explicitly, not only through the tower.
+
+The interaction score ``exp(interaction_scale) * 0.5 * (t2m + m2t)`` is *combined* with the global
 (contrastive, cosine) similarity as ``exp(global_scale) * cos + interaction``: the same combined
-score is trained on in-batch hard negatives (:func:`hard_negatives`, top-k by global similarity)
-and used to re-rank the global top-k at retrieval time (:mod:`mlmm.evaluation.rerank`).
+score is trained on hard negatives (:func:`hard_negatives`, top-k by global similarity) and used to
+re-rank the global top-k at retrieval time (:mod:`mlmm.evaluation.rerank`).
 
-Padding is never attended: keys are masked in every cross-attention, and padded queries are left
-out of the per-branch averages, so the scores do not depend on what padding positions hold.
+Padding is never attended: keys are masked in every cross-attention, and padded queries get zero
+weight, so the scores do not depend on what padding positions hold.
 """
 from __future__ import annotations
 
@@ -27,10 +33,11 @@ from torch import nn
 from mlmm.models.layers import MLP
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x [P, T], mask Bool[P, T] -> [P]: mean over the True positions (0 for a row without any)."""
-    m = mask.to(x.dtype)
-    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """logits [P, T], mask Bool[P, T] -> weights [P, T] summing to 1 over the True positions (0 elsewhere;
+    all 0 for a row without any)."""
+    w = torch.softmax(logits.float().masked_fill(~mask, float("-inf")), dim=1)
+    return torch.nan_to_num(w, nan=0.0).to(logits.dtype)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -52,7 +59,8 @@ class CrossAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, int(width * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
+        """The attended context of every query: [P, Tq, D] (zeros for a row without any real key)."""
         P, Tq, D = x.shape
         Tk, H = ctx.shape[1], self.heads
         q = self.q_proj(self.ln_q(x)).view(P, Tq, H, D // H).transpose(1, 2)  # [P, H, Tq, d]
@@ -61,43 +69,74 @@ class CrossAttentionBlock(nn.Module):
         has_key = keep.any(dim=1)  # [P]
         keep = keep | ~has_key[:, None]  # avoid an all -inf softmax (NaN); the update is zeroed below
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])  # [P, H, Tq, d]
-        a = self.out_proj(a.transpose(1, 2).reshape(P, Tq, D)) * has_key[:, None, None].to(x.dtype)
+        return self.out_proj(a.transpose(1, 2).reshape(P, Tq, D)) * has_key[:, None, None].to(x.dtype)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor,
+                return_attended: bool = False):
+        """-> updated queries [P, Tq, D] (and, with ``return_attended``, the attended context [P, Tq, D])."""
+        a = self.attend(x, ctx, ctx_mask)
         x = x + a
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.mlp(self.ln_2(x))
+        return (x, a) if return_attended else x
+
+
+class InteractionBranch(nn.Module):
+    """Queries [P, Tq, W] (mask Bool[P, Tq]) attend over a context [P, Tk, W] -> pair score [P] in [-1, 1]."""
+
+    def __init__(self, width: int, heads: int, layers: int):
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"an interaction branch needs at least one layer, got {layers}")
+        self.blocks = nn.ModuleList([CrossAttentionBlock(width, heads) for _ in range(layers)])
+        self.query_out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width))  # what the token says
+        self.found_out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width))  # what it found
+        self.weight = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 1))  # how much the token counts
+
+    def forward(self, q: torch.Tensor, q_mask: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor
+                ) -> torch.Tensor:
+        x, found = q, q
+        for block in self.blocks:
+            x, found = block(x, ctx, ctx_mask, return_attended=True)  # found: last layer's attended context
+        s = F.cosine_similarity(self.query_out(q), self.found_out(found), dim=-1)  # [P, Tq]
+        w = masked_softmax(self.weight(x).squeeze(-1), q_mask)  # [P, Tq], 0 on padding
+        return (w * s).sum(1)  # [P]
 
 
 class DualInteraction(nn.Module):
     """Pairwise interaction score of aligned (media, text) token sequences.
 
     ``forward(m_tok [P, Tm, Dm], m_mask Bool[P, Tm], t_tok [P, Tt, Dt], t_mask Bool[P, Tt])`` ->
-    ``{"t2m": [P], "m2t": [P], "interaction": [P]}``; ``combine(global_sim [P], interaction [P])`` -> [P].
+    ``{"t2m": [P], "m2t": [P], "interaction": [P]}`` (branch scores already scaled; interaction = their mean);
+    ``combine(global_sim [P], interaction [P])`` -> [P]. ``media_positions`` > 0: a learned embedding per media
+    token position (at most that many media tokens).
     """
 
     def __init__(self, media_width: int, text_width: int, width: int = 64, heads: int = 2, layers: int = 1,
-                 init_global_scale: float = 10.0):
+                 init_global_scale: float = 10.0, media_positions: int = 0,
+                 init_interaction_scale: float = 10.0):
         super().__init__()
         self.media_in = nn.Linear(media_width, width)
         self.text_in = nn.Linear(text_width, width)
-        self.t2m = nn.ModuleList([CrossAttentionBlock(width, heads) for _ in range(layers)])  # words over media
-        self.m2t = nn.ModuleList([CrossAttentionBlock(width, heads) for _ in range(layers)])  # media over words
-        self.score_t = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
-        self.score_m = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
-        # combined score = exp(global_scale) * cosine + interaction; shape [1] (DeepSpeed cannot broadcast 0-dim)
+        self.media_pos = nn.Parameter(0.02 * torch.randn(media_positions, width)) if media_positions > 0 else None
+        self.t2m = InteractionBranch(width, heads, layers)  # (a) words attend over media tokens
+        self.m2t = InteractionBranch(width, heads, layers)  # (b) media tokens attend over words
+        # shape [1] (DeepSpeed cannot broadcast 0-dim parameters)
         self.global_scale = nn.Parameter(torch.full((1,), math.log(init_global_scale)))
+        self.interaction_scale = nn.Parameter(torch.full((1,), math.log(init_interaction_scale)))
 
     def forward(self, m_tok: torch.Tensor, m_mask: torch.Tensor, t_tok: torch.Tensor, t_mask: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
         m_mask, t_mask = m_mask.bool(), t_mask.bool()
         m = self.media_in(m_tok)  # [P, Tm, W]
+        if self.media_pos is not None:
+            if m.shape[1] > self.media_pos.shape[0]:
+                raise ValueError(f"{m.shape[1]} media tokens but the interaction head has "
+                                 f"{self.media_pos.shape[0]} media positions")
+            m = m + self.media_pos[: m.shape[1]].to(m.dtype)
         t = self.text_in(t_tok)  # [P, Tt, W]
-        x = t
-        for block in self.t2m:  # (a) text-conditioned media: word tokens attend over media tokens
-            x = block(x, m, m_mask)
-        y = m
-        for block in self.m2t:  # (b) media-conditioned text: media tokens attend over word tokens
-            y = block(y, t, t_mask)
-        s_t2m = masked_mean(self.score_t(x).squeeze(-1), t_mask)  # [P]
-        s_m2t = masked_mean(self.score_m(y).squeeze(-1), m_mask)  # [P]
+        scale = self.interaction_scale.exp().squeeze(0)
+        s_t2m = scale * self.t2m(t, t_mask, m, m_mask)  # [P]
+        s_m2t = scale * self.m2t(m, m_mask, t, t_mask)  # [P]
         return {"t2m": s_t2m, "m2t": s_m2t, "interaction": 0.5 * (s_t2m + s_m2t)}
 
     def combine(self, global_sim: torch.Tensor, interaction: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,9 @@ class DIVTRHeadConfig:
     layers: int = 1
     hard_negatives: int = 4  # in-batch negatives per query, top-k by global similarity
     init_global_scale: float = 10.0  # combined score = exp(global_scale) * cosine + interaction
+    init_interaction_scale: float = 10.0  # interaction = exp(interaction_scale) * mean of the branch cosines
+    tower_grad: float = 1.0  # scale of the interaction loss's gradient into the towers' tokens (0 = detached)
+    frame_positions: bool = True  # media=video: a learned frame-index embedding on the frame tokens in the head
     name: str = field(default="divtr", init=False)
 
     def validate(self, where: str) -> None:
@@ -50,6 +53,28 @@ class DIVTRHeadConfig:
             raise ConfigError(f"{where}.heads: {self.heads} does not divide width {self.width}")
         if self.hard_negatives < 1:
             raise ConfigError(f"{where}.hard_negatives: must be >= 1, got {self.hard_negatives}")
+        if self.layers < 1:
+            raise ConfigError(f"{where}.layers: the interaction branches need at least one layer, got {self.layers}")
+        for key in ("init_global_scale", "init_interaction_scale"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{where}.{key}: must be > 0 (its log is learned), got {getattr(self, key)}")
+        if not 0.0 <= self.tower_grad <= 1.0:
+            raise ConfigError(f"{where}.tower_grad: must be in [0, 1], got {self.tower_grad}")
+
+
+def caption_set(meta: dict) -> set[str]:
+    """Every caption of a sample json (``captions``: {lang: str | [str, ...]}), all languages together."""
+    caps = meta.get("captions") if isinstance(meta, dict) else None
+    if not isinstance(caps, dict):
+        return set()
+    return {c for v in caps.values() for c in ([v] if isinstance(v, str) else v) if isinstance(c, str)}
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity in the forward pass; the gradient reaching ``x`` is multiplied by ``scale``."""
+    if scale == 1.0:
+        return x
+    return x.detach() if scale == 0.0 else scale * x + (1.0 - scale) * x.detach()
 
 
 @HEADS.register("divtr", config=DIVTRHeadConfig)
@@ -63,12 +88,19 @@ class DIVTRHead(nn.Module):
         self.cfg = cfg
         self.media = cfg.media
         self.needs_tokens = (cfg.media, "text")
+        positions = model.cfg.video.frames if cfg.media == "video" and cfg.frame_positions else 0
         self.interaction = DualInteraction(widths[cfg.media], widths["text"], cfg.width, cfg.heads, cfg.layers,
-                                           cfg.init_global_scale)
+                                           cfg.init_global_scale, media_positions=positions,
+                                           init_interaction_scale=cfg.init_interaction_scale)
 
     @staticmethod
     def excluded(batch: Batch, rows: torch.Tensor) -> torch.Tensor:
-        """Bool[n, n]: pairs of rows that must not be each other's negatives (same key or same caption)."""
+        """Bool[n, n] over (text row i, media row j): j's media must not be a negative of i's text.
+
+        That is the case when both rows are the same sample (same key), have an identical caption, or when
+        text i is one of the captions of sample j (``meta["captions"]``, any language): e.g. another rendering
+        of the same scene, captioned alike, is a positive, not a hard negative. Symmetric in the first two.
+        """
         device = rows.device
         excl = torch.zeros((rows.numel(), rows.numel()), dtype=torch.bool, device=device)
         if batch.keys:
@@ -80,6 +112,12 @@ class DIVTRHead(nn.Module):
             if att is not None:
                 ids = ids.masked_fill(~att, -1)
             excl |= (ids[:, None, :] == ids[None, :, :]).all(-1)
+        if batch.captions and batch.meta:
+            r = rows.tolist()
+            texts = [batch.captions[i] for i in r]
+            owned = [caption_set(batch.meta[i]) for i in r]
+            listed = [[bool(t) and t in own for own in owned] for t in texts]  # [i][j]: text i is a caption of j
+            excl |= torch.tensor(listed, dtype=torch.bool, device=device).view(len(r), len(r))
         return excl
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
@@ -103,9 +141,9 @@ class DIVTRHead(nn.Module):
         m_idx = torch.cat([cand_t2m.flatten(), ar.repeat_interleave(1 + k)])
         t_idx = torch.cat([ar.repeat_interleave(1 + k), cand_m2t.flatten()])
         glob = sim.detach()[t_idx, m_idx]  # the global term trains through the contrastive loss only
-        m_tok, m_mask = outputs[f"{m}_tokens"][rows], outputs[f"{m}_token_mask"][rows]
-        t_tok, t_mask = outputs["text_tokens"][rows], outputs["text_token_mask"][rows]
-        scores = self.interaction.score_pairs(m_tok, m_mask, t_tok, t_mask, m_idx, t_idx, global_sim=glob)
+        m_tok, m_mask = scale_grad(outputs[f"{m}_tokens"][rows], self.cfg.tower_grad), outputs[f"{m}_token_mask"][rows]
+        t_tok, t_mask = scale_grad(outputs["text_tokens"][rows], self.cfg.tower_grad), outputs["text_token_mask"][rows]
+        scores = self.interaction.score_pairs(m_tok, m_mask, t_tok, t_mask, m_idx, t_idx, global_sim=glob)  # [2n(1+k)]
         t2m, m2t = scores[: n * (1 + k)].view(n, 1 + k), scores[n * (1 + k):].view(n, 1 + k)
         ninf = torch.tensor(float("-inf"), dtype=scores.dtype, device=device)
         ones = torch.ones((n, 1), dtype=torch.bool, device=device)
