@@ -95,7 +95,7 @@ def build_open_clip(shape: dict, precision: str, device: torch.device) -> tuple[
 
 
 def build_mlmm(shape: dict, precision: str, device: torch.device, batch: int, zero_stage: int,
-               compile: bool = False) -> tuple[Callable, torch.nn.Module]:
+               compile: bool = False, text_arch: str = "clip") -> tuple[Callable, torch.nn.Module]:
     from mlmm.config import build_config
     from mlmm.data.batch import Batch
     from mlmm.losses import ContrastiveLoss
@@ -109,7 +109,7 @@ def build_mlmm(shape: dict, precision: str, device: torch.device, batch: int, ze
         "model": {"embed_dim": shape["embed"],
                   "image": {"image_size": shape["image_size"], "patch_size": shape["patch"], "width": shape["width"],
                             "layers": shape["layers"], "heads": shape["heads"]},
-                  "text": {"tokenizer": "unused", "arch": "bert", "hidden": shape["text_width"],
+                  "text": {"tokenizer": "unused", "arch": text_arch, "hidden": shape["text_width"],
                            "layers": shape["text_layers"], "heads": shape["text_heads"],
                            "intermediate": 4 * shape["text_width"], "max_length": shape["context"]}},
         "loss": {"name": "contrastive", "pairs": [["image", "text"]]},
@@ -169,7 +169,8 @@ def sync(device: torch.device) -> None:
 def child_peak_rss(args: argparse.Namespace, framework: str, precision: str, batch: int) -> float:
     """Peak RSS (GiB) of a child process that builds `framework` and runs 3 steps (CPU memory figure)."""
     cmd = [sys.executable, __file__, "--shape", args.shape, "--batch", str(batch), "--precision", precision,
-           "--zero-stage", str(args.zero_stage), "--text", args.text, "--_child", framework]
+           "--zero-stage", str(args.zero_stage), "--text", args.text, "--text-arch", args.text_arch,
+           "--_child", framework]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                             "MASTER_PORT")}  # the child is its own 1-process world
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -182,7 +183,7 @@ def run_child(args: argparse.Namespace) -> None:
     device = torch.device("cpu")
     shape, batch, precision = SHAPES[args.shape], args.batch[0], args.precision[0]
     step = (build_open_clip(shape, precision, device)[0] if args._child == "open_clip"
-            else build_mlmm(shape, precision, device, batch, args.zero_stage)[0])
+            else build_mlmm(shape, precision, device, batch, args.zero_stage, text_arch=args.text_arch)[0])
     images, texts = make_data(shape, batch, device, args.text)
     for _ in range(3):
         step(images, texts)
@@ -230,9 +231,10 @@ def measure(args: argparse.Namespace, precision: str, batch: int, device: torch.
     shape = SHAPES[args.shape]
     images, texts = make_data(shape, batch, device, args.text)
     steps = {"open_clip": build_open_clip(shape, precision, device)[0],
-             "mlmm": build_mlmm(shape, precision, device, batch, args.zero_stage)[0]}
+             "mlmm": build_mlmm(shape, precision, device, batch, args.zero_stage, text_arch=args.text_arch)[0]}
     if args.compile:
-        steps["mlmm_compiled"] = build_mlmm(shape, precision, device, batch, args.zero_stage, compile=True)[0]
+        steps["mlmm_compiled"] = build_mlmm(shape, precision, device, batch, args.zero_stage, compile=True,
+                                            text_arch=args.text_arch)[0]
     flops = {}
     for name, step in steps.items():  # warm-up (excluded; includes compilation) + one counted step for the FLOPs
         for _ in range(args.warmup):
@@ -266,7 +268,8 @@ def measure(args: argparse.Namespace, precision: str, batch: int, device: torch.
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             step = build_open_clip(shape, precision, device)[0] if name == "open_clip" else \
-                build_mlmm(shape, precision, device, batch, args.zero_stage, compile=name == "mlmm_compiled")[0]
+                build_mlmm(shape, precision, device, batch, args.zero_stage, compile=name == "mlmm_compiled",
+                           text_arch=args.text_arch)[0]
             for _ in range(2):
                 step(images, texts)
             out["frameworks"][name]["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -296,6 +299,9 @@ def main(argv=None) -> int:
     parser.add_argument("--text", choices=["full", "captions"], default="full",
                         help="full: every text row is `context` tokens (identical shapes for both); captions: rows "
                              "end at real Multi30K caption lengths (open_clip still runs all `context` positions)")
+    parser.add_argument("--text-arch", choices=["clip", "bert"], default="clip",
+                        help="mlmm's text tower: clip = native CLIP-style tower (model.text.arch: clip, what a "
+                             "from-scratch recipe uses), bert = transformers BERT (dropout 0.1, post-LN)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -327,7 +333,7 @@ def main(argv=None) -> int:
     print(f"best: mlmm {best['mlmm']:.2f} vs open_clip {best['open_clip']:.2f} samples/s -> "
           f"{summary['best_ratio']:.2f}x")
     path = write_result(f"throughput_{device.type}_{args.shape}_{args.text}", {"shape": args.shape,
-                                                      "mlmm_zero_stage": args.zero_stage, "shape_detail": SHAPES[args.shape],
+                                                      "mlmm_zero_stage": args.zero_stage, "mlmm_text_arch": args.text_arch, "shape_detail": SHAPES[args.shape],
                                                       "runs": runs, "skipped": skipped, **summary,
                                                       "command": " ".join(sys.argv)},
                         args.out)

@@ -124,7 +124,7 @@ class AudioTowerConfig:
 class TextTowerConfig:
     tokenizer: str = ""  # folder loadable by transformers.AutoTokenizer
     pretrained: Optional[str] = None  # HF model folder/name; None = build from the fields below
-    arch: str = "bert"  # transformers model_type used when building from scratch
+    arch: str = "bert"  # transformers model_type used when building from scratch, or "clip" (native CLIP-style tower)
     hidden: int = 32
     layers: int = 2
     heads: int = 2
@@ -136,6 +136,8 @@ class TextTowerConfig:
     def validate(self, where: str) -> None:
         if self.pooling not in ("mean", "cls", "gpo"):
             raise ConfigError(f"{where}.pooling: must be 'mean', 'cls' or 'gpo', got {self.pooling!r}")
+        if self.arch == "clip" and self.hidden % self.heads:
+            raise ConfigError(f"{where}.heads: {self.heads} does not divide hidden {self.hidden}")
         self.tokenizer = resolve_package_path(self.tokenizer, f"{where}.tokenizer") or ""
         self.pretrained = resolve_package_path(self.pretrained, f"{where}.pretrained")
         if not self.tokenizer and not self.pretrained:

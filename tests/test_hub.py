@@ -259,3 +259,28 @@ def test_card_base_model_from_a_hub_text_tower(run_dir):
     config = {**read_config(run / "export"), "text_base_model": "sentence-transformers/all-MiniLM-L6-v2"}
     card = validate_model_card(build_model_card(config, license="apache-2.0"), require=("license",))
     assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2" and card.data.eval_results is None
+
+
+def test_native_text_tower_exports_reloads_and_says_why_there_is_no_interop(tmp_path, caplog):
+    """arch: clip round-trips through mlmm's format; open_clip / transformers exports are refused with the reason."""
+    import logging
+
+    from mlmm.data.tokenization import train_tokenizer
+    from mlmm.hub.interop_open_clip import open_clip_problems
+    from mlmm.hub.interop_transformers import export_transformers_text
+
+    tok = train_tokenizer([t.lower() for t in TEXTS] * 5, tmp_path / "tok", vocab_size=60)
+    torch.manual_seed(0)
+    cfg = ModelConfig(embed_dim=16, image=ImageTowerConfig(),
+                      text=TextTowerConfig(tokenizer=str(tmp_path / "tok"), arch="clip", hidden=32, heads=4))
+    model = MultimodalModel(cfg, tok).eval()
+    out = save_pretrained(model, tmp_path / "export")
+    again = from_pretrained(out)
+    assert type(again.towers["text"]).__name__ == "NativeTextTower"
+    torch.testing.assert_close(again.encode_text(TEXTS), model.encode_text(TEXTS), rtol=0, atol=0)
+    assert "native tower" in open_clip_problems(model)[0]
+    with pytest.raises(ValueError, match="native tower"):
+        export_transformers_text(model, tmp_path / "text")
+    with caplog.at_level(logging.INFO):
+        summary = publish(out, "org/native", dry_run=True, out_dir=tmp_path / "hub", languages=["en", "de", "fr"])
+    assert summary["formats"] == [] and "native tower" in caplog.text

@@ -9,11 +9,11 @@ from torch import nn
 
 from mlmm.config import AudioTowerConfig, ImageTowerConfig, TextTowerConfig, VideoTowerConfig
 from mlmm.models.layers import Attention, Transformer
-from mlmm.models.towers import AudioTower, ImageTower, TextTower, VideoTower
+from mlmm.models.towers import AudioTower, ImageTower, NativeTextTower, TextTower, VideoTower
 
 D, B = 32, 2
 VOCAB = 100
-PAD = {"bert": 0, "xlm-roberta": 1}
+PAD = {"bert": 0, "xlm-roberta": 1, "clip": 0}
 
 
 def image_cfg() -> ImageTowerConfig:
@@ -150,6 +150,33 @@ def test_text_padding_invariance(arch):
     att2 = torch.cat([attention, torch.zeros(B, extra, dtype=torch.long)], dim=1)
     with torch.no_grad():
         torch.testing.assert_close(tower(ids2, att2), tower(ids, attention), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "gpo"])
+def test_native_text_tower_shapes_padding_and_no_dropout(pooling):
+    """arch: clip — open_clip-style blocks (fused qkv, SDPA, pre-norm), bidirectional, padding never attended."""
+    tower = NativeTextTower(text_cfg("clip", pooling), vocab_size=VOCAB, pad_token_id=0)
+    ids, attention = text_inputs(0)
+    assert tower.forward_tokens(ids, attention).shape == (B, 10, D) and tower(ids, attention).shape == (B, D)
+    ids2 = torch.cat([ids, torch.randint(5, VOCAB, (B, 6))], dim=1)  # junk (not even pad ids) in the padding
+    att2 = torch.cat([attention, torch.zeros(B, 6, dtype=torch.long)], dim=1)
+    torch.testing.assert_close(tower(ids2, att2), tower(ids, attention), atol=1e-5, rtol=1e-5)
+    train_out = tower.train()(ids, attention)
+    torch.testing.assert_close(tower.eval()(ids, attention), train_out, rtol=0, atol=0)  # no dropout anywhere
+    with pytest.raises(ValueError, match="max_length"):
+        tower(torch.zeros(B, 17, dtype=torch.long), torch.ones(B, 17, dtype=torch.long))
+
+
+def test_native_text_tower_blocks_equal_open_clip_resblocks():
+    """The native tower's blocks load open_clip's text resblocks unchanged and compute the same thing (no mask)."""
+    from open_clip.transformer import Transformer as OpenClipTransformer
+
+    tower = NativeTextTower(text_cfg("clip"), vocab_size=VOCAB, pad_token_id=0).eval()
+    ref = OpenClipTransformer(width=D, layers=2, heads=2, mlp_ratio=64 / D, batch_first=True).eval()
+    missing, unexpected = ref.load_state_dict(tower.transformer.state_dict(), strict=False)
+    assert not missing and not unexpected
+    x = torch.randn(B, 9, D)
+    torch.testing.assert_close(tower.transformer(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
 def test_text_tower_from_pretrained_round_trip(tmp_path):

@@ -41,10 +41,10 @@ def eval_loss(trainer, batch):
         return float(trainer.engine.module(batch)["loss"])
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_stage_trains_and_loss_drops(tiny_data, tmp_path, stage):
+@pytest.mark.parametrize("stage,text_arch", [(2, "bert"), (3, "bert"), (3, "clip")])
+def test_zero_stage_trains_and_loss_drops(tiny_data, tmp_path, stage, text_arch):
     cfg = tiny_config(tiny_data, tmp_path / "run", f"train.zero_stage={stage}", "train.max_steps=20",
-                      "data.batch_size=32")
+                      "data.batch_size=32", f"model.text.arch={text_arch}")
     trainer = Trainer(cfg).setup()
     assert trainer.engine.zero_optimization_stage() == stage
     batch = fixed_batch(cfg, trainer)

@@ -63,6 +63,9 @@ def open_clip_problems(model) -> list[str]:
     towers = list(model.towers)
     if "image" not in towers or "text" not in towers:
         return [f"open_clip models have an image and a text tower; this model has {towers}"]
+    if not hasattr(model.towers["text"], "model"):  # the native (arch: clip) tower: bidirectional, mean/CLS pooled
+        return [f"text tower arch {model.cfg.text.arch!r} (mlmm's native tower) has no open_clip counterpart: "
+                "open_clip's own text tower is causal with EOT pooling, and its HF adapter needs a transformers model"]
     problems = []
     hf = model.towers["text"].model.config
     if hf.model_type not in TEXT_ARCHS or getattr(hf, "is_encoder_decoder", False):

@@ -51,6 +51,9 @@ def export_transformers_text(model, out_dir: str | Path) -> Path:
         raise ValueError(f"transformers text export: the model has no text tower (towers: {model.modalities})")
     if model.tokenizer is None:
         raise ValueError("transformers text export: the model has no tokenizer")
+    if not hasattr(model.towers["text"], "model"):
+        raise ValueError(f"transformers text export: text arch {model.cfg.text.arch!r} is mlmm's native tower, not a "
+                         "transformers model; export it with mlmm's own format (save_pretrained)")
     if model.cfg.text.pooling not in ("mean", "cls"):
         raise ValueError(f"transformers text export: model.text.pooling {model.cfg.text.pooling!r} is not supported "
                          "by the standalone text encoder (mean | cls)")

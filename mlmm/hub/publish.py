@@ -89,7 +89,9 @@ def build_hub_folder(checkpoint: str | Path, out_dir: str | Path, *, repo_id: st
             shutil.copy2(f, out / f.name)
     model = load_export(out)  # also proves the copied export loads
     formats: list[str] = []
-    if interop and "text" in model.towers and model.cfg.text.pooling not in ("mean", "cls"):
+    if interop and "text" in model.towers and not hasattr(model.towers["text"], "model"):
+        log.info("no transformers text export: text arch %r is mlmm's native tower", model.cfg.text.arch)
+    elif interop and "text" in model.towers and model.cfg.text.pooling not in ("mean", "cls"):
         log.info("no transformers text export: text pooling %r is not mean/cls", model.cfg.text.pooling)
     elif interop and "text" in model.towers:
         export_transformers_text(model, out / "text")

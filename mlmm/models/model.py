@@ -16,7 +16,7 @@ from torch import nn
 
 from mlmm.config import ConfigError, ModelConfig
 from mlmm.data.batch import Batch
-from mlmm.models.towers import AudioTower, ImageTower, TextTower, VideoTower
+from mlmm.models.towers import AudioTower, ImageTower, NativeTextTower, TextTower, VideoTower
 from mlmm.registry import HEADS
 
 
@@ -35,7 +35,9 @@ class MultimodalModel(nn.Module):
         if cfg.text is not None:
             if tokenizer is None:
                 raise ValueError("model.text needs a tokenizer (model.text.tokenizer folder)")
-            towers["text"] = TextTower(cfg.text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+            native = cfg.text.arch == "clip" and not cfg.text.pretrained and not cfg.text.hf_config
+            text_cls = NativeTextTower if native else TextTower
+            towers["text"] = text_cls(cfg.text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
         self.towers = nn.ModuleDict(towers)
         self.proj = nn.ModuleDict({m: nn.Linear(t.width, cfg.embed_dim, bias=False) for m, t in towers.items()})
         for p in self.proj.values():

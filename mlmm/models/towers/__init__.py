@@ -5,6 +5,7 @@ Towers expose ``width`` (D) and have no projection to the shared embedding and n
 from mlmm.models.towers.audio import AudioTower
 from mlmm.models.towers.image import ImageTower, ViT
 from mlmm.models.towers.text import TextTower
+from mlmm.models.towers.text_native import NativeTextTower
 from mlmm.models.towers.video import VideoTower
 
-__all__ = ["AudioTower", "ImageTower", "TextTower", "VideoTower", "ViT"]
+__all__ = ["AudioTower", "ImageTower", "NativeTextTower", "TextTower", "VideoTower", "ViT"]
