@@ -348,3 +348,26 @@ def test_reranking_gains_on_generated_order_set(tmp_path):
             assert s[f"{d}_MnR_rerank"] < s[f"{d}_MnR_global"], (lang, d, s)
         assert s["v2t_R@1_gain"] >= 0, (lang, s)
     assert sum(s["t2v_R@1_gain"] + s["v2t_R@1_gain"] for s in summary.values()) > 0
+
+
+def test_candidate_pairs_respect_an_asymmetric_exclusion():
+    """exclude[i, j] (text i, media j): media j is never text i's negative, and text i never media j's."""
+    from mlmm.models.fusion.dual_interaction import candidate_pairs
+
+    g = torch.Generator().manual_seed(7)
+    n, k = 5, 3
+    sim = torch.rand(n, n, generator=g)
+    sim[0, 3] = sim[1, 3] = 9.0  # media 3 is the hardest negative of texts 0 and 1
+    exclude = torch.zeros(n, n, dtype=torch.bool)
+    exclude[0, 3] = True  # ... but text 0 is a caption of clip 3
+    cand = candidate_pairs(sim, k, exclude)
+    assert 3 not in cand.neg_t2m[0].tolist() and cand.neg_t2m[1, 0] == 3
+    assert 0 not in cand.neg_m2t[3].tolist()  # media 3's text candidates skip text 0
+    assert cand.m_idx.shape == cand.t_idx.shape == (2 * n * (1 + k),) and cand.valid.shape == (2 * n, 1 + k)
+    t2m, m2t = cand.split(torch.arange(2 * n * (1 + k), dtype=torch.float))
+    assert t2m[2, 0] == 2 * (1 + k) and m2t[0, 0] == n * (1 + k)  # the positives lead each block's rows
+    assert torch.equal(cand.m_idx[: n * (1 + k)].view(n, 1 + k)[:, 1:], cand.neg_t2m)
+    assert torch.equal(cand.t_idx[n * (1 + k):].view(n, 1 + k)[:, 1:], cand.neg_m2t)
+    few = candidate_pairs(sim[:3, :3], k, torch.ones(3, 3, dtype=torch.bool))  # nothing allowed: all slots invalid
+    t2m, _ = few.split(torch.zeros(2 * 3 * 3))
+    assert torch.isinf(t2m[:, 1:]).all() and torch.isfinite(t2m[:, 0]).all()

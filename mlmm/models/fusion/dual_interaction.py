@@ -24,7 +24,7 @@ weight, so the scores do not depend on what padding positions hold.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -179,3 +179,39 @@ def hard_negatives(sim: torch.Tensor, k: int, exclude: Optional[torch.Tensor] = 
     s = sim.detach().float().masked_fill(banned, float("-inf"))
     vals, idx = s.topk(k, dim=1)  # [N, k]
     return idx, torch.isfinite(vals)
+
+
+class Candidates(NamedTuple):
+    """Each text's positive + k hardest media and each media's positive + k hardest texts, as (media, text) pairs.
+
+    ``m_idx`` / ``t_idx`` Long[2 n (1+k)]: the t2m block (text query i: media i, then its negatives) followed by the
+    m2t block (media query j: text j, then its negatives); ``valid`` Bool[2 n, 1+k] (column 0, the positive, always
+    True); ``neg_t2m`` / ``neg_m2t`` Long[n, k] the negatives' indices.
+    """
+
+    m_idx: torch.Tensor
+    t_idx: torch.Tensor
+    valid: torch.Tensor
+    neg_t2m: torch.Tensor
+    neg_m2t: torch.Tensor
+
+    def split(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair scores [2 n (1+k)] in this order -> (t2m [n, 1+k], m2t [n, 1+k]) with ``-inf`` on invalid slots."""
+        n, width = self.neg_t2m.shape[0], self.valid.shape[1]
+        s = scores.view(2 * n, width).masked_fill(~self.valid, float("-inf"))
+        return s[:n], s[n:]
+
+
+def candidate_pairs(sim: torch.Tensor, k: int, exclude: Optional[torch.Tensor] = None) -> Candidates:
+    """sim [n, n]: text i vs media j (positives on the diagonal); exclude Bool[n, n], same orientation
+    (True: media j is never a negative of text i). -> :class:`Candidates` (hard negatives by ``sim``)."""
+    ex = exclude if exclude is not None else torch.zeros(sim.shape, dtype=torch.bool, device=sim.device)
+    neg_t2m, ok_t2m = hard_negatives(sim, k, ex)  # [n, k] media candidates of each text
+    neg_m2t, ok_m2t = hard_negatives(sim.t(), k, ex.t())  # [n, k] text candidates of each media
+    n, k = sim.shape[0], neg_t2m.shape[1]
+    ar = torch.arange(n, device=sim.device)
+    ones = torch.ones((n, 1), dtype=torch.bool, device=sim.device)
+    m_idx = torch.cat([torch.cat([ar[:, None], neg_t2m], 1).flatten(), ar.repeat_interleave(1 + k)])
+    t_idx = torch.cat([ar.repeat_interleave(1 + k), torch.cat([ar[:, None], neg_m2t], 1).flatten()])
+    valid = torch.cat([torch.cat([ones, ok_t2m], 1), torch.cat([ones, ok_m2t], 1)])  # [2n, 1+k]
+    return Candidates(m_idx, t_idx, valid, neg_t2m, neg_m2t)

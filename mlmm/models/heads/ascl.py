@@ -20,7 +20,8 @@ captions go through the model's own text tower + projection, and every pair is s
 * ``ascl_edit_scores`` [n, K], ``ascl_edit_valid`` Bool[n, K], ``ascl_edit_kinds`` Long[K] (index into
   ``EDIT_KINDS``): fused score of media i with the edits of its own caption;
 * ``ascl_global`` [n, n], ``ascl_edit_global`` [n, K]: the same pairs' global cosine alone;
-* ``ascl_exclude`` Bool[n, n]: pairs that are not negatives (same sample key, identical caption);
+* ``ascl_exclude`` Bool[n, n] media x caption, like ``ascl_scores``: pairs that are not negatives (same sample key,
+  identical caption, media owning the caption);
 * ``ascl_weight`` []: 0 when the batch has no such row (outputs then hold a zero-graph placeholder row).
 
 At retrieval time ``head.interaction.score_pairs`` re-ranks the global top-k (``evaluate_retrieval(rerank_topk=K)``).
@@ -157,7 +158,7 @@ class HierarchicalFusionHead(nn.Module):
             edit_scores = edit_scores.index_put((pos, col), fused)
             edit_global = edit_global.index_put((pos, col), g)
             edit_valid[pos, col] = True
-        exclude = DIVTRHead.excluded(batch, rows) & ~torch.eye(n, dtype=torch.bool, device=device)
+        exclude = DIVTRHead.excluded(batch, rows).t() & ~torch.eye(n, dtype=torch.bool, device=device)  # media x text
         return {"ascl_scores": scores, "ascl_edit_scores": edit_scores, "ascl_edit_valid": edit_valid,
                 "ascl_global": glob, "ascl_edit_global": edit_global,
                 "ascl_edit_kinds": self.kinds, "ascl_exclude": exclude,

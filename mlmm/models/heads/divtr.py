@@ -29,7 +29,7 @@ from torch import nn
 from mlmm.config import ConfigError
 from mlmm.data.batch import Batch
 from mlmm.losses.contrastive import key_groups
-from mlmm.models.fusion.dual_interaction import DualInteraction, hard_negatives
+from mlmm.models.fusion.dual_interaction import DualInteraction, candidate_pairs
 from mlmm.registry import HEADS
 
 
@@ -128,27 +128,15 @@ class DIVTRHead(nn.Module):
         rows = torch.nonzero(valid).squeeze(1)  # [n]
         if rows.numel() == 0:  # keep a (zero) graph through every parameter: ZeRO expects a grad for each
             rows = torch.zeros(1, dtype=torch.long, device=device)
-        n = rows.numel()
         sim = z_t[rows] @ z_m[rows].t()  # [n, n]: text i vs media j
-        excl = self.excluded(batch, rows)
-        neg_t2m, ok_t2m = hard_negatives(sim, self.cfg.hard_negatives, excl)  # media candidates of each text
-        neg_m2t, ok_m2t = hard_negatives(sim.t(), self.cfg.hard_negatives, excl.t())  # text candidates of each media
-        k = neg_t2m.shape[1]
-        ar = torch.arange(n, device=device)
-        cand_t2m = torch.cat([ar[:, None], neg_t2m], 1)  # [n, 1+k] media index per text query
-        cand_m2t = torch.cat([ar[:, None], neg_m2t], 1)  # [n, 1+k] text index per media query
-        # pairs (media, text), t2m block then m2t block; all of them scored in one call
-        m_idx = torch.cat([cand_t2m.flatten(), ar.repeat_interleave(1 + k)])
-        t_idx = torch.cat([ar.repeat_interleave(1 + k), cand_m2t.flatten()])
-        glob = sim.detach()[t_idx, m_idx]  # the global term trains through the contrastive loss only
+        cand = candidate_pairs(sim, self.cfg.hard_negatives, self.excluded(batch, rows))
+        glob = sim.detach()[cand.t_idx, cand.m_idx]  # the global term trains through the contrastive loss only
         m_tok, m_mask = scale_grad(outputs[f"{m}_tokens"][rows], self.cfg.tower_grad), outputs[f"{m}_token_mask"][rows]
         t_tok, t_mask = scale_grad(outputs["text_tokens"][rows], self.cfg.tower_grad), outputs["text_token_mask"][rows]
-        scores = self.interaction.score_pairs(m_tok, m_mask, t_tok, t_mask, m_idx, t_idx, global_sim=glob)  # [2n(1+k)]
-        t2m, m2t = scores[: n * (1 + k)].view(n, 1 + k), scores[n * (1 + k):].view(n, 1 + k)
-        ninf = torch.tensor(float("-inf"), dtype=scores.dtype, device=device)
-        ones = torch.ones((n, 1), dtype=torch.bool, device=device)
-        t2m = torch.where(torch.cat([ones, ok_t2m], 1), t2m, ninf)
-        m2t = torch.where(torch.cat([ones, ok_m2t], 1), m2t, ninf)
+        scores = self.interaction.score_pairs(m_tok, m_mask, t_tok, t_mask, cand.m_idx, cand.t_idx,
+                                              global_sim=glob)  # [2n(1+k)]
+        t2m, m2t = cand.split(scores)  # [n, 1+k] each, -inf on invalid slots
+        neg_t2m, neg_m2t = cand.neg_t2m, cand.neg_m2t
         if not bool(valid.any()):
             t2m, m2t = t2m[:, :1], m2t[:, :1]  # one column: zero cross-entropy, graph kept
         return {"divtr_t2m_logits": t2m, "divtr_m2t_logits": m2t, "divtr_t2m_negatives": neg_t2m,

@@ -35,7 +35,7 @@ from torch import nn
 from mlmm.config import ConfigError
 from mlmm.data.word_edits import CaptionEditor
 from mlmm.models.fusion.alignment import trim_padding
-from mlmm.models.fusion.dual_interaction import hard_negatives
+from mlmm.models.fusion.dual_interaction import candidate_pairs
 from mlmm.models.fusion.graph import GraphMatching
 from mlmm.models.heads.ascl import DEFAULT_WORD_LIST, resolve_words, text_encoder, valid_rows
 from mlmm.models.heads.divtr import DIVTRHead
@@ -147,23 +147,12 @@ class MVSENHead(nn.Module):
         m_tok, m_mask = outputs[f"{m}_tokens"][rows], outputs[f"{m}_token_mask"][rows]
         t_tok, t_mask = trim_padding(outputs["text_tokens"][rows], outputs["text_token_mask"][rows])
         glob = outputs[m][rows] @ outputs["text"][rows].t()  # [n, n] media x text
-        exclude = DIVTRHead.excluded(batch, rows) & ~torch.eye(n, dtype=torch.bool, device=device)
-        k = self.cfg.hard_negatives or n - 1
-        neg_t2m, ok_t2m = hard_negatives(glob.t(), k, exclude.t())  # [n, k'] media of each text
-        neg_m2t, ok_m2t = hard_negatives(glob, k, exclude)  # [n, k'] texts of each media
-        k = neg_t2m.shape[1]
-        ar = torch.arange(n, device=device)
-        cand_t2m = torch.cat([ar[:, None], neg_t2m], 1)  # [n, 1+k]
-        cand_m2t = torch.cat([ar[:, None], neg_m2t], 1)  # [n, 1+k]
-        m_idx = torch.cat([cand_t2m.flatten(), ar.repeat_interleave(1 + k)])
-        t_idx = torch.cat([ar.repeat_interleave(1 + k), cand_m2t.flatten()])
-        graph = inter.graph_pairs(m_tok, m_mask, t_tok, t_mask, m_idx, t_idx)  # [2 n (1+k)]
-        scores = inter.combine(glob.detach()[m_idx, t_idx], graph)  # the global term trains via InfoNCE only
-        t2m, m2t = scores[: n * (1 + k)].view(n, 1 + k), scores[n * (1 + k):].view(n, 1 + k)
-        ones = torch.ones((n, 1), dtype=torch.bool, device=device)
-        ninf = torch.tensor(float("-inf"), dtype=scores.dtype, device=device)
-        out = {"mvsen_t2m_logits": torch.where(torch.cat([ones, ok_t2m], 1), t2m, ninf),
-               "mvsen_m2t_logits": torch.where(torch.cat([ones, ok_m2t], 1), m2t, ninf),
+        exclude = DIVTRHead.excluded(batch, rows) & ~torch.eye(n, dtype=torch.bool, device=device)  # text x media
+        cand = candidate_pairs(glob.t(), self.cfg.hard_negatives or n - 1, exclude)  # 0: every other row
+        graph = inter.graph_pairs(m_tok, m_mask, t_tok, t_mask, cand.m_idx, cand.t_idx)  # [2 n (1+k)]
+        scores = inter.combine(glob.detach()[cand.m_idx, cand.t_idx], graph)  # the global term trains via InfoNCE only
+        t2m, m2t = cand.split(scores)  # [n, 1+k] each, -inf on invalid slots
+        out = {"mvsen_t2m_logits": t2m, "mvsen_m2t_logits": m2t,
                "mvsen_weight": torch.tensor(float(any_valid), device=device)}
         tm, okm, tt, okt = self.label_targets(batch, device)
         s = self.cfg.label_scale

@@ -13,7 +13,7 @@ For the rows with both the media and text (n of them) the head outputs, for the 
   ``exp(a) * cos + exp(b) * align + fusion`` of each query with its positive (column 0) and its k hardest in-batch
   negatives by ``cos + align`` (``hard_negatives: 0``: every other row; ``-inf`` on invalid slots); cos and align enter detached, so this term trains the
   fusion encoder and the combination weights while the matrices train through their own terms;
-* ``vse_exclude`` Bool[n, n] (same sample / identical caption: never negatives), ``vse_weight`` [] (0 = no row).
+* ``vse_exclude`` Bool[n, n] media x text, like the alignment scores (same sample / identical caption / media owning the caption: never negatives), ``vse_weight`` [] (0 = no row).
 
 At retrieval time ``head.interaction.score_pairs`` re-ranks the global top-k (``evaluate_retrieval(rerank_topk=K)``).
 """
@@ -26,7 +26,7 @@ from torch import nn
 
 from mlmm.config import ConfigError
 from mlmm.models.fusion.alignment import trim_padding
-from mlmm.models.fusion.dual_interaction import hard_negatives
+from mlmm.models.fusion.dual_interaction import candidate_pairs
 from mlmm.models.fusion.vse_fusion import AlignFusion
 from mlmm.models.heads.ascl import valid_rows
 from mlmm.models.heads.divtr import DIVTRHead
@@ -80,29 +80,17 @@ class VSEHead(nn.Module):
         t_tok, t_mask = trim_padding(outputs["text_tokens"][rows], outputs["text_token_mask"][rows])  # [n, L', D]
         glob = outputs[m][rows] @ outputs["text"][rows].t()  # [n, n] media x text
         align = inter.align_matrix(m_tok, m_mask, t_tok, t_mask)  # [n, n]
-        exclude = DIVTRHead.excluded(batch, rows) & ~torch.eye(n, dtype=torch.bool, device=device)
-        base = inter.combine(glob.detach(), align.detach())  # [n, n]: what the fusion encoder refines
-        k = self.cfg.hard_negatives or n - 1  # 0: every other row
-        neg_t2m, ok_t2m = hard_negatives(base.t(), k, exclude.t())  # [n, k] media of each text, hardest first
-        neg_m2t, ok_m2t = hard_negatives(base, k, exclude)  # [n, k] texts of each media
-        k = neg_t2m.shape[1]
-        ar = torch.arange(n, device=device)
-        cand_t2m = torch.cat([ar[:, None], neg_t2m], 1)  # [n, 1+k] media index per text query
-        cand_m2t = torch.cat([ar[:, None], neg_m2t], 1)  # [n, 1+k] text index per media query
-        if k >= n - 1:  # every pair is a candidate: score each (media, text) pair once
-            m_all, t_all = ar.repeat_interleave(n), ar.repeat(n)
+        exclude = DIVTRHead.excluded(batch, rows) & ~torch.eye(n, dtype=torch.bool, device=device)  # text x media
+        base = inter.combine(glob.detach(), align.detach())  # [n, n] media x text: what the fusion encoder refines
+        cand = candidate_pairs(base.t(), self.cfg.hard_negatives or n - 1, exclude)  # 0: every other row
+        if cand.valid.shape[1] >= n:  # every pair is a candidate: score each (media, text) pair once
+            m_all, t_all = torch.arange(n, device=device).repeat_interleave(n), torch.arange(n, device=device).repeat(n)
             fusion = inter.fusion_pairs(m_tok, m_mask, t_tok, t_mask, m_all, t_all).view(n, n)  # [n, n]
             full = inter.combine(glob.detach(), align.detach(), fusion)  # [n, n] media x text
-            t2m, m2t = full.t().gather(1, cand_t2m), full.gather(1, cand_m2t)  # [n, 1+k] each
+            scores = full[cand.m_idx, cand.t_idx]
         else:
-            m_idx = torch.cat([cand_t2m.flatten(), ar.repeat_interleave(1 + k)])
-            t_idx = torch.cat([ar.repeat_interleave(1 + k), cand_m2t.flatten()])
-            fusion = inter.fusion_pairs(m_tok, m_mask, t_tok, t_mask, m_idx, t_idx)  # [2 n (1+k)]
-            scores = inter.combine(glob.detach()[m_idx, t_idx], align.detach()[m_idx, t_idx], fusion)
-            t2m, m2t = scores[: n * (1 + k)].view(n, 1 + k), scores[n * (1 + k):].view(n, 1 + k)
-        ones = torch.ones((n, 1), dtype=torch.bool, device=device)
-        ninf = torch.tensor(float("-inf"), dtype=t2m.dtype, device=device)
-        t2m = torch.where(torch.cat([ones, ok_t2m], 1), t2m, ninf)
-        m2t = torch.where(torch.cat([ones, ok_m2t], 1), m2t, ninf)
-        return {"vse_align_scores": align, "vse_t2m_logits": t2m, "vse_m2t_logits": m2t, "vse_exclude": exclude,
+            fusion = inter.fusion_pairs(m_tok, m_mask, t_tok, t_mask, cand.m_idx, cand.t_idx)  # [2 n (1+k)]
+            scores = inter.combine(glob.detach()[cand.m_idx, cand.t_idx], align.detach()[cand.m_idx, cand.t_idx], fusion)
+        t2m, m2t = cand.split(scores)  # [n, 1+k] each, -inf on invalid slots
+        return {"vse_align_scores": align, "vse_t2m_logits": t2m, "vse_m2t_logits": m2t, "vse_exclude": exclude.t(),
                 "vse_weight": torch.tensor(float(any_valid), device=device)}
