@@ -23,6 +23,17 @@ def _without_pooler(build: Callable[..., nn.Module], *args: Any, **kwargs: Any) 
         return build(*args, **kwargs)
 
 
+def pool_text(h: torch.Tensor, attention: torch.Tensor, pooling: str, gpo=None) -> torch.Tensor:
+    """tokens [B, L, D], attention [B, L] (1 = real token) -> [B, D]: ``mean`` over the real tokens, ``cls`` (first
+    token) or ``gpo`` (the tower's :class:`~mlmm.models.pooling.GPO`)."""
+    if pooling == "cls":
+        return h[:, 0]
+    if pooling == "gpo":
+        return gpo(h, attention.bool())
+    m = attention.to(h.dtype).unsqueeze(-1)  # [B, L, 1]
+    return (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
 class TextTower(nn.Module):
     """Token ids Long[B, L] + attention Long/Bool[B, L] (1 = real token) -> [B, hidden].
 
@@ -72,12 +83,7 @@ class TextTower(nn.Module):
 
     def pool(self, h: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """tokens [B, L, D], attention [B, L] -> [B, D] (masked mean over real tokens, CLS, or GPO)."""
-        if self.cfg.pooling == "cls":
-            return h[:, 0]
-        if self.cfg.pooling == "gpo":
-            return self.gpo(h, attention.bool())
-        m = attention.to(h.dtype).unsqueeze(-1)  # [B, L, 1]
-        return (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        return pool_text(h, attention, self.cfg.pooling, getattr(self, "gpo", None))
 
     def forward(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """ids [B, L], attention [B, L] -> pooled [B, D]."""

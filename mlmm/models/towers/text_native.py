@@ -17,6 +17,7 @@ from torch import nn
 
 from mlmm.config import TextTowerConfig
 from mlmm.models.layers import Transformer
+from mlmm.models.towers.text import pool_text
 
 
 class NativeTextTower(nn.Module):
@@ -50,12 +51,7 @@ class NativeTextTower(nn.Module):
 
     def pool(self, h: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """tokens [B, L, D], attention [B, L] -> [B, D] (masked mean over real tokens, first token, or GPO)."""
-        if self.cfg.pooling == "cls":
-            return h[:, 0]
-        if self.cfg.pooling == "gpo":
-            return self.gpo(h, attention.bool())
-        m = attention.to(h.dtype).unsqueeze(-1)  # [B, L, 1]
-        return (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        return pool_text(h, attention, self.cfg.pooling, getattr(self, "gpo", None))
 
     def forward(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         return self.pool(self.forward_tokens(ids, attention), attention)
