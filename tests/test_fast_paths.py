@@ -125,3 +125,39 @@ def test_uint8_torch_resize_matches_pil_bicubic():
         torch.testing.assert_close(image_to_tensor(img, 224, train, box=box), ref, atol=0.1, rtol=0)
     square = np.array(img)[:224, :224]
     assert torch.equal(resize_uint8(square, (0, 0, 224, 224), 224), torch.from_numpy(square).permute(2, 0, 1))
+
+
+def test_normalize_on_device_gives_the_same_batches_and_training(tmp_path):
+    """data.normalize_on_device: the loader yields uint8 images / frames / reference images, Batch.normalize_images
+    makes them exactly the loader's float batches; a Trainer run with it trains to the same loss."""
+    from pathlib import Path
+
+    from conftest import build_tiny_data
+    from mlmm.config import load_config
+    from mlmm.data.pipeline import Preprocessor, build_train_loader
+    from mlmm.training import Trainer
+    from mlmm.training.trainer import load_tokenizer
+
+    repo = Path(__file__).resolve().parents[1]
+    data = build_tiny_data(tmp_path / "data", n_images=24, n_videos=8, n_audio=4, shard_size=40, seed=3)
+    base = [f"data.train_shards={data / 'shards'}", f"model.text.tokenizer={data / 'tok'}",
+            f"train.ds_config={repo / 'ds_config.json'}", "train.progress=false", "train.max_steps=4",
+            "train.log_every=2", "data.batch_size=8", "data.shuffle_buffer=0"]
+    cfg = load_config(repo / "recipes" / "configs" / "tiny_clip.yaml", [*base, f"output_dir={tmp_path / 'a'}"])
+    tok = load_tokenizer(cfg)
+    batches = {}
+    for u8 in (False, True):
+        pre = Preprocessor(cfg.model, tok, train=False, uint8_images=u8)
+        batches[u8] = next(iter(build_train_loader(cfg.data, pre, rank=0, world_size=1)))
+    assert batches[True].image.dtype == torch.uint8 and batches[True].video.dtype == torch.uint8
+    fixed = batches[True].normalize_images()
+    torch.testing.assert_close(fixed.image, batches[False].image, rtol=0, atol=0)
+    torch.testing.assert_close(fixed.video, batches[False].video, rtol=0, atol=0)
+    losses = {}
+    for u8 in (False, True):
+        run = load_config(repo / "recipes" / "configs" / "tiny_clip.yaml",
+                          [*base, f"output_dir={tmp_path / str(u8)}", f"data.normalize_on_device={str(u8).lower()}"])
+        trainer = Trainer(run).setup()
+        losses[u8] = [h["loss"] for h in trainer.train()]
+        trainer.cleanup()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)

@@ -5,7 +5,7 @@ A batch may mix samples that lack some modality: every modality tensor is presen
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 import torch
@@ -14,9 +14,9 @@ import torch
 @dataclass
 class Batch:
     keys: list[str]  # sample keys, length B
-    image: Optional[torch.Tensor] = None  # [B, 3, H, W] float, normalised
+    image: Optional[torch.Tensor] = None  # [B, 3, H, W] float, normalised (uint8 before normalize_images)
     image_mask: Optional[torch.Tensor] = None  # [B] bool
-    video: Optional[torch.Tensor] = None  # [B, T, 3, H, W] float, normalised
+    video: Optional[torch.Tensor] = None  # [B, T, 3, H, W] float, normalised (uint8 before normalize_images)
     video_mask: Optional[torch.Tensor] = None  # [B] bool
     audio: Optional[torch.Tensor] = None  # [B, 1, n_mels, frames] float log-mel
     audio_mask: Optional[torch.Tensor] = None  # [B] bool
@@ -48,6 +48,25 @@ class Batch:
                      for k, t in v.items()}
             out[f.name] = v
         return Batch(**out)
+
+    def normalize_images(self, dtype: Optional[torch.dtype] = None) -> "Batch":
+        """uint8 ``image`` / ``video`` / ``extras`` images (``data.normalize_on_device``) -> CLIP-normalised ``dtype``
+        (default float32) where they are, typically on the GPU after :meth:`to`; other tensors are unchanged."""
+        from mlmm.data.transforms import normalize_uint8
+
+        dtype = dtype or torch.float32
+        def fix(t):  # uint8 [..., 3, H, W]: images and frames (extras: only image-shaped [B, 3, H, W] ones)
+            return normalize_uint8(t, dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.uint8 else t
+
+        def media(t, mask):  # rows without the modality stay zeros, as the loader's float batches have them
+            out = fix(t)
+            if out is not t and mask is not None and not bool(mask.all()):
+                out = out.masked_fill(~mask.to(out.device).view(-1, *([1] * (out.dim() - 1))), 0.0)
+            return out
+
+        extras = {k: fix(v) if v.dim() == 4 and v.shape[1] == 3 else v for k, v in self.extras.items()}
+        return replace(self, image=media(self.image, self.image_mask), video=media(self.video, self.video_mask),
+                       extras=extras)
 
     def has(self, modality: str) -> bool:
         mask = getattr(self, f"{modality}_mask")

@@ -166,10 +166,12 @@ class Preprocessor:
     """
 
     def __init__(self, model_cfg: ModelConfig, tokenizer: Any = None, *, train: bool,
-                 extra_shapes: Optional[dict[str, tuple[int, ...]]] = None):
+                 extra_shapes: Optional[dict[str, tuple[int, ...]]] = None, uint8_images: bool = False):
         """``extra_shapes``: media the model has no tower for but a loss reads (e.g. images for a frozen
-        distillation teacher), ``{"image": (3, S, S), "video": (T, 3, S, S)}``; they are decoded at that size."""
-        self.cfg, self.tokenizer, self.train = model_cfg, tokenizer, train
+        distillation teacher), ``{"image": (3, S, S), "video": (T, 3, S, S)}``; they are decoded at that size.
+        ``uint8_images``: images and video frames stay uint8 (``data.normalize_on_device``; the trainer normalises
+        them on the device with :meth:`~mlmm.data.batch.Batch.normalize_images`)."""
+        self.cfg, self.tokenizer, self.train, self.normalize = model_cfg, tokenizer, train, not uint8_images
         self.modalities = list(model_cfg.modalities)
         if "text" in self.modalities and tokenizer is None:
             raise ValueError("Preprocessor: the model has a text tower, so a tokenizer is required")
@@ -201,10 +203,11 @@ class Preprocessor:
             try:
                 if modality == "image":
                     size = self.shapes["image"][-1]
-                    out["image"] = image_to_tensor(decode_image(data, draft_size=size), size, self.train, rng)
+                    out["image"] = image_to_tensor(decode_image(data, draft_size=size), size, self.train, rng,
+                                                   normalize=self.normalize)
                 elif modality == "video":
                     frames, _, _, size = self.shapes["video"]
-                    out["video"] = decode_video(data, frames, size, train=self.train, rng=rng)
+                    out["video"] = decode_video(data, frames, size, train=self.train, rng=rng, normalize=self.normalize)
                 else:
                     a = self.cfg.audio
                     wave, sr = decode_audio(data)
@@ -226,7 +229,8 @@ class Preprocessor:
             if not name or name.startswith("__") or suffix not in EXTENSIONS["image"] or data is None:
                 continue
             try:
-                out[name] = image_to_tensor(decode_image(data, draft_size=size), size, self.train, rng)
+                out[name] = image_to_tensor(decode_image(data, draft_size=size), size, self.train, rng,
+                                            normalize=self.normalize)
             except ValueError as e:
                 raise SampleError("undecodable image", f"{raw.get('__key__', '?')}.{ext}: {e}") from e
         return out
@@ -289,10 +293,12 @@ def collate(samples: Sequence[dict[str, Any]], *, shapes: Optional[dict[str, tup
         for s in samples:
             if m in s and tuple(s[m].shape) != shape:
                 raise ValueError(f"collate: {m} of {s['key']} has shape {tuple(s[m].shape)}, expected {shape}")
+        dtype = next(s[m].dtype for s in samples if m in s) if any(have) else torch.float32
+        dtype = torch.uint8 if dtype == torch.uint8 else torch.float32  # uint8 images stay uint8 (4x smaller)
         if all(have):  # one pass, no zero fill
-            data = torch.stack([s[m] for s in samples]).float()  # [B, *shape]
+            data = torch.stack([s[m] for s in samples]).to(dtype)  # [B, *shape]
         else:
-            data = torch.zeros((n, *shape), dtype=torch.float32)  # [B, *shape]
+            data = torch.zeros((n, *shape), dtype=dtype)  # [B, *shape]
             for i, s in enumerate(samples):
                 if m in s:
                     data[i] = s[m]

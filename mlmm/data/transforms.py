@@ -92,13 +92,28 @@ def resize_uint8(rgb: np.ndarray, box: Box, size: int) -> torch.Tensor:
 
 
 def image_to_tensor(
-    img: Image.Image, size: int, train: bool, rng: Optional[random.Random] = None, box: Optional[Box] = None
+    img: Image.Image, size: int, train: bool, rng: Optional[random.Random] = None, box: Optional[Box] = None,
+    normalize: bool = True,
 ) -> torch.Tensor:
-    """PIL image -> Float[3, size, size]: square crop (see :func:`crop_box`), bicubic resize, normalise."""
+    """PIL image -> Float[3, size, size]: square crop (see :func:`crop_box`), bicubic resize, normalise.
+
+    ``normalize=False``: the resized uint8 [3, size, size], to be normalised later by :func:`normalize_uint8`
+    (on the training device: ``data.normalize_on_device``).
+    """
     img = img.convert("RGB") if img.mode != "RGB" else img
     box = box or crop_box(img.width, img.height, train, rng)
-    x = resize_uint8(np.array(img, dtype=np.uint8), box, size)  # [3, size, size] uint8 (np.array: a writable copy)
-    return x.contiguous().float().mul_(_SCALE).sub_(_SHIFT)
+    x = resize_uint8(np.array(img, dtype=np.uint8), box, size).contiguous()  # [3, size, size] uint8
+    return x.float().mul_(_SCALE).sub_(_SHIFT) if normalize else x
+
+
+def normalize_uint8(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 images [..., 3, H, W] (on any device) -> ``dtype``, normalised with the CLIP mean/std.
+
+    The same float32 ops as the per-sample path (``x * 1/(255 std) - mean/std``), so the result is identical to
+    normalising each image in the loader; only the place (and the 4x smaller host-to-device copy) changes.
+    """
+    scale, shift = _SCALE.to(x.device), _SHIFT.to(x.device)
+    return x.float().mul_(scale).sub_(shift).to(dtype)
 
 
 # ------------------------------------------------------------------------------------------ videos
@@ -110,9 +125,10 @@ def sample_indices(n_available: int, num_frames: int) -> list[int]:
 
 
 def decode_video(
-    data: bytes, num_frames: int, size: int, train: bool = False, rng: Optional[random.Random] = None
+    data: bytes, num_frames: int, size: int, train: bool = False, rng: Optional[random.Random] = None,
+    normalize: bool = True,
 ) -> torch.Tensor:
-    """Encoded video bytes (mp4, avi, ...) -> Float[T=num_frames, 3, size, size].
+    """Encoded video bytes (mp4, avi, ...) -> Float[T=num_frames, 3, size, size] (uint8 with ``normalize=False``).
 
     Frames are sampled uniformly over the whole clip (np.linspace); a clip with fewer frames than
     ``num_frames`` repeats frames. One crop box is used for every frame of a clip. When the
@@ -155,7 +171,7 @@ def decode_video(
         indices = [have[int(np.argmin([abs(h - i) for h in have]))] for i in indices]
     first = kept[indices[0]]
     box = crop_box(first.width, first.height, train, rng)
-    frames = [image_to_tensor(kept[i], size, train=False, box=box) for i in indices]
+    frames = [image_to_tensor(kept[i], size, train=False, box=box, normalize=normalize) for i in indices]
     return torch.stack(frames)  # [T, 3, size, size]
 
 
