@@ -13,7 +13,9 @@ normalised with the CLIP mean/std, with a train-time random crop:
     resizes on uint8 before normalising.
 Images: the photos of ../shared/data/images_vi upscaled to 512 px with film grain (realistic JPEG entropy), or
 generated shapes with grain when that folder is absent. One epoch per measurement after a warm-up batch;
-samples/s per worker count and the ratio mlmm / plain. Writes ``benchmarks/results/dataloader_cpu.json``.
+samples/s per worker count and the ratio mlmm / plain; also mlmm with ``data.normalize_on_device`` (uint8 batches: the
+normalisation moves to the training device, which is how GPU runs should use it). Writes
+``benchmarks/results/dataloader_cpu.json``.
 """
 from __future__ import annotations
 
@@ -97,7 +99,7 @@ def plain_loader(spec: str, batch: int, workers: int):
                                        prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
-def mlmm_loader(spec: str, batch: int, workers: int, tok_dir: Path):
+def mlmm_loader(spec: str, batch: int, workers: int, tok_dir: Path, uint8: bool = False):
     from mlmm.config import DataConfig, ImageTowerConfig, ModelConfig, TextTowerConfig
     from mlmm.data.pipeline import Preprocessor, build_train_loader
     from mlmm.data.tokenization import load_tokenizer, train_tokenizer
@@ -106,7 +108,7 @@ def mlmm_loader(spec: str, batch: int, workers: int, tok_dir: Path):
         train_tokenizer([c for caps in CAPTIONS.values() for c in caps] * 10, tok_dir, vocab_size=64)
     model_cfg = ModelConfig(embed_dim=32, image=ImageTowerConfig(image_size=224, patch_size=32),
                             text=TextTowerConfig(tokenizer=str(tok_dir), max_length=16))
-    pre = Preprocessor(model_cfg, load_tokenizer(tok_dir), train=True)
+    pre = Preprocessor(model_cfg, load_tokenizer(tok_dir), train=True, uint8_images=uint8)
     cfg = DataConfig(train_shards=spec, batch_size=batch, num_workers=workers, shuffle_buffer=64)
     return build_train_loader(cfg, pre, rank=0, world_size=1)
 
@@ -116,7 +118,7 @@ def time_epoch(loader, n: int, batch: int) -> float:
     it = iter(loader)
     first = next(it)
     images = first[0] if isinstance(first, (tuple, list)) else first.image
-    assert images.shape[-2:] == (224, 224) and images.dtype == torch.float32
+    assert images.shape[-2:] == (224, 224) and images.dtype in (torch.float32, torch.uint8)
     batches = n // batch - 1
     t = time.perf_counter()
     for _ in range(batches):
@@ -142,18 +144,24 @@ def main(argv=None) -> int:
         print(f"wrote {args.n} {args.size}-px JPEG samples ({mean_kb:.0f} KB each) in {time.perf_counter() - t:.0f} s")
         rows = []
         for workers in args.workers:
-            rates = {"plain": [], "mlmm": []}
+            rates = {"plain": [], "mlmm": [], "mlmm_uint8": []}
             for _ in range(args.reps):
                 rates["plain"].append(time_epoch(plain_loader(spec, args.batch, workers), args.n, args.batch))
                 rates["mlmm"].append(time_epoch(mlmm_loader(spec, args.batch, workers, Path(tmp) / "tok"),
                                                 args.n, args.batch))
+                rates["mlmm_uint8"].append(time_epoch(mlmm_loader(spec, args.batch, workers, Path(tmp) / "tok",
+                                                                  uint8=True), args.n, args.batch))
             best = {k: max(v) for k, v in rates.items()}
             row = {"workers": workers, "plain_samples_per_s": best["plain"], "mlmm_samples_per_s": best["mlmm"],
                    "plain_per_worker": best["plain"] / workers, "mlmm_per_worker": best["mlmm"] / workers,
-                   "ratio_mlmm_over_plain": best["mlmm"] / best["plain"], "all": rates}
+                   "ratio_mlmm_over_plain": best["mlmm"] / best["plain"],
+                   # data.normalize_on_device: uint8 out, normalisation moved to the training device (GPU runs)
+                   "mlmm_uint8_samples_per_s": best["mlmm_uint8"],
+                   "ratio_mlmm_uint8_over_plain": best["mlmm_uint8"] / best["plain"], "all": rates}
             rows.append(row)
             print(f"workers {workers}: plain {best['plain']:7.1f} samples/s, mlmm {best['mlmm']:7.1f} samples/s "
-                  f"-> {row['ratio_mlmm_over_plain']:.2f}x")
+                  f"-> {row['ratio_mlmm_over_plain']:.2f}x; uint8 out (normalize_on_device) "
+                  f"{best['mlmm_uint8']:7.1f} -> {row['ratio_mlmm_uint8_over_plain']:.2f}x")
     path = write_result("dataloader_cpu", {"n": args.n, "image_px": args.size, "batch": args.batch,
                                            "mean_sample_kb": mean_kb, "rows": rows,
                                            "command": " ".join(sys.argv)}, args.out)
