@@ -161,3 +161,32 @@ def test_normalize_on_device_gives_the_same_batches_and_training(tmp_path):
         losses[u8] = [h["loss"] for h in trainer.train()]
         trainer.cleanup()
     assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+
+
+def test_zero0_single_replica_skips_the_identity_allreduce_with_identical_training(tmp_path):
+    """One process, ZeRO-0: DeepSpeed's flatten + all-reduce + copy-back of every gradient is skipped; the weights
+    after a few steps equal those of a run that keeps it."""
+    from pathlib import Path
+
+    from conftest import build_tiny_data
+    from mlmm.config import load_config
+    from mlmm.training import Trainer, engine as engine_mod
+
+    repo = Path(__file__).resolve().parents[1]
+    data = build_tiny_data(tmp_path / "data", n_images=24, n_videos=8, n_audio=8, shard_size=40, seed=4)
+    states = {}
+    for skip in (True, False):
+        cfg = load_config(repo / "recipes" / "configs" / "tiny_clip.yaml", [
+            f"data.train_shards={data / 'shards'}", f"model.text.tokenizer={data / 'tok'}",
+            f"output_dir={tmp_path / str(skip)}", f"train.ds_config={repo / 'ds_config.json'}", "train.progress=false",
+            "train.max_steps=3", "data.batch_size=8", "train.zero_stage=0"])
+        trainer = Trainer(cfg).setup()
+        assert "allreduce_gradients" in vars(trainer.engine)  # initialize() replaced it on this engine
+        if not skip:  # the reference run keeps DeepSpeed's own all-reduce
+            del trainer.engine.allreduce_gradients
+        trainer.train()
+        states[skip] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        trainer.cleanup()
+    for k, v in states[True].items():
+        torch.testing.assert_close(v, states[False][k], rtol=0, atol=0)
+    assert engine_mod.skip_single_replica_allreduce.__doc__

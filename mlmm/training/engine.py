@@ -105,7 +105,30 @@ def initialize(cfg: RunConfig, module: nn.Module, device: torch.device):
                                 min_lr_ratio=t.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_cfg)
+    skip_single_replica_allreduce(engine)
     return engine, ds_cfg
+
+
+def skip_single_replica_allreduce(engine) -> bool:
+    """ZeRO-0 with one data-parallel replica: replace DeepSpeed's backward all-reduce by what it leaves behind.
+
+    There it flattens every gradient into one bucket (a full extra copy of the gradients), all-reduces the bucket
+    with itself, scales it by 1/1 and copies it back: memory traffic and a transient gradient-sized buffer for an
+    identity. Its only lasting effect is that parameters without a gradient get a zero one (so AdamW still moves
+    them by their momentum); the replacement does just that, so training is bit-identical (tested). ZeRO >= 1
+    reduces inside its optimizer and is left alone. Returns whether the all-reduce was replaced.
+    """
+    if engine.zero_optimization_stage() != 0 or getattr(engine, "dp_world_size", 2) != 1:
+        return False
+    module = engine.module
+
+    def zero_fill_missing_grads(*args, **kwargs) -> None:
+        for p in module.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    engine.allreduce_gradients = zero_fill_missing_grads  # instance attribute: DeepSpeed's backward calls it
+    return True
 
 
 def compile_towers(model: nn.Module) -> None:
