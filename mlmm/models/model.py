@@ -74,12 +74,17 @@ class MultimodalModel(nn.Module):
         z = self.proj[modality](self._features(modality, x, attention))
         return F.normalize(z, dim=-1) if normalize else z
 
-    def encode_text(self, texts: list[str], device: Optional[torch.device] = None) -> torch.Tensor:
-        """Tokenise and embed raw strings with the model's tokenizer: -> [N, E]."""
+    def tokenize_text(self, texts: list[str], device: Optional[torch.device] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw strings -> (ids Long[N, L], attention Long[N, L]) on ``device``, padded to the longest."""
         tok = self.tokenizer(texts, padding=True, truncation=True, max_length=self.cfg.text.max_length,
                              return_tensors="pt")
         device = device or next(self.parameters()).device
-        return self.encode("text", tok["input_ids"].to(device), tok["attention_mask"].to(device))
+        return tok["input_ids"].to(device), tok["attention_mask"].to(device)
+
+    def encode_text(self, texts: list[str], device: Optional[torch.device] = None) -> torch.Tensor:
+        """Tokenise and embed raw strings with the model's tokenizer: -> [N, E]."""
+        return self.encode("text", *self.tokenize_text(texts, device))
 
     def encode_tokens(self, modality: str, x: torch.Tensor, attention: Optional[torch.Tensor] = None,
                       audio_tokens: Optional[torch.Tensor] = None, audio_mask: Optional[torch.Tensor] = None

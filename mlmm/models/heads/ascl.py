@@ -32,13 +32,13 @@ import random
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import ConfigError
 from mlmm.data.word_edits import EDIT_KINDS, CaptionEditor, load_word_lists
 from mlmm.models.fusion.alignment import trim_padding
 from mlmm.models.fusion.hierarchical import HierarchicalFusion
+from mlmm.models.heads.common import require_towers, text_encoder, valid_rows
 from mlmm.models.heads.divtr import DIVTRHead
 from mlmm.registry import HEADS
 
@@ -82,36 +82,11 @@ class HierarchicalFusionHeadConfig:
         resolve_words(self, where)
 
 
-def text_encoder(model):
-    """A function encoding raw strings with the model's text tower + projection (no module reference kept)."""
-    tower, proj, tok, max_length = model.towers["text"], model.proj["text"], model.tokenizer, model.cfg.text.max_length
-
-    def encode(texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (embedding [N, E] L2-normalised, tokens [N, L, D], mask Bool[N, L])."""
-        enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        ids, att = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        tokens = tower.forward_tokens(ids, att)
-        return F.normalize(proj(tower.pool(tokens, att)), dim=-1), tokens, att.bool()
-
-    return encode
-
-
-def valid_rows(batch, media: str, device) -> tuple[torch.Tensor, bool]:
-    """Rows with both the media and a caption (Long[n]); a one-row placeholder and False when there is none."""
-    valid = batch.mask(media).to(device) & batch.mask("text").to(device)
-    rows = torch.nonzero(valid).squeeze(1)
-    if rows.numel() == 0:
-        return torch.zeros(1, dtype=torch.long, device=device), False
-    return rows, True
-
-
 @HEADS.register("hierarchical_fusion", config=HierarchicalFusionHeadConfig)
 class HierarchicalFusionHead(nn.Module):
     def __init__(self, cfg: HierarchicalFusionHeadConfig, model):
         super().__init__()
-        for m in (cfg.media, "text"):
-            if m not in model.widths:
-                raise ConfigError(f"model.heads.{cfg.name}: needs a {m} tower (model has {sorted(model.widths)})")
+        require_towers(model, cfg.name, (cfg.media, "text"))
         self.cfg, self.media = cfg, cfg.media
         self.needs_tokens = (cfg.media, "text")
         self.interaction = HierarchicalFusion(model.widths[cfg.media], model.widths["text"], cfg.width,

@@ -30,6 +30,7 @@ from mlmm.config import ConfigError
 from mlmm.data.batch import Batch
 from mlmm.losses.contrastive import key_groups
 from mlmm.models.fusion.dual_interaction import DualInteraction, candidate_pairs
+from mlmm.models.heads.common import valid_rows
 from mlmm.registry import HEADS
 
 
@@ -124,10 +125,7 @@ class DIVTRHead(nn.Module):
         m = self.media
         z_m, z_t = outputs[m], outputs["text"]  # [B, E]
         device = z_m.device
-        valid = batch.mask(m).to(device) & batch.mask("text").to(device)
-        rows = torch.nonzero(valid).squeeze(1)  # [n]
-        if rows.numel() == 0:  # keep a (zero) graph through every parameter: ZeRO expects a grad for each
-            rows = torch.zeros(1, dtype=torch.long, device=device)
+        rows, any_valid = valid_rows(batch, m, device)  # [n]; no such row: row 0, zero graph kept
         sim = z_t[rows] @ z_m[rows].t()  # [n, n]: text i vs media j
         cand = candidate_pairs(sim, self.cfg.hard_negatives, self.excluded(batch, rows))
         glob = sim.detach()[cand.t_idx, cand.m_idx]  # the global term trains through the contrastive loss only
@@ -137,7 +135,7 @@ class DIVTRHead(nn.Module):
                                               global_sim=glob)  # [2n(1+k)]
         t2m, m2t = cand.split(scores)  # [n, 1+k] each, -inf on invalid slots
         neg_t2m, neg_m2t = cand.neg_t2m, cand.neg_m2t
-        if not bool(valid.any()):
+        if not any_valid:
             t2m, m2t = t2m[:, :1], m2t[:, :1]  # one column: zero cross-entropy, graph kept
         return {"divtr_t2m_logits": t2m, "divtr_m2t_logits": m2t, "divtr_t2m_negatives": neg_t2m,
                 "divtr_m2t_negatives": neg_m2t, "divtr_rows": rows}

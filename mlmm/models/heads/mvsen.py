@@ -37,7 +37,8 @@ from mlmm.data.word_edits import CaptionEditor
 from mlmm.models.fusion.alignment import trim_padding
 from mlmm.models.fusion.dual_interaction import candidate_pairs
 from mlmm.models.fusion.graph import GraphMatching
-from mlmm.models.heads.ascl import DEFAULT_WORD_LIST, resolve_words, text_encoder, valid_rows
+from mlmm.models.heads.ascl import DEFAULT_WORD_LIST, resolve_words
+from mlmm.models.heads.common import require_towers, text_encoder, valid_rows
 from mlmm.models.heads.divtr import DIVTRHead
 from mlmm.registry import HEADS
 
@@ -92,9 +93,7 @@ def sibling_caption(meta: dict, caption: str, lang: str, rng: random.Random) -> 
 class MVSENHead(nn.Module):
     def __init__(self, cfg: MVSENHeadConfig, model):
         super().__init__()
-        for m in (cfg.media, "text"):
-            if m not in model.widths:
-                raise ConfigError(f"model.heads.{cfg.name}: needs a {m} tower (model has {sorted(model.widths)})")
+        require_towers(model, cfg.name, (cfg.media, "text"))
         self.cfg, self.media = cfg, cfg.media
         self.needs_tokens = (cfg.media, "text")
         self.interaction = GraphMatching(model.widths[cfg.media], model.widths["text"], cfg.width, cfg.heads,

@@ -28,7 +28,7 @@ from mlmm.config import ConfigError
 from mlmm.models.fusion.alignment import trim_padding
 from mlmm.models.fusion.dual_interaction import candidate_pairs
 from mlmm.models.fusion.vse_fusion import AlignFusion
-from mlmm.models.heads.ascl import valid_rows
+from mlmm.models.heads.common import require_towers, valid_rows
 from mlmm.models.heads.divtr import DIVTRHead
 from mlmm.registry import HEADS
 
@@ -62,9 +62,7 @@ class VSEHeadConfig:
 class VSEHead(nn.Module):
     def __init__(self, cfg: VSEHeadConfig, model):
         super().__init__()
-        for m in (cfg.media, "text"):
-            if m not in model.widths:
-                raise ConfigError(f"model.heads.{cfg.name}: needs a {m} tower (model has {sorted(model.widths)})")
+        require_towers(model, cfg.name, (cfg.media, "text"))
         self.cfg, self.media = cfg, cfg.media
         self.needs_tokens = (cfg.media, "text")
         self.interaction = AlignFusion(model.widths[cfg.media], model.widths["text"], cfg.width, cfg.fusion_width,
