@@ -1,0 +1,100 @@
+"""Shard specs and raw samples: which tar files a spec names, and their samples as dicts.
+
+    resolve_shards("data/shards")                    # folder (index.json, else *.tar), glob, brace range, "a,b"
+    for raw in iter_samples(shards): ...             # {"__key__", <ext>: bytes, "json": dict}, in order
+    slot_samples(shards, seed=0, epoch=0, slot=1, n_slots=4)    # what one loader slot reads in an epoch
+
+Decoding and batching live in :mod:`mlmm.data.pipeline`, the resumable training stream in
+:mod:`mlmm.data.train_stream` / :mod:`mlmm.data.stream`.
+"""
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+
+def _split_spec(spec: str) -> list[str]:
+    """"a.tar,b-{000..009}.tar" -> parts, with webdataset/open_clip brace ranges expanded (commas inside braces kept)."""
+    from braceexpand import braceexpand  # a webdataset dependency
+
+    parts, depth, cur = [], 0, ""
+    for ch in spec or "":
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [q for p in parts if p.strip() for q in (braceexpand(p.strip()) if "{" in p else [p.strip()])]
+
+
+def resolve_shards(spec: str) -> list[str]:
+    """Shard paths from a folder (its index.json, else its sorted *.tar), a glob, a brace range
+    ("shards/train-{000000..000127}.tar", as webdataset and open_clip write it), or "a.tar,b.tar"."""
+    files: list[str] = []
+    for part in _split_spec(spec):
+        path = Path(part)
+        if path.is_dir():
+            index = path / "index.json"
+            if index.is_file():
+                with open(index, encoding="utf-8") as f:
+                    found = [str(path / s["name"]) for s in json.load(f)["shards"]]
+                missing = [p for p in found if not Path(p).is_file()]
+                if missing:
+                    raise FileNotFoundError(f"shard spec {spec!r}: {index} lists missing shards {missing[:3]}")
+            else:
+                found = sorted(str(p) for p in path.glob("*.tar"))
+        elif any(c in part for c in "*?["):
+            found = sorted(glob.glob(part))
+        elif path.is_file():
+            found = [str(path)]
+        else:
+            raise FileNotFoundError(f"shard spec {spec!r}: {part!r} does not exist")
+        if not found:
+            raise FileNotFoundError(f"shard spec {spec!r}: no .tar shards in {part!r}")
+        files.extend(found)
+    if not files:
+        raise FileNotFoundError(f"shard spec {spec!r}: empty (expected a folder, a glob or a comma list)")
+    return files
+
+
+def _parse(sample: dict[str, Any]) -> dict[str, Any]:
+    """Raw tar entry group -> {"__key__", "__url__", <ext>: bytes, "json": dict}."""
+    out = {k.lower() if not k.startswith("__") else k: v for k, v in sample.items()}
+    raw = out.get("json")
+    try:
+        out["json"] = json.loads(raw) if isinstance(raw, (bytes, str)) else (raw or {})
+    except json.JSONDecodeError as e:
+        out["json"] = {"__error__": f"invalid json: {e}"}
+    return out
+
+
+def iter_samples(shards: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Raw samples of ``shards`` in order, in this process: ``{"__key__", <ext>: bytes, "json": dict}``."""
+    import webdataset as wds
+
+    for sample in wds.tarfile_samples({"url": str(u)} for u in shards):
+        yield _parse(sample)
+
+
+def epoch_shards(shards: Sequence[str], seed: int, epoch: int) -> list[str]:
+    """The epoch's shard order: a copy of ``shards`` shuffled with ``Random(seed + epoch)``."""
+    from mlmm.data.stream import SlotPlan
+
+    return SlotPlan(shards, seed=seed, slot=0, n_slots=1).epoch_order(epoch)
+
+
+def slot_samples(shards: Sequence[str], *, seed: int, epoch: int, slot: int, n_slots: int) -> Iterator[dict[str, Any]]:
+    """The raw samples that slot ``slot`` of ``n_slots`` reads in ``epoch`` (see module docstring)."""
+    from mlmm.data.stream import SlotPlan
+
+    if not 0 <= slot < n_slots:
+        raise ValueError(f"slot {slot} out of range for {n_slots} slots")
+    for raw in SlotPlan(shards, seed=seed, slot=slot, n_slots=n_slots).epoch_samples(epoch, 0):
+        yield _parse(raw)
+
+
+# ------------------------------------------------------------------------------------ preprocessing
