@@ -107,6 +107,14 @@ def masked_info_nce(a_local: torch.Tensor, b_local: torch.Tensor, valid_local: t
     return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
 
 
+def covered_pairs(pairs: list[list[str]], modalities: list[str]) -> list[tuple[str, str]]:
+    """The configured ``loss.pairs`` whose two towers the model has; ConfigError when none is."""
+    out = [(a, b) for a, b in pairs if a in modalities and b in modalities]
+    if not out:
+        raise ConfigError(f"loss.pairs: none of {pairs} is covered by the model's towers {modalities}")
+    return out
+
+
 @LOSSES.register("contrastive", config=ContrastiveLossConfig)
 class ContrastiveLoss(nn.Module):
     """CLIP loss for each configured pair present in the model; returns ``{"loss", "<a>_<b>_loss"}``."""
@@ -114,9 +122,7 @@ class ContrastiveLoss(nn.Module):
     def __init__(self, cfg: ContrastiveLossConfig, modalities: list[str]):
         super().__init__()
         self.cfg = cfg
-        self.pairs = [(a, b) for a, b in cfg.pairs if a in modalities and b in modalities]
-        if not self.pairs:
-            raise ConfigError(f"loss.pairs: none of {cfg.pairs} is covered by the model's towers {modalities}")
+        self.pairs = covered_pairs(cfg.pairs, modalities)
         self.logit_scale = nn.ParameterDict({
             # shape [1], not []: DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes
             pair_name(a, b): nn.Parameter(torch.full((1,), cfg.init_logit_scale), requires_grad=cfg.learn_temperature)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import MODALITIES, ConfigError
-from mlmm.losses.contrastive import gather_no_grad, gather_with_grad, key_groups, pair_name
+from mlmm.losses.contrastive import covered_pairs, gather_no_grad, gather_with_grad, key_groups, pair_name
 from mlmm.losses.divtr import interaction_ce
 from mlmm.registry import LOSSES
 
@@ -111,9 +111,7 @@ class VSETripletLoss(nn.Module):
     def __init__(self, cfg: VSETripletLossConfig, modalities: list[str]):
         super().__init__()
         self.cfg = cfg
-        self.pairs = [(a, b) for a, b in cfg.pairs if a in modalities and b in modalities]
-        if not self.pairs:
-            raise ConfigError(f"loss.pairs: none of {cfg.pairs} is covered by the model's towers {modalities}")
+        self.pairs = covered_pairs(cfg.pairs, modalities)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
         total, terms = None, {}
