@@ -30,8 +30,10 @@ def decode_rows(shards: str, preprocessor, languages=None) -> list[dict]:
     return rows
 
 
-def train_cached(cfg, *, log_every: int = 50, log=print):
-    """Build model + loss from a RunConfig, train ``cfg.train.max_steps`` steps on decoded rows; -> (model, history)."""
+def train_cached(cfg, *, log_every: int = 50, log=print, decode=None):
+    """Build model + loss from a RunConfig, train ``cfg.train.max_steps`` steps on decoded rows; -> (model, history).
+
+    ``decode(shards, preprocessor) -> rows`` replaces :func:`decode_rows` (e.g. one row per caption)."""
     from transformers import AutoTokenizer
 
     from mlmm.data.pipeline import Preprocessor
@@ -46,7 +48,8 @@ def train_cached(cfg, *, log_every: int = 50, log=print):
     loss_fn = LOSSES.get(cfg.loss.name).cls(cfg.loss, model.modalities)
     pre = Preprocessor(cfg.model, tok, train=False)
     t0 = time.time()
-    rows = decode_rows(cfg.data.train_shards, pre, cfg.data.languages)
+    rows = (decode(cfg.data.train_shards, pre) if decode is not None
+            else decode_rows(cfg.data.train_shards, pre, cfg.data.languages))
     log(f"decoded {len(rows)} rows in {time.time() - t0:.0f} s")
     params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]

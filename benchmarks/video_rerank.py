@@ -21,7 +21,6 @@ its captions is ranked first). Prints a table and writes ``benchmarks/results/vi
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from dataclasses import asdict
@@ -63,41 +62,9 @@ def caption_rows(shards, pre) -> list[dict]:
 
 def train(cfg, log_every: int = 100):
     """-> (model in eval mode, loss history). Random batches of caption rows, the registered loss, AdamW."""
-    from transformers import AutoTokenizer
+    from cached_training import train_cached
 
-    from mlmm.data.pipeline import Preprocessor
-    from mlmm.models.model import MultimodalModel
-    from mlmm.registry import LOSSES
-    from mlmm.training.schedule import build_scheduler
-
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    tok = AutoTokenizer.from_pretrained(cfg.model.text.tokenizer)
-    model = MultimodalModel(cfg.model, tok)
-    loss_fn = LOSSES.get(cfg.loss.name).cls(cfg.loss, model.modalities)
-    pre = Preprocessor(cfg.model, tok, train=False)
-    rows = caption_rows(cfg.data.train_shards, pre)
-    params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
-    t = cfg.train
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=t.lr, betas=t.betas, eps=t.eps)
-    sched = build_scheduler(opt, warmup_steps=t.warmup_steps, max_steps=t.max_steps, min_lr_ratio=t.min_lr_ratio)
-    model.train()
-    history, t0 = [], time.time()
-    for step in range(1, t.max_steps + 1):
-        batch = pre.collate(rng.sample(rows, min(cfg.data.batch_size, len(rows))))
-        out = loss_fn(model(batch), batch)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-        opt.step()
-        sched.step()
-        if step % log_every == 0 or step == t.max_steps:
-            history.append({"step": step, **{k: round(float(v.detach()), 4) for k, v in out.items()}})
-            print(f"step {step} {history[-1]} ({time.time() - t0:.0f} s)", flush=True)
-    model.eval()
-    return model, history
+    return train_cached(cfg, log_every=log_every, decode=caption_rows)
 
 
 def summarise(records: list[dict]) -> dict:
