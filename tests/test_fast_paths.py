@@ -16,12 +16,13 @@ class Vocab:
         return 100
 
 
-def tiny(seed=0):
+def tiny(seed=0, arch="bert", text_pooling="mean", image_pooling="cls"):
     cfg = build_config({
         "data": {"train_shards": "unused", "batch_size": 6},
-        "model": {"embed_dim": 16, "image": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2},
+        "model": {"embed_dim": 16, "image": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2,
+                                             "pooling": image_pooling},
                   "text": {"tokenizer": "unused", "hidden": 32, "layers": 2, "heads": 2, "intermediate": 64,
-                           "max_length": 16}},
+                           "max_length": 16, "arch": arch, "pooling": text_pooling}},
         "loss": {"name": "contrastive", "pairs": [["image", "text"]]},
     })
     torch.manual_seed(seed)
@@ -58,6 +59,68 @@ def test_trimmed_text_padding_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(loss_cut, loss_full, atol=1e-5, rtol=1e-5)
     for k in grads_full:
         torch.testing.assert_close(grads_cut[k], grads_full[k], atol=1e-5, rtol=1e-4)
+
+
+def test_packed_padding_and_first_token_blocks_compute_the_plain_transformer():
+    """Transformer: packed padding gives the unpacked outputs at real tokens (0 at padding) and the same gradients;
+    first_token_only gives token 0's output of the full stack; both together too."""
+    from mlmm.models.layers import Transformer
+
+    torch.manual_seed(0)
+    net = Transformer(32, 3, 4)
+    x = torch.randn(5, 9, 32, requires_grad=True)
+    keep = torch.ones(5, 9, dtype=torch.bool)
+    keep[1, 4:] = False
+    keep[3, 1:] = False  # one real token
+    keep[4, :] = False  # no real token at all: no NaN anywhere
+    runs = {}
+    for pack in (False, True):
+        net.pack_padding = pack
+        for first in (False, True):
+            x.grad = None
+            net.zero_grad()
+            y = net(x, key_padding_mask=keep, first_token_only=first)
+            real = y[keep.any(1), 0] if first else y[keep]  # a row without real tokens has no meaningful output
+            (real.square().sum() + real.sum()).backward()
+            runs[pack, first] = (real.detach(), x.grad.clone(), [p.grad.clone() for p in net.parameters()], y)
+    assert runs[True, False][3].shape == (5, 9, 32) and runs[True, True][3].shape == (5, 1, 32)
+    assert torch.equal(runs[True, False][3][~keep], torch.zeros_like(runs[True, False][3][~keep]))
+    ref_first = runs[False, False][3][keep.any(1), 0].detach()
+    for key, (out, gx, gp, _) in runs.items():
+        assert torch.isfinite(out).all() and torch.isfinite(gx).all()
+        if key[1]:
+            torch.testing.assert_close(out, ref_first, atol=1e-5, rtol=1e-5)
+        ref = runs[False, key[1]]
+        torch.testing.assert_close(out, ref[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gx[keep], ref[1][keep], atol=1e-4, rtol=1e-4)
+        for a, b in zip(gp, ref[2]):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    net.grad_checkpointing = True  # checkpointed blocks take the same paths
+    net.train()
+    y = net(x, key_padding_mask=keep, first_token_only=True)
+    torch.testing.assert_close(y[keep.any(1), 0], ref_first, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch,text_pooling,image_pooling", [("clip", "mean", "cls"), ("clip", "cls", "mean"),
+                                                              ("bert", "mean", "gpo")])
+def test_pooled_only_towers_give_the_token_path_loss_and_gradients(arch, text_pooling, image_pooling):
+    """The model's pooled-only path (packed text, CLS-only last block) = pool(forward_tokens) with nothing skipped."""
+    fast, b = tiny(arch=arch, text_pooling=text_pooling, image_pooling=image_pooling), batch()
+    plain = tiny(arch=arch, text_pooling=text_pooling, image_pooling=image_pooling)
+    for tower in plain.model.towers.values():
+        if hasattr(tower, "transformer"):
+            tower.transformer.pack_padding = False
+        tower.forward = lambda x, *a, _t=tower: _t.pool(_t.forward_tokens(x, *a), *a)  # the unskipped path
+    for name, tower in fast.model.towers.items():  # each tower's forward is its pool(forward_tokens)
+        x = (b.text_ids, b.text_attention) if name == "text" else (b.image,)
+        with torch.no_grad():
+            torch.testing.assert_close(tower(*x), plain.model.towers[name](*x), atol=1e-5, rtol=1e-5)
+    loss_f, grads_f = loss_and_grads(fast, b)
+    loss_p, grads_p = loss_and_grads(plain, b)
+    torch.testing.assert_close(loss_f, loss_p, atol=1e-5, rtol=1e-5)
+    assert set(grads_f) == set(grads_p)
+    for k in grads_p:
+        torch.testing.assert_close(grads_f[k], grads_p[k], atol=1e-5, rtol=1e-4)
 
 
 def test_fused_adamw_matches_foreach():

@@ -3,6 +3,14 @@
 Parameter names mirror open_clip (``resblocks.{i}.ln_1 / attn.in_proj_weight / attn.out_proj /
 ln_2 / mlp.c_fc / mlp.c_proj``) and ``nn.MultiheadAttention``, so open_clip weights load with a
 prefix rename only. Attention is one fused qkv projection + ``F.scaled_dot_product_attention``.
+
+Two exact work reductions (same outputs where they are read, less compute):
+
+* **Packed padding.** With a key padding mask, every token-wise op (LayerNorms, qkv and output projections, MLP)
+  runs on the N real tokens only, laid out as [N, D] rows (:class:`Packing`); only attention sees the padded
+  [B, H, T, d] layout. Text padded to the batch's longest caption is about half padding on real captions.
+* **First token only.** ``Transformer(x, first_token_only=True)`` runs the last block for token 0 alone (keys and
+  values still come from every token): what a CLS-pooled tower reads, at ~10/12 less of that block's compute.
 """
 from __future__ import annotations
 
@@ -28,14 +36,29 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention._reset_parameters
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [B, T, D]; attn_mask bool, broadcastable to [B, H, T, T], True = may attend."""
-        B, T, D = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, T, 3D]
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                packing: Optional["Packing"] = None) -> torch.Tensor:
+        """x [B, T, D] (or packed [N, D] with ``packing``); attn_mask bool, broadcastable to [B, H, T, T], True = may
+        attend -> same shape as x."""
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, T, 3D] / [N, 3D]
+        if packing is not None:
+            qkv = packing.unpack(qkv)  # [B, T, 3D], zeros at padding (never attended)
+        B, T, D3 = qkv.shape
+        D = D3 // 3
         q, k, v = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, T, d]
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, T, d]
         x = x.transpose(1, 2).reshape(B, T, D)  # [B, T, D]
-        return self.out_proj(x)
+        return self.out_proj(x if packing is None else packing.pack(x))
+
+    def forward_first(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, T, D] -> [B, 1, D]: the output at token 0 only (its query against every key)."""
+        B, T, D = x.shape
+        H = self.heads
+        q = F.linear(x[:, :1], self.in_proj_weight[:D], self.in_proj_bias[:D])  # [B, 1, D]
+        kv = F.linear(x, self.in_proj_weight[D:], self.in_proj_bias[D:])  # [B, T, 2D]
+        k, v = kv.view(B, T, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x [B, H, T, d]
+        o = F.scaled_dot_product_attention(q.view(B, 1, H, D // H).transpose(1, 2), k, v, attn_mask=attn_mask)
+        return self.out_proj(o.transpose(1, 2).reshape(B, 1, D))  # [B, H, 1, d] -> [B, 1, D]
 
 
 class MLP(nn.Module):
@@ -57,8 +80,14 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, int(width * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                packing: Optional["Packing"] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, packing)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_first(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, T, D] -> [B, 1, D]: this block's output at token 0 (= ``forward(x)[:, :1]``)."""
+        x = x[:, :1] + self.attn.forward_first(self.ln_1(x), attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -77,21 +106,58 @@ def padding_to_attn_mask(key_padding_mask: Optional[torch.Tensor]) -> Optional[t
     return keep[:, None, None, :]  # [B, 1, 1, T]
 
 
-class Transformer(nn.Module):
-    """``layers`` pre-norm blocks of width ``width``; no final LayerNorm (towers add their own)."""
+class Packing:
+    """The real tokens of a padded batch as rows: ``pack`` [B, T, C] -> [N, C], ``unpack`` [N, C] -> [B, T, C].
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0):
+    ``key_padding_mask`` Bool[B, T] (True = real token). ``unpack`` puts zeros at the padding.
+    """
+
+    def __init__(self, key_padding_mask: torch.Tensor):
+        keep = key_padding_mask.bool()
+        self.batch, self.length = keep.shape
+        self.index = keep.flatten().nonzero().squeeze(1)  # Long[N]: flat positions of the real tokens
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(0, 1).index_select(0, self.index)  # [B, T, C] -> [N, C]
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros((self.batch * self.length, x.shape[-1]))
+        return out.index_copy(0, self.index, x).view(self.batch, self.length, x.shape[-1])  # [N, C] -> [B, T, C]
+
+
+class Transformer(nn.Module):
+    """``layers`` pre-norm blocks of width ``width``; no final LayerNorm (towers add their own).
+
+    ``pack_padding`` (default on): with padding in ``key_padding_mask`` the blocks run on the real tokens only
+    (:class:`Packing`); outputs at real tokens are unchanged, outputs at padding are 0.
+    """
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, pack_padding: bool = True):
         super().__init__()
         self.width = width
         self.grad_checkpointing = False
+        self.pack_padding = pack_padding
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers)])
 
-    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [B, T, D], key_padding_mask Bool[B, T] (True = real token) -> [B, T, D]."""
+    def _run(self, fn, *args) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
+                first_token_only: bool = False) -> torch.Tensor:
+        """x [B, T, D], key_padding_mask Bool[B, T] (True = real token) -> [B, T, D], or [B, 1, D] (token 0's output)
+        with ``first_token_only``."""
         attn_mask = padding_to_attn_mask(key_padding_mask)
-        for block in self.resblocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, attn_mask, use_reentrant=False)
-            else:
-                x = block(x, attn_mask)
-        return x
+        blocks = list(self.resblocks)
+        last = blocks.pop() if first_token_only and blocks else None
+        packing = Packing(key_padding_mask) if attn_mask is not None and self.pack_padding and blocks else None
+        if packing is not None:
+            x = packing.pack(x)  # [N, D]
+        for block in blocks:
+            x = self._run(block, x, attn_mask, packing)
+        if packing is not None:
+            x = packing.unpack(x)  # [B, T, D]
+        if last is not None:
+            return self._run(last.forward_first, x, attn_mask)  # [B, 1, D]
+        return x[:, :1] if first_token_only else x

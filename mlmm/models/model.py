@@ -130,16 +130,21 @@ class MultimodalModel(nn.Module):
             idx = torch.nonzero(batch.mask(m).to(x.device)).squeeze(1)
             rows = idx if idx.numel() else idx.new_zeros(1)  # no row present: run on row 0, keep zero
             ctx = {k: v[rows] for k, v in self._audio_context(context, x).items()} if m == "video" else {}
-            z, tokens, tmask = self.encode_tokens(m, x[rows], None if attention is None else attention[rows], **ctx)
-            if m == "audio" and self.audio_context:  # the video tower's context; nothing real on rows without audio
+            att = None if attention is None else attention[rows]
+            feeds_video = m == "audio" and self.audio_context
+            if m in self.token_modalities or ctx or feeds_video:
+                z, tokens, tmask = self.encode_tokens(m, x[rows], att, **ctx)
+            else:  # pooled only: towers skip work nobody reads (packed padding, CLS-only last block)
+                z, tokens, tmask = self.encode(m, x[rows], att), None, None
+            if feeds_video:  # the video tower's context; nothing real on rows without audio
                 B, present = x.shape[0], tmask & bool(idx.numel())  # present Bool[n, Ta]
                 zeros = tokens.new_zeros((B, *tokens.shape[1:]))  # [B, Ta, Da]
                 context["audio_tokens"] = zeros.index_copy(0, rows, tokens)
                 context["audio_mask"] = present.new_zeros((B, present.shape[1])).index_copy(0, rows, present)
-            if idx.numel() == 0:
-                z, tokens, tmask = z * 0.0, tokens * 0.0, tmask & False
-            results = {m: z}
+            results = {m: z * 0.0 if idx.numel() == 0 else z}
             if m in self.token_modalities:
+                if idx.numel() == 0:
+                    tokens, tmask = tokens * 0.0, tmask & False
                 results.update({f"{m}_tokens": tokens, f"{m}_token_mask": tmask})
             for k, v in results.items():
                 if idx.numel() == x.shape[0]:

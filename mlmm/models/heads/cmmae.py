@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import ConfigError
@@ -156,10 +155,8 @@ class CMMAEHead(nn.Module):
         return tok.flatten(1, 2)
 
     def audio_input(self, audio: torch.Tensor) -> torch.Tensor:
-        """The log-mel crop / zero-pad of ``AudioTower.forward_tokens``: [n, 1, n_mels, time_frames]."""
-        tower = self._towers[1]
-        t = audio.shape[-1]
-        return audio[..., : tower.time_frames] if t >= tower.time_frames else F.pad(audio, (0, tower.time_frames - t))
+        """The log-mel crop / zero-pad of the audio tower (``AudioTower.prepare``): [n, 1, n_mels, time_frames]."""
+        return self._towers[1].prepare(audio)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         device = batch.video.device

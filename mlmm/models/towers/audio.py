@@ -22,11 +22,8 @@ class AudioTower(ViT):
         self.cfg = cfg
         self.time_frames = (cfg.frames // p) * p
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, 1, n_mels, frames] -> tokens [B, 1 + (n_mels/p)*(frames//p), D]; index 0 is CLS."""
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 1, n_mels, frames] -> [B, 1, n_mels, time_frames] (cropped or zero-padded on the right); the
+        tokens are then [B, 1 + (n_mels/p)*(frames//p), D], index 0 CLS."""
         t = x.shape[-1]
-        if t >= self.time_frames:
-            x = x[..., : self.time_frames]
-        else:
-            x = F.pad(x, (0, self.time_frames - t))  # [B, 1, n_mels, time_frames]
-        return super().forward_tokens(x)
+        return x[..., : self.time_frames] if t >= self.time_frames else F.pad(x, (0, self.time_frames - t))

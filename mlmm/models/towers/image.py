@@ -34,24 +34,40 @@ class ViT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, C, H, W] -> tokens [B, 1 + gh*gw, D]; index 0 is the CLS token."""
-        x = self.conv1(x)  # [B, D, gh, gw]
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Input fix-up before patchifying (the audio tower crops / pads its time axis); identity here."""
+        return x
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] -> the transformer's input [B, 1 + gh*gw, D] (CLS first, positions added, ln_pre)."""
+        x = self.conv1(self.prepare(x))  # [B, D, gh, gw]
         if tuple(x.shape[-2:]) != self.grid:
             raise ValueError(f"input gives a {tuple(x.shape[-2:])} patch grid, expected {self.grid} "
                              f"(patch_size {self.patch_size})")
         x = x.flatten(2).transpose(1, 2)  # [B, N, D]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, D]
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1+N, D]
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x)
+        return self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))  # [B, 1+N, D]
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] -> tokens [B, 1 + gh*gw, D]; index 0 is the CLS token."""
+        return self.ln_post(self.transformer(self.embed(x)))
+
+    @property
+    def pools_first_token(self) -> bool:
+        """True when :meth:`pool` reads the CLS token only (then :meth:`forward` skips the last block's other tokens)."""
+        return True
 
     def pool(self, tokens: torch.Tensor, attention: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [B, 1+N, D] -> [B, D]: the CLS token."""
         return tokens[:, 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, C, H, W] -> pooled [B, D] = ln_post(CLS)."""
+        """x [B, C, H, W] -> pooled [B, D] (= ``pool(forward_tokens(x))``).
+
+        CLS pooling runs the last block for the CLS token only: the same output, ~7 % less compute at ViT-B/32.
+        """
+        if self.pools_first_token:
+            return self.ln_post(self.transformer(self.embed(x), first_token_only=True)[:, 0])
         return self.pool(self.forward_tokens(x))
 
 
@@ -70,6 +86,10 @@ class ImageTower(ViT):
             from mlmm.models.pooling import GPO
 
             self.gpo = GPO()
+
+    @property
+    def pools_first_token(self) -> bool:
+        return getattr(self.cfg, "pooling", "cls") == "cls"
 
     def pool(self, tokens: torch.Tensor, attention: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [B, 1+N, D] -> [B, D]: CLS, or mean / GPO over the N patch tokens."""

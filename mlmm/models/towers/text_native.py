@@ -7,7 +7,9 @@ pooling over the real tokens.
 Compared with the Hugging Face encoders of :class:`~mlmm.models.towers.text.TextTower` (BERT / XLM-R from scratch) it
 has no dropout (CLIP-style pretraining does not use any), no token-type embeddings and a pre-norm residual stream;
 the blocks are :class:`mlmm.models.layers.Transformer`, shared with the image, video and audio towers. Padding is a
-key mask: padded positions are never attended, and a batch without padding takes SDPA's mask-free kernels. Use the
+key mask: padded positions are never attended, and a batch without padding takes SDPA's mask-free kernels. With
+padding the blocks run on the real tokens only (:class:`~mlmm.models.layers.Packing`): on real captions padded to
+the batch's longest, that is about half the text tower's compute. Use the
 HF arches to start from a pretrained multilingual encoder (``pretrained:``); use ``clip`` to pretrain from scratch.
 """
 from __future__ import annotations
@@ -40,18 +42,26 @@ class NativeTextTower(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
-    def forward_tokens(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """ids [B, L], attention [B, L] -> last hidden states [B, L, D] (pad positions included, never attended)."""
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, L] -> token + position embeddings [B, L, D]."""
         L = ids.shape[1]
         if L > self.positional_embedding.shape[0]:
             raise ValueError(f"text: {L} tokens but the native text tower has {self.positional_embedding.shape[0]} "
                              "positions (model.text.max_length)")
-        x = self.token_embedding(ids) + self.positional_embedding[:L]  # [B, L, D]
-        return self.ln_final(self.transformer(x, key_padding_mask=attention.bool()))
+        return self.token_embedding(ids) + self.positional_embedding[:L]  # [B, L, D]
+
+    def forward_tokens(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """ids [B, L], attention [B, L] -> last hidden states [B, L, D] (ln_final of 0 at padding, never attended)."""
+        return self.ln_final(self.transformer(self.embed(ids), key_padding_mask=attention.bool()))
 
     def pool(self, h: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """tokens [B, L, D], attention [B, L] -> [B, D] (masked mean over real tokens, first token, or GPO)."""
         return pool_text(h, attention, self.cfg.pooling, getattr(self, "gpo", None))
 
     def forward(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """ids [B, L], attention [B, L] -> pooled [B, D] (= ``pool(forward_tokens(...))``; ``cls`` pooling runs the
+        last block for the first token only)."""
+        if self.cfg.pooling == "cls":
+            h = self.transformer(self.embed(ids), key_padding_mask=attention.bool(), first_token_only=True)
+            return self.ln_final(h[:, 0])
         return self.pool(self.forward_tokens(ids, attention), attention)
