@@ -55,6 +55,10 @@ class DataConfig:
     # images / frames leave the loader as uint8 and are normalised on the training device: 4x less host memory,
     # pinned copies and host-to-device traffic, and no float work in the loader workers (for GPU runs)
     normalize_on_device: bool = False
+    # RGB / greyscale JPEG images leave the loader as bytes (+ a crop box read from the header) and are decoded on
+    # the training device: nvJPEG via torchvision.io.decode_jpeg on CUDA, so loader workers only read shards.
+    # Implies normalize_on_device. Other images, video frames and extra images decode in the workers as usual
+    decode_on_device: bool = False
 
     def validate(self, where: str) -> None:
         policies = ("random_language", "all_languages", "fixed")

@@ -30,6 +30,10 @@ class Batch:
     # along their first dim to the longest in the batch, plus "<name>_mask" Bool[B] (row has it)
     extras: dict = field(default_factory=dict)
     data_state: Optional[dict] = None  # position of the stream slot that made this batch (resume)
+    # data.decode_on_device: per row the JPEG bytes (uint8 [n_bytes] CPU tensor) or None; their crop boxes
+    # Long[B, 4]. Those rows of ``image`` are zeros until :meth:`decode_images`
+    image_jpeg: list = field(default_factory=list)
+    image_box: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -48,6 +52,23 @@ class Batch:
                      for k, t in v.items()}
             out[f.name] = v
         return Batch(**out)
+
+    def decode_images(self) -> "Batch":
+        """``data.decode_on_device``: decode the rows' JPEG bytes where ``image`` lives (nvJPEG on CUDA) into its
+        uint8 rows (crop + antialiased bicubic resize there too); a batch without JPEG bytes is returned as is."""
+        rows = [i for i, data in enumerate(self.image_jpeg) if data is not None]
+        if not rows:
+            return self
+        from mlmm.data.transforms import decode_jpegs
+
+        if self.image is None or self.image.dtype != torch.uint8:
+            raise ValueError("Batch.decode_images: the JPEG rows need a uint8 image tensor (call it before "
+                             "normalize_images)")
+        image = self.image.clone()
+        decoded = decode_jpegs([self.image_jpeg[i] for i in rows], self.image_box[rows].cpu(), image.shape[-1],
+                               image.device)  # [n, 3, S, S]
+        image[torch.tensor(rows, device=image.device)] = decoded
+        return replace(self, image=image, image_jpeg=[], image_box=None)
 
     def normalize_images(self, dtype: Optional[torch.dtype] = None) -> "Batch":
         """uint8 ``image`` / ``video`` / ``extras`` images (``data.normalize_on_device``) -> CLIP-normalised ``dtype``

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from mlmm.config import ModelConfig
 from mlmm.data.batch import Batch
 from mlmm.data.shards import _parse, epoch_shards, iter_samples, resolve_shards, slot_samples  # noqa: F401 (re-exported)
-from mlmm.data.transforms import audio_to_logmel, decode_audio, decode_image, decode_video, image_to_tensor
+from mlmm.data.transforms import (audio_to_logmel, crop_box, decode_audio, decode_image, decode_video, image_to_tensor,
+                                  jpeg_size)
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,17 @@ class Preprocessor:
     """
 
     def __init__(self, model_cfg: ModelConfig, tokenizer: Any = None, *, train: bool,
-                 extra_shapes: Optional[dict[str, tuple[int, ...]]] = None, uint8_images: bool = False):
+                 extra_shapes: Optional[dict[str, tuple[int, ...]]] = None, uint8_images: bool = False,
+                 encoded_images: bool = False):
         """``extra_shapes``: media the model has no tower for but a loss reads (e.g. images for a frozen
         distillation teacher), ``{"image": (3, S, S), "video": (T, 3, S, S)}``; they are decoded at that size.
         ``uint8_images``: images and video frames stay uint8 (``data.normalize_on_device``; the trainer normalises
-        them on the device with :meth:`~mlmm.data.batch.Batch.normalize_images`)."""
-        self.cfg, self.tokenizer, self.train, self.normalize = model_cfg, tokenizer, train, not uint8_images
+        them on the device with :meth:`~mlmm.data.batch.Batch.normalize_images`).
+        ``encoded_images`` (``data.decode_on_device``, implies ``uint8_images``): RGB / greyscale JPEG images are not
+        decoded here; a sample carries ``image_jpeg`` (the bytes) and ``image_box`` (its crop box, read from the
+        header) for :meth:`~mlmm.data.batch.Batch.decode_images` on the device. Other images decode here."""
+        self.cfg, self.tokenizer, self.train = model_cfg, tokenizer, train
+        self.normalize, self.encoded = not (uint8_images or encoded_images), encoded_images
         self.modalities = list(model_cfg.modalities)
         if "text" in self.modalities and tokenizer is None:
             raise ValueError("Preprocessor: the model has a text tower, so a tokenizer is required")
@@ -115,7 +121,10 @@ class Preprocessor:
             if data is None:
                 continue
             try:
-                if modality == "image":
+                if modality == "image" and self.encoded and (wh := jpeg_size(data)) is not None:
+                    out["image_jpeg"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # [n_bytes]
+                    out["image_box"] = torch.tensor(crop_box(*wh, self.train, rng), dtype=torch.long)  # [4]
+                elif modality == "image":
                     size = self.shapes["image"][-1]
                     out["image"] = image_to_tensor(decode_image(data, draft_size=size), size, self.train, rng,
                                                    normalize=self.normalize)
@@ -200,23 +209,30 @@ def collate(samples: Sequence[dict[str, Any]], *, shapes: Optional[dict[str, tup
     shapes, n = dict(shapes or {}), len(samples)
     fields: dict[str, Any] = {}
     for m in MEDIA:
-        have = [m in s for s in samples]
+        tensors = [s.get(m) for s in samples]
+        encoded = [s.get(f"{m}_jpeg") for s in samples]  # data.decode_on_device: decoded later, on the device
+        any_encoded = any(e is not None for e in encoded)
+        have = [t is not None or e is not None for t, e in zip(tensors, encoded)]
         if not any(have) and m not in shapes:
             continue
-        shape = next((tuple(s[m].shape) for s in samples if m in s), None) or shapes[m]
-        for s in samples:
-            if m in s and tuple(s[m].shape) != shape:
-                raise ValueError(f"collate: {m} of {s['key']} has shape {tuple(s[m].shape)}, expected {shape}")
-        dtype = next(s[m].dtype for s in samples if m in s) if any(have) else torch.float32
+        shape = next((tuple(t.shape) for t in tensors if t is not None), None) or shapes[m]
+        for s, t in zip(samples, tensors):
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"collate: {m} of {s['key']} has shape {tuple(t.shape)}, expected {shape}")
+        dtype = next((t.dtype for t in tensors if t is not None), torch.uint8 if any_encoded else torch.float32)
         dtype = torch.uint8 if dtype == torch.uint8 else torch.float32  # uint8 images stay uint8 (4x smaller)
-        if all(have):  # one pass, no zero fill
-            data = torch.stack([s[m] for s in samples]).to(dtype)  # [B, *shape]
+        if all(t is not None for t in tensors):  # one pass, no zero fill
+            data = torch.stack(tensors).to(dtype)  # [B, *shape]
         else:
             data = torch.zeros((n, *shape), dtype=dtype)  # [B, *shape]
-            for i, s in enumerate(samples):
-                if m in s:
-                    data[i] = s[m]
+            for i, t in enumerate(tensors):
+                if t is not None:
+                    data[i] = t
         fields[m], fields[f"{m}_mask"] = data, torch.tensor(have, dtype=torch.bool)
+        if any_encoded:
+            boxes = [s.get(f"{m}_box") for s in samples]
+            fields[f"{m}_jpeg"] = encoded
+            fields[f"{m}_box"] = torch.stack([b if b is not None else torch.zeros(4, dtype=torch.long) for b in boxes])
     have = ["text_ids" in s for s in samples]
     if any(have) or "text" in shapes:
         length = max([len(s["text_ids"]) for s in samples if "text_ids" in s] or [shapes["text"][0]])

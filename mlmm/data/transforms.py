@@ -116,6 +116,40 @@ def normalize_uint8(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torc
     return x.float().mul_(scale).sub_(shift).to(dtype)
 
 
+def jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) of an RGB or greyscale JPEG from its header (nothing decoded), else None (PNG, CMYK JPEG,
+    undecodable...): what may go to :func:`decode_jpegs` (``data.decode_on_device``)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    try:
+        img = Image.open(io.BytesIO(data))
+        return img.size if img.format == "JPEG" and img.mode in ("RGB", "L") else None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+
+
+def decode_jpegs(encoded: list[torch.Tensor], boxes: torch.Tensor, size: int,
+                 device: torch.device | str) -> torch.Tensor:
+    """JPEG bytes (uint8 [n_bytes] CPU tensors) -> uint8 [n, 3, size, size] on ``device``: decode there
+    (``torchvision.io.decode_jpeg``: nvJPEG, batched, on CUDA), crop ``boxes`` Long[n, 4] (left, top, right,
+    bottom; from :func:`crop_box`) and resize with antialiased bicubic, as :func:`resize_uint8` does in the loader
+    (computed in float32 and rounded: CUDA has no uint8 antialias kernel)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)  # n x uint8 [3, H, W]
+    except RuntimeError as e:
+        raise ValueError(f"decode_jpeg on {device}: {e}") from e
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=device)
+    for i, (img, (left, top, right, bottom)) in enumerate(zip(images, boxes.tolist())):
+        x = img[None, :, top:bottom, left:right].float()  # [1, 3, h, w]
+        if x.shape[-2:] != (size, size):
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
+                                                align_corners=False)
+        out[i] = x[0].round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ videos
 def sample_indices(n_available: int, num_frames: int) -> list[int]:
     """``num_frames`` indices spread uniformly over ``n_available`` frames (repeats when too few)."""

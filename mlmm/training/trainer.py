@@ -119,7 +119,8 @@ class Trainer:
         self._resume()
         preprocessor = Preprocessor(cfg.model, self.tokenizer, train=True,
                                     extra_shapes=finetune.loss_extra_inputs(self.loss),
-                                    uint8_images=cfg.data.normalize_on_device)
+                                    uint8_images=cfg.data.normalize_on_device,
+                                    encoded_images=cfg.data.decode_on_device)
         data_cfg, data_state = cfg.data, self._data_resume_state()
         if self.step and data_state is None:  # layout changed: a new, deterministic order from here
             data_cfg = type(data_cfg)(**{**data_cfg.__dict__, "seed": data_cfg.seed + self.step})
@@ -183,7 +184,8 @@ class Trainer:
         """Forward/backward/step; a non-finite loss or grad norm skips the update (counted)."""
         if self.coverage is not None:
             self.coverage.check(batch)
-        batch = batch.to(self.device, self.dtype).normalize_images(self.dtype)  # uint8 images: normalised here
+        # decode_on_device / normalize_on_device: JPEG rows decoded, uint8 images normalised here (no-ops otherwise)
+        batch = batch.to(self.device, self.dtype).decode_images().normalize_images(self.dtype)
         try:
             out = self.engine(batch)
             finite = torch.isfinite(out["loss"].detach()).float()
