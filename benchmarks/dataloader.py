@@ -14,7 +14,10 @@ normalised with the CLIP mean/std, with a train-time random crop:
 Images: the photos of ../shared/data/images_vi upscaled to 512 px with film grain (realistic JPEG entropy), or
 generated shapes with grain when that folder is absent. One epoch per measurement after a warm-up batch;
 samples/s per worker count and the ratio mlmm / plain; also mlmm with ``data.normalize_on_device`` (uint8 batches: the
-normalisation moves to the training device, which is how GPU runs should use it). Writes
+normalisation moves to the training device, which is how GPU runs should use it) and with ``data.decode_on_device``
+(workers pass JPEG bytes; the decode moves to the training device: nvJPEG on CUDA). The latter's worker rate is not
+comparable with the others (the decode is not in it): its cost on the device is timed separately, on CPU here
+(``decode_on_device_cpu_ms_per_image``, one thread); nvJPEG is not measured. Writes
 ``benchmarks/results/dataloader_cpu.json``.
 """
 from __future__ import annotations
@@ -99,7 +102,7 @@ def plain_loader(spec: str, batch: int, workers: int):
                                        prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
-def mlmm_loader(spec: str, batch: int, workers: int, tok_dir: Path, uint8: bool = False):
+def mlmm_loader(spec: str, batch: int, workers: int, tok_dir: Path, uint8: bool = False, encoded: bool = False):
     from mlmm.config import DataConfig, ImageTowerConfig, ModelConfig, TextTowerConfig
     from mlmm.data.pipeline import Preprocessor, build_train_loader
     from mlmm.data.tokenization import load_tokenizer, train_tokenizer
@@ -108,7 +111,7 @@ def mlmm_loader(spec: str, batch: int, workers: int, tok_dir: Path, uint8: bool 
         train_tokenizer([c for caps in CAPTIONS.values() for c in caps] * 10, tok_dir, vocab_size=64)
     model_cfg = ModelConfig(embed_dim=32, image=ImageTowerConfig(image_size=224, patch_size=32),
                             text=TextTowerConfig(tokenizer=str(tok_dir), max_length=16))
-    pre = Preprocessor(model_cfg, load_tokenizer(tok_dir), train=True, uint8_images=uint8)
+    pre = Preprocessor(model_cfg, load_tokenizer(tok_dir), train=True, uint8_images=uint8, encoded_images=encoded)
     cfg = DataConfig(train_shards=spec, batch_size=batch, num_workers=workers, shuffle_buffer=64)
     return build_train_loader(cfg, pre, rank=0, world_size=1)
 
@@ -124,6 +127,18 @@ def time_epoch(loader, n: int, batch: int) -> float:
     for _ in range(batches):
         next(it)
     return batches * batch / (time.perf_counter() - t)
+
+
+def device_decode_ms(spec: str, batch: int, tok_dir: Path, reps: int = 3) -> float:
+    """ms per image of ``Batch.decode_images`` (data.decode_on_device) on this CPU, one thread, best of `reps`."""
+    b = next(iter(mlmm_loader(spec, batch, 0, tok_dir, encoded=True)))
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = b.decode_images()
+        best = min(best, time.perf_counter() - t)
+    assert out.image.dtype == torch.uint8 and out.image.shape[-2:] == (224, 224)
+    return 1000 * best / len(b)
 
 
 def main(argv=None) -> int:
@@ -144,26 +159,34 @@ def main(argv=None) -> int:
         print(f"wrote {args.n} {args.size}-px JPEG samples ({mean_kb:.0f} KB each) in {time.perf_counter() - t:.0f} s")
         rows = []
         for workers in args.workers:
-            rates = {"plain": [], "mlmm": [], "mlmm_uint8": []}
+            rates = {"plain": [], "mlmm": [], "mlmm_uint8": [], "mlmm_bytes": []}
             for _ in range(args.reps):
                 rates["plain"].append(time_epoch(plain_loader(spec, args.batch, workers), args.n, args.batch))
                 rates["mlmm"].append(time_epoch(mlmm_loader(spec, args.batch, workers, Path(tmp) / "tok"),
                                                 args.n, args.batch))
                 rates["mlmm_uint8"].append(time_epoch(mlmm_loader(spec, args.batch, workers, Path(tmp) / "tok",
                                                                   uint8=True), args.n, args.batch))
+                rates["mlmm_bytes"].append(time_epoch(mlmm_loader(spec, args.batch, workers, Path(tmp) / "tok",
+                                                                  encoded=True), args.n, args.batch))
             best = {k: max(v) for k, v in rates.items()}
             row = {"workers": workers, "plain_samples_per_s": best["plain"], "mlmm_samples_per_s": best["mlmm"],
                    "plain_per_worker": best["plain"] / workers, "mlmm_per_worker": best["mlmm"] / workers,
                    "ratio_mlmm_over_plain": best["mlmm"] / best["plain"],
                    # data.normalize_on_device: uint8 out, normalisation moved to the training device (GPU runs)
                    "mlmm_uint8_samples_per_s": best["mlmm_uint8"],
-                   "ratio_mlmm_uint8_over_plain": best["mlmm_uint8"] / best["plain"], "all": rates}
+                   "ratio_mlmm_uint8_over_plain": best["mlmm_uint8"] / best["plain"],
+                   # data.decode_on_device: workers read bytes + JPEG headers only; decode is on the device
+                   "mlmm_decode_on_device_worker_samples_per_s": best["mlmm_bytes"], "all": rates}
             rows.append(row)
             print(f"workers {workers}: plain {best['plain']:7.1f} samples/s, mlmm {best['mlmm']:7.1f} samples/s "
                   f"-> {row['ratio_mlmm_over_plain']:.2f}x; uint8 out (normalize_on_device) "
-                  f"{best['mlmm_uint8']:7.1f} -> {row['ratio_mlmm_uint8_over_plain']:.2f}x")
+                  f"{best['mlmm_uint8']:7.1f} -> {row['ratio_mlmm_uint8_over_plain']:.2f}x; JPEG bytes out "
+                  f"(decode_on_device, decode not included) {best['mlmm_bytes']:7.1f}")
+        decode_ms = device_decode_ms(spec, args.batch, Path(tmp) / "tok")
+        print(f"decode_on_device: Batch.decode_images on this CPU (1 thread) {decode_ms:.2f} ms/image")
     path = write_result("dataloader_cpu", {"n": args.n, "image_px": args.size, "batch": args.batch,
                                            "mean_sample_kb": mean_kb, "rows": rows,
+                                           "decode_on_device_cpu_ms_per_image": decode_ms,
                                            "command": " ".join(sys.argv)}, args.out)
     print(f"wrote {path}")
     return 0

@@ -132,13 +132,16 @@ def skip_single_replica_allreduce(engine) -> bool:
 
 
 def compile_towers(model: nn.Module) -> None:
-    """``torch.compile`` each tower's ``forward_tokens`` (what the model calls), in place.
+    """``torch.compile`` each tower's ``forward_tokens`` and ``forward`` (the model calls the latter when no head
+    reads the tokens), in place.
 
     Parameter names stay as they are (checkpoints and exports are unaffected); the DeepSpeed engine
-    itself is not compiled. Varying text lengths compile a few shape variants, then a dynamic one.
+    itself is not compiled. Varying text lengths compile a few shape variants, then a dynamic one; packed
+    padding (data-dependent token counts) is a graph break.
     """
     for tower in model.towers.values():
         tower.forward_tokens = torch.compile(tower.forward_tokens)
+        tower.forward = torch.compile(tower.forward)
 
 
 def compute_dtype(ds_cfg: dict) -> torch.dtype:
