@@ -348,6 +348,14 @@ def test_preprocessor_shapes_and_policies(data_shards, data_tokenizer):
     no_text = pre(raws["image"], rng, language_policy="fixed", languages=["vi"])  # no vi caption: still flows
     assert len(no_text) == 1 and no_text[0]["lang"] == "" and "text_ids" not in no_text[0]
     assert not pre.collate(no_text).text_mask.any()
+    # tokenize=False (the training stream): collate tokenises the batch's captions in one call, same batch
+    mixed = [raws["image"], raws["video"], raws["audio"]]
+    eager = pre.collate([s for r in mixed for s in pre(r, random.Random(1), language_policy="all_languages")] + no_text)
+    lazy = [s for r in mixed for s in pre(r, random.Random(1), language_policy="all_languages", tokenize=False)]
+    assert all("text_ids" not in s for s in lazy)
+    deferred = pre.collate(lazy + no_text)
+    assert torch.equal(deferred.text_ids, eager.text_ids) and torch.equal(deferred.text_attention, eager.text_attention)
+    assert deferred.text_mask.tolist() == eager.text_mask.tolist() == [True] * 9 + [False]
     audio_only = Preprocessor(ModelConfig(audio=AudioTowerConfig(seconds=0.5)), train=False)
     with pytest.raises(SampleError, match="nothing the model uses"):
         audio_only(raws["image"], rng)  # image-only sample, audio-only model: nothing usable

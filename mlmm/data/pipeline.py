@@ -169,9 +169,12 @@ class Preprocessor:
     def __call__(
         self, raw: dict[str, Any], rng: Optional[random.Random] = None, *,
         language_policy: str = "random_language", languages: Optional[Sequence[str]] = None,
-        text_field: str = "captions",
+        text_field: str = "captions", tokenize: bool = True,
     ) -> list[dict[str, Any]]:
         """One raw sample -> one processed sample (``all_languages``: one per language).
+
+        ``tokenize=False``: samples carry their ``caption`` only; :meth:`collate` tokenises a batch's captions in one
+        tokenizer call (about 2.5x cheaper per caption than one call each).
 
         Raises :class:`SampleError` when a file does not decode or nothing the model uses is left.
         """
@@ -189,11 +192,20 @@ class Preprocessor:
             base["extras"] = extras
         if not choices:
             return [base]
+        if not tokenize:
+            return [{**base, "lang": lang, "caption": cap} for lang, cap in choices]
         ids, att = self.tokenize([cap for _, cap in choices])  # [n, L]
         return [{**base, "lang": lang, "caption": cap, "text_ids": ids[i], "text_attention": att[i]}
                 for i, (lang, cap) in enumerate(choices)]
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> Batch:
+        """Stack samples (see :func:`collate`); captions not tokenised yet (``tokenize=False``) are, in one call."""
+        todo = [i for i, s in enumerate(samples) if "caption" in s and "text_ids" not in s]
+        if todo:
+            ids, att = self.tokenize([samples[i]["caption"] for i in todo])  # [n, L]
+            samples = list(samples)
+            for j, i in enumerate(todo):
+                samples[i] = {**samples[i], "text_ids": ids[j], "text_attention": att[j]}
         return collate(samples, shapes=self.shapes, pad_id=self.pad_id)
 
 

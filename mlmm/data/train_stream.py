@@ -77,7 +77,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 if "__error__" not in raw["json"]:
                     check_captions(raw["json"])
                 return self.pre(raw, rng, language_policy=self.cfg.language_policy, languages=self.cfg.languages,
-                                text_field=getattr(self.cfg, "text_field", "captions"))
+                                text_field=getattr(self.cfg, "text_field", "captions"), tokenize=False)
             except SampleError as e:
                 error = e
         if not counts[error.reason]:
