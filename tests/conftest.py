@@ -24,3 +24,19 @@ def build_tiny_data(root, *, n_images, n_videos, n_audio, shard_size, seed, voca
     train_tokenizer((c for r in rows for caps in r["captions"].values() for c in caps), root / "tok",
                     vocab_size=vocab_size)
     return root
+
+
+def tiny_clip_losses(overrides, output_dir):
+    """Train ``recipes/configs/tiny_clip.yaml`` with ``overrides`` (``key=value`` strings) into ``output_dir``;
+    -> the logged loss of every ``train.log_every`` step."""
+    from pathlib import Path
+
+    from mlmm.config import load_config
+    from mlmm.training import Trainer
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "tiny_clip.yaml"
+    trainer = Trainer(load_config(recipe, [*overrides, f"output_dir={output_dir}"])).setup()
+    try:
+        return [h["loss"] for h in trainer.train()]
+    finally:
+        trainer.cleanup()

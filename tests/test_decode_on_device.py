@@ -51,10 +51,9 @@ def test_decode_jpegs_matches_pil_decode_crop_and_bicubic_resize():
 def test_encoded_batches_decode_to_the_worker_batches_and_train_the_same(tmp_path):
     """JPEG rows travel as bytes and decode in Batch.decode_images; PNG rows decode in the worker. The decoded
     batch equals the worker-decoded one to JPEG-decoder rounding; a Trainer run with it trains to the same loss."""
-    from conftest import build_tiny_data
+    from conftest import build_tiny_data, tiny_clip_losses
     from mlmm.config import load_config
     from mlmm.data.pipeline import Preprocessor, collate
-    from mlmm.training import Trainer
     from mlmm.training.trainer import load_tokenizer
 
     data = build_tiny_data(tmp_path / "data", n_images=24, n_videos=4, n_audio=4, shard_size=40, seed=5)
@@ -79,11 +78,6 @@ def test_encoded_batches_decode_to_the_worker_batches_and_train_the_same(tmp_pat
     diff = (decoded.image.int() - batches[False].image.int()).abs()
     assert diff.max() <= 3 and diff.float().mean() < 0.5, (diff.max(), diff.float().mean())
     assert torch.equal(decoded.image[2], batches[False].image[2]) and not decoded.image[4].any()
-    losses = {}
-    for on in (False, True):
-        run = load_config(REPO / "recipes" / "configs" / "tiny_clip.yaml",
-                          [*base, f"output_dir={tmp_path / str(on)}", f"data.decode_on_device={str(on).lower()}"])
-        trainer = Trainer(run).setup()
-        losses[on] = [h["loss"] for h in trainer.train()]
-        trainer.cleanup()
+    losses = {on: tiny_clip_losses([*base, f"data.decode_on_device={str(on).lower()}"], tmp_path / str(on))
+              for on in (False, True)}
     assert losses[True] == pytest.approx(losses[False], rel=2e-3)

@@ -195,10 +195,9 @@ def test_normalize_on_device_gives_the_same_batches_and_training(tmp_path):
     makes them exactly the loader's float batches; a Trainer run with it trains to the same loss."""
     from pathlib import Path
 
-    from conftest import build_tiny_data
+    from conftest import build_tiny_data, tiny_clip_losses
     from mlmm.config import load_config
     from mlmm.data.pipeline import Preprocessor, build_train_loader
-    from mlmm.training import Trainer
     from mlmm.training.trainer import load_tokenizer
 
     repo = Path(__file__).resolve().parents[1]
@@ -216,13 +215,8 @@ def test_normalize_on_device_gives_the_same_batches_and_training(tmp_path):
     fixed = batches[True].normalize_images()
     torch.testing.assert_close(fixed.image, batches[False].image, rtol=0, atol=0)
     torch.testing.assert_close(fixed.video, batches[False].video, rtol=0, atol=0)
-    losses = {}
-    for u8 in (False, True):
-        run = load_config(repo / "recipes" / "configs" / "tiny_clip.yaml",
-                          [*base, f"output_dir={tmp_path / str(u8)}", f"data.normalize_on_device={str(u8).lower()}"])
-        trainer = Trainer(run).setup()
-        losses[u8] = [h["loss"] for h in trainer.train()]
-        trainer.cleanup()
+    losses = {u8: tiny_clip_losses([*base, f"data.normalize_on_device={str(u8).lower()}"], tmp_path / str(u8))
+              for u8 in (False, True)}
     assert losses[True] == pytest.approx(losses[False], rel=1e-6)
 
 
