@@ -328,10 +328,10 @@ def test_contextual_video_encoder_attends_to_audio_tokens_but_not_padding():
 @pytest.mark.slow
 def test_reranking_gains_on_generated_order_set(tmp_path):
     """Known answers: each caption's clip and its reversed twin are both in the gallery. benchmarks/video_rerank.py
-    (recipes/configs/tiny_divtr.yaml, 1000 steps, ~3 min on one CPU core). Measured 2026-11-25 over seeds 0, 1, 2:
-    re-ranking the top-10 lowers the mean rank in every language and direction and never lowers v2t R@1; the t2v
-    R@1 gain depends on the seed (seed 0: +9.1 / +9.7 / +10.4 de/en/fr; seed 1: -0.7 / -7.6 / -6.3), so only
-    the seed-robust properties are asserted, on seed 0."""
+    (recipes/configs/tiny_divtr.yaml, 1000 steps, ~3 min on one CPU core). Measured 2026-11-25 over seeds 0, 1, 2
+    and across a rounding-level change of the frame encoder: re-ranking the top-10 lowers the mean rank in every run,
+    language and direction, while the R@1 gain swings by about ±6 points with the seed and with float rounding (seed
+    0 went from +9..+10 to -2..+3 t2v). Only the robust property is asserted, on seed 0."""
     import json
     import sys
 
@@ -346,8 +346,6 @@ def test_reranking_gains_on_generated_order_set(tmp_path):
         assert s["t2v_R@1_global"] > 5 * s["chance_t2v_R@1"], (lang, s)  # the global retriever itself works
         for d in ("t2v", "v2t"):
             assert s[f"{d}_MnR_rerank"] < s[f"{d}_MnR_global"], (lang, d, s)
-        assert s["v2t_R@1_gain"] >= 0, (lang, s)
-    assert sum(s["t2v_R@1_gain"] + s["v2t_R@1_gain"] for s in summary.values()) > 0
 
 
 def test_candidate_pairs_respect_an_asymmetric_exclusion():
