@@ -101,6 +101,33 @@ def test_packed_padding_and_first_token_blocks_compute_the_plain_transformer():
     torch.testing.assert_close(y[keep.any(1), 0], ref_first, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype,tokens,kernel", [(torch.bfloat16, 50, "math"), (torch.bfloat16, 129, "flash"),
+                                                  (torch.float32, 50, "flash")])
+def test_sdpa_takes_the_math_kernel_for_short_bf16_cpu_attention_with_the_same_results(dtype, tokens, kernel):
+    """mlmm.models.layers.sdpa: CPU + bf16 + <= 128 tokens -> the math kernel (faster there), else PyTorch's choice;
+    outputs and gradients (with a padding mask) equal the default kernel's to bf16 rounding."""
+    from torch.profiler import profile
+
+    from mlmm.models.layers import sdpa
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, tokens, 16).to(dtype).requires_grad_() for _ in range(3))
+    keep = torch.ones(2, 1, 1, tokens, dtype=torch.bool)
+    keep[1, ..., tokens // 3:] = False
+    g = torch.randn(2, 4, tokens, 16).to(dtype)
+    with profile() as prof:
+        out = sdpa(q, k, v, keep)
+    ops = {e.key for e in prof.key_averages()}
+    assert any(kernel in op for op in ops if "scaled_dot_product" in op), ops
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
 @pytest.mark.parametrize("arch,text_pooling,image_pooling", [("clip", "mean", "cls"), ("clip", "cls", "mean"),
                                                               ("bert", "mean", "gpo")])
 def test_pooled_only_towers_give_the_token_path_loss_and_gradients(arch, text_pooling, image_pooling):

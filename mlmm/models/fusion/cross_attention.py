@@ -14,10 +14,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mlmm.models.layers import MLP
+from mlmm.models.layers import MLP, sdpa
 
 
 class MultiHeadAttention(nn.Module):
@@ -37,7 +36,7 @@ class MultiHeadAttention(nn.Module):
         Tk, H = kv.shape[1], self.heads
         q = self.q_proj(x).view(B, Tq, H, D // H).transpose(1, 2)  # [B, H, Tq, d]
         k, v = self.kv_proj(kv).view(B, Tk, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, Tk, d]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # [B, H, Tq, d]
+        out = sdpa(q, k, v, keep)  # [B, H, Tq, d]
         return self.out_proj(out.transpose(1, 2).reshape(B, Tq, D))
 
 

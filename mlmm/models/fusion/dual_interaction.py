@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlmm.models.layers import MLP
+from mlmm.models.layers import MLP, sdpa
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -68,7 +68,7 @@ class CrossAttentionBlock(nn.Module):
         keep = ctx_mask.bool()
         has_key = keep.any(dim=1)  # [P]
         keep = keep | ~has_key[:, None]  # avoid an all -inf softmax (NaN); the update is zeroed below
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])  # [P, H, Tq, d]
+        a = sdpa(q, k, v, keep[:, None, None, :])  # [P, H, Tq, d]
         return self.out_proj(a.transpose(1, 2).reshape(P, Tq, D)) * has_key[:, None, None].to(x.dtype)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor,
