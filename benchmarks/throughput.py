@@ -332,10 +332,10 @@ def main(argv=None) -> int:
     if args._child:
         run_child(args)
         return 0
-    if not cuda and not args.default_malloc and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        sys.stdout.flush()  # malloc reads its environment at start-up: re-run this script with it
-        os.execve(sys.executable, [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)],
-                  {**os.environ, **MALLOC_ENV})
+    if (argv is None and not cuda and not args.default_malloc
+            and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items())):
+        sys.stdout.flush()  # malloc reads its environment at start-up: re-run this script (not a caller) with it
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **MALLOC_ENV})
     device = torch.device("cuda" if cuda else "cpu")
     runs, skipped = [], []
     for precision in args.precision:
