@@ -101,6 +101,7 @@ def test_packed_padding_and_first_token_blocks_compute_the_plain_transformer():
     torch.testing.assert_close(y[keep.any(1), 0], ref_first, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*Profiler clears events")
 @pytest.mark.parametrize("dtype,tokens,kernel", [(torch.bfloat16, 50, "math"), (torch.bfloat16, 129, "flash"),
                                                   (torch.float32, 50, "flash")])
 def test_sdpa_takes_the_math_kernel_for_short_bf16_cpu_attention_with_the_same_results(dtype, tokens, kernel):
