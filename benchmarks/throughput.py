@@ -363,12 +363,10 @@ def main(argv=None) -> int:
         summary["best_ratio_vs_open_clip_foreach"] = best["mlmm"] / best["open_clip_foreach"]
     print(f"best: mlmm {best['mlmm']:.2f} vs open_clip {best['open_clip']:.2f} samples/s -> "
           f"{summary['best_ratio']:.2f}x")
-    path = write_result(f"throughput_{device.type}_{args.shape}_{args.text}", {"shape": args.shape,
-                                                      "mlmm_zero_stage": args.zero_stage,
-                                                      "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV}, "mlmm_text_arch": args.text_arch, "shape_detail": SHAPES[args.shape],
-                                                      "runs": runs, "skipped": skipped, **summary,
-                                                      "command": " ".join(sys.argv)},
-                        args.out)
+    result = {"shape": args.shape, "shape_detail": SHAPES[args.shape], "mlmm_zero_stage": args.zero_stage,
+              "mlmm_text_arch": args.text_arch, "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
+              "runs": runs, "skipped": skipped, **summary, "command": " ".join(sys.argv)}
+    path = write_result(f"throughput_{device.type}_{args.shape}_{args.text}", result, args.out)
     print(f"wrote {path}")
     return 0
 
