@@ -123,6 +123,7 @@ def _usage(where: str, formats: Sequence[str], modalities: Sequence[str]) -> lis
         lines += ["", "With open_clip (`open_clip_config.json` + `open_clip_model.safetensors`):", "", "```python",
                   "import open_clip", "",
                   f'model, _, preprocess = open_clip.create_model_and_transforms("{spec}")',
+                  "model.eval()   # open_clip returns the model in train mode (dropout on)",
                   f'tokenizer = open_clip.get_tokenizer("{spec}")',
                   'z_text = model.encode_text(tokenizer(["a red circle"]), normalize=True)', "```"]
     if "transformers" in formats:
