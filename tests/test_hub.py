@@ -191,7 +191,7 @@ def test_publish_needs_a_token_and_uploads_with_create_repo_and_upload_folder(ru
 
 
 OFFLINE_SCRIPT = r"""
-import json, sys
+import json, re, sys
 import torch, open_clip, mlmm
 from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save_file
@@ -210,6 +210,11 @@ b = t(texts, padding=True, return_tensors="pt")
 h = enc(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
 m = b["attention_mask"].unsqueeze(-1).float()
 out["tf_text"] = torch.nn.functional.normalize(((h * m).sum(1) / m.sum(1)) @ W.T, dim=-1)
+card = open(hf_hub_download("org/tiny", "README.md"), encoding="utf-8").read()  # the model card's open_clip snippet, as is
+snippet = next(b for b in re.findall(r"```python\n(.*?)```", card, re.S) if "import open_clip" in b)
+ns = {}
+exec(snippet, ns)
+out["card_oc_text"] = ns["z_text"]
 save_file({k: v.detach().contiguous() for k, v in out.items()}, sys.argv[3])
 try:
     mlmm.from_pretrained("org/not-cached")
@@ -240,6 +245,8 @@ def test_repo_id_loads_offline_from_the_hf_cache(run_dir, tmp_path):
     got = load_file(str(tmp_path / "out.safetensors"))
     for k in ("mlmm_text", "oc_text", "tf_text"):
         torch.testing.assert_close(got[k], model.encode_text(TEXTS), rtol=0, atol=1e-5, msg=k)
+    # the card's snippet (model.eval() included: the tiny BERT tower has dropout 0.1)
+    torch.testing.assert_close(got["card_oc_text"], model.encode_text(["a red circle"]), rtol=0, atol=1e-5)
     for k in ("mlmm_image", "oc_image"):
         torch.testing.assert_close(got[k], model.encode("image", x), rtol=0, atol=1e-5, msg=k)
     assert "ERROR: org/not-cached: not a local folder, and the Hub repo could not be fetched" in proc.stdout
