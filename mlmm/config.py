@@ -79,6 +79,9 @@ class ImageTowerConfig:
     heads: int = 2
     mlp_ratio: float = 4.0
     pooling: str = "cls"  # cls | mean (over patch tokens) | gpo (generalized pooling operator over patch tokens)
+    # open_clip weights for this tower (+ its projection when embed_dim matches), loaded when the model is built:
+    # "ARCH:TAG" (ViT-B-32:laion2b_s34b_b79k), "hf-hub:org/name[@rev]", "local-dir:DIR" or a weights file
+    pretrained: Optional[str] = None
 
     def validate(self, where: str) -> None:
         if self.pooling not in ("cls", "mean", "gpo"):
@@ -129,8 +132,8 @@ class AudioTowerConfig:
 
 @dataclass
 class TextTowerConfig:
-    tokenizer: str = ""  # folder loadable by transformers.AutoTokenizer
-    pretrained: Optional[str] = None  # HF model folder/name; None = build from the fields below
+    tokenizer: str = ""  # transformers.AutoTokenizer folder or Hub id (org/name[@revision]); default: pretrained
+    pretrained: Optional[str] = None  # HF model folder or Hub id (org/name[@revision]); None = build from the fields
     arch: str = "bert"  # transformers model_type used when building from scratch, or "clip" (native CLIP-style tower)
     hidden: int = 32
     layers: int = 2
@@ -171,6 +174,9 @@ class ModelConfig:
             raise ConfigError(f"{where}.video.share_image_tower: true needs a model.image tower")
         if self.video is not None and not self.video.share_image_tower and self.video.frame_encoder is None:
             raise ConfigError(f"{where}.video.frame_encoder: required when share_image_tower is false")
+        if self.video is not None and self.video.frame_encoder is not None and self.video.frame_encoder.pretrained:
+            raise ConfigError(f"{where}.video.frame_encoder.pretrained: not supported; set model.image.pretrained and "
+                              "video.share_image_tower: true")
         if not self.modalities:
             raise ConfigError(f"{where}: no tower configured (set at least one of {MODALITIES})")
 
@@ -343,6 +349,9 @@ def build_config(raw: dict) -> RunConfig:
     loss_raw = raw.pop("loss", None) or {"name": "contrastive"}
     cfg = from_dict(RunConfig, raw)
     cfg.loss = build_component_config(LOSSES, loss_raw, "loss")
+    for loss_cfg in [cfg.loss, *getattr(cfg.loss, "terms", {}).values()]:  # checks that read other sections
+        if hasattr(loss_cfg, "check_run"):
+            loss_cfg.check_run(cfg)
     return cfg
 
 

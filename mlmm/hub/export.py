@@ -4,7 +4,8 @@
     model = load_export("runs/x/export")   # identical embeddings (``mlmm.hub.from_pretrained`` also takes repo ids)
 
 Only safetensors and JSON are read back: loading an export never unpickles anything. ``config.json`` holds
-``{"mlmm_format", "name", "model", "modalities", "train_config"?, "text_base_model"?}``; any other top-level key
+``{"mlmm_format", "name", "model", "modalities", "train_config"?, "text_base_model"?, "teachers"?}``; any other
+top-level key
 (e.g. the text tower's transformers config merged in by :func:`mlmm.hub.interop_open_clip.export_open_clip`) is
 ignored by mlmm.
 """
@@ -12,9 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -24,8 +24,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
-MLMM_CONFIG_KEYS = ("mlmm_format", "name", "model", "modalities", "train_config", "text_base_model")
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+MLMM_CONFIG_KEYS = ("mlmm_format", "name", "model", "modalities", "train_config", "text_base_model", "teachers")
 _HF_CONFIG_DROP = ("architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype",
                    "_attn_implementation_autoset")
 
@@ -37,11 +36,14 @@ def text_hf_config(model) -> dict[str, Any]:
 
 
 def save_pretrained(model, out_dir: str | Path, *, state_dict: Optional[dict] = None,
-                    run_config=None, results_md: Optional[str] = None) -> Path:
-    """Write an export folder. `state_dict` overrides model.state_dict() (e.g. gathered from ZeRO-3)."""
+                    run_config=None, results_md: Optional[str] = None, teachers: Sequence[dict] = ()) -> Path:
+    """Write an export folder. `state_dict` overrides model.state_dict() (e.g. gathered from ZeRO-3); `teachers`:
+    the identities of the distillation teachers (:meth:`mlmm.distill.teacher.Teacher.identity`), recorded in
+    config.json and the model card."""
     from safetensors.torch import save_file
 
     from mlmm.hub.card import build_model_card
+    from mlmm.hub.pretrained import hub_base_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,6 +58,8 @@ def save_pretrained(model, out_dir: str | Path, *, state_dict: Optional[dict] = 
     }
     if run_config is not None:
         config["train_config"] = run_config.to_dict()
+    if teachers:
+        config["teachers"] = [dict(t) for t in teachers]
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(out))
         config["model"]["text"]["tokenizer"] = "."  # relative to the export folder
@@ -64,9 +68,11 @@ def save_pretrained(model, out_dir: str | Path, *, state_dict: Optional[dict] = 
         pretrained = text.get("pretrained")
         if pretrained:  # rebuild that architecture on load; the weights are in model.safetensors
             text["hf_config"] = text_hf_config(model)
-            if not Path(pretrained).exists() and _HUB_NAME.match(pretrained):
-                config["text_base_model"] = pretrained  # a Hub model id: the card's `base_model`
+            if hub_base_model(pretrained):
+                config["text_base_model"] = hub_base_model(pretrained)  # a Hub model id: the card's `base_model`
         text["pretrained"] = None
+    if config["model"].get("image"):  # open_clip init weights: already in model.safetensors
+        config["model"]["image"]["pretrained"] = None
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
     (out / CARD_NAME).write_text(build_model_card(config, results_md=results_md), encoding="utf-8")
     return out

@@ -239,13 +239,16 @@ def _load_projection(model, modality: str, weight: torch.Tensor, where: str) -> 
     return True
 
 
-def load_open_clip_into(model, source: str | Path) -> list[str]:
-    """Initialise ``model``'s image / text towers (+ projections) from an open_clip checkpoint.
+def load_open_clip_into(model, source: str | Path, towers: tuple[str, ...] = ("image", "text"),
+                        model_cfg: Optional[dict] = None) -> list[str]:
+    """Initialise ``model``'s image / text towers (+ projections) from an open_clip checkpoint; only ``towers``.
 
-    Returns the model state-dict keys left as they were (towers the checkpoint does not provide)."""
-    sd, model_cfg, where = read_open_clip_source(source)
+    ``model_cfg``: the open_clip model config when none is next to the weights (e.g. a pretrained tag's built-in
+    config). Returns the model state-dict keys left as they were (towers the checkpoint does not provide)."""
+    sd, found_cfg, where = read_open_clip_source(source)
+    model_cfg = found_cfg or model_cfg
     loaded: list[str] = []
-    if "image" in model.towers and any(k.startswith("visual.") for k in sd):
+    if "image" in model.towers and "image" in towers and any(k.startswith("visual.") for k in sd):
         vis = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
         if model_cfg is not None:
             _check_vision_cfg(model.cfg.image, model_cfg.get("vision_cfg", {}), bool(model_cfg.get("quick_gelu")),
@@ -257,14 +260,14 @@ def load_open_clip_into(model, source: str | Path) -> list[str]:
         loaded.append("towers.image.")
         if proj is not None and _load_projection(model, "image", proj.t(), where):
             loaded.append("proj.image.")
-    if "text" in model.towers and any(k.startswith("text.transformer.") for k in sd):
+    if "text" in model.towers and "text" in towers and any(k.startswith("text.transformer.") for k in sd):
         txt = {k[len("text.transformer."):]: v for k, v in sd.items() if k.startswith("text.transformer.")}
         txt = {k: v for k, v in txt.items() if not k.startswith("pooler.") and k != "embeddings.position_ids"}
         _load_strict(model.towers["text"].model, txt, f"{where}: text.transformer.*")
         loaded.append("towers.text.")
         if "text.proj.weight" in sd and _load_projection(model, "text", sd["text.proj.weight"], where):
             loaded.append("proj.text.")
-    elif "text" in model.towers and "token_embedding.weight" in sd:
+    elif "text" in model.towers and "text" in towers and "token_embedding.weight" in sd:
         log.info("%s: open_clip's causal text transformer has no mlmm counterpart; text tower left as is", where)
     if not loaded:
         raise ValueError(f"{where}: no open_clip tower fits this model (checkpoint keys like "

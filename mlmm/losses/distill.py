@@ -11,7 +11,8 @@ registration, so it is never optimised, checkpointed or exported; see :mod:`mlmm
               MSE + symmetric InfoNCE between student text(L) and the teacher's English text embeddings of the
               batch (learnable temperature). ``stage: 2`` = language exposure: symmetric InfoNCE between the
               student text and the FROZEN teacher image embedding of the row's image; the run starts from
-              stage 1's export (``train.init_from``) and trains only the language adapters
+              stage 1's export (``train.init_from``, required unless ``allow_no_init: true``) and trains only the
+              language adapters
               (``model.heads.*: {name: language_adapter}``, ``train.trainable``).
 ``clip4vla``  CLIP4VLA-style audio: student audio ~ teacher visual (image, or mean of video frames) with InfoNCE
               (+ optional MSE), and ~ teacher text of the sample's caption with InfoNCE.
@@ -135,6 +136,7 @@ class MLALossConfig:
     learn_temperature: bool = True
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
+    allow_no_init: bool = False  # stage 2 without train.init_from: adapters on an untrained tower (explicit opt-out)
     name: str = field(default="mla", init=False)
 
     def validate(self, where: str) -> None:
@@ -142,6 +144,13 @@ class MLALossConfig:
             raise ConfigError(f"{where}.stage: must be 1 or 2, got {self.stage}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"{where}.objective: must be one of {OBJECTIVES}, got {self.objective!r}")
+
+    def check_run(self, run) -> None:
+        """Stage 2 trains adapters on the FROZEN stage-1 student: without ``train.init_from`` that is a random tower."""
+        if self.stage == 2 and not run.train.init_from and not self.allow_no_init:
+            raise ConfigError("train.init_from: MLA stage 2 trains language adapters on the frozen stage-1 student; "
+                              "set train.init_from=STAGE1/export (or loss.allow_no_init: true to train them on an "
+                              "untrained tower)")
 
 
 @LOSSES.register("mla", config=MLALossConfig)

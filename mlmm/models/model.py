@@ -42,6 +42,10 @@ class MultimodalModel(nn.Module):
         self.proj = nn.ModuleDict({m: nn.Linear(t.width, cfg.embed_dim, bias=False) for m, t in towers.items()})
         for p in self.proj.values():
             nn.init.normal_(p.weight, std=p.in_features ** -0.5)
+        if cfg.image is not None and cfg.image.pretrained:  # open_clip weights (by tag / Hub id / folder / file)
+            from mlmm.hub.pretrained import init_image_tower
+
+            init_image_tower(self, cfg.image.pretrained)
         self.heads = nn.ModuleDict({name: HEADS.get(hcfg.name).cls(hcfg, self) for name, hcfg in cfg.heads.items()})
         self.token_modalities = sorted({m for h in self.heads.values() for m in getattr(h, "needs_tokens", ())})
         self.audio_context = cfg.video is not None and cfg.video.audio_context  # audio tokens join the video tower

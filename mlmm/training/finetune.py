@@ -4,6 +4,7 @@
     load_init(model, "ViT-B-32.safetensors")                                    # or an open_clip checkpoint
     freeze_except(train_module, ["model\\.heads\\..*", "loss\\..*"])           # train.trainable
     loss_extra_inputs(loss)   # media a loss reads without a student tower (a frozen teacher's images)
+    loss_teachers(loss)       # identities of the loss's frozen teachers (recorded in exports)
 
 None of these know about any method: MLA stage 2 is "init from stage 1's export + train only the adapters".
 """
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from torch import nn
+
+from mlmm.sources import is_hub_id
 
 log = logging.getLogger("mlmm")
 
@@ -30,15 +33,22 @@ def load_init(model: nn.Module, export_dir: str | Path, trainable: Optional[Sequ
     model key absent from the export is allowed only if ``trainable`` selects it (as ``model.<key>``), i.e. a
     module added for fine-tuning (adapters, heads). Anything else raises ``ValueError`` naming the keys.
 
-    An open_clip checkpoint (a weights file, ``local-dir:DIR`` or an open_clip folder) initialises the image /
-    text towers it has (:func:`mlmm.hub.interop_open_clip.load_open_clip_into`, strict per tower); the other
+    ``export_dir`` may be a Hub id of an mlmm export. An open_clip checkpoint (a weights file, ``local-dir:DIR``,
+    an open_clip folder, ``hf-hub:org/name[@rev]`` or ``ARCH:TAG``, the last two through the caches) initialises
+    the image / text towers it has (:func:`mlmm.hub.interop_open_clip.load_open_clip_into`, strict per tower); the other
     towers keep their own initialisation (e.g. ``model.text.pretrained``), whatever ``trainable`` says.
     """
-    from mlmm.hub import WEIGHTS_NAME, is_open_clip_source, load_open_clip_into, load_state_dict
+    from mlmm.hub import WEIGHTS_NAME, is_open_clip_source, load_open_clip_into, load_state_dict, resolve_pretrained
+    from mlmm.hub.pretrained import open_clip_weights
 
+    by_name = open_clip_weights(str(export_dir), "train.init_from")  # hf-hub:org/name, ARCH:TAG (the caches)
+    if by_name is not None:
+        return load_open_clip_into(model, by_name[0], model_cfg=by_name[1])
     if is_open_clip_source(export_dir):
         return load_open_clip_into(model, export_dir)
     path = Path(export_dir)
+    if is_hub_id(export_dir):  # an mlmm export on the Hub (offline: from the HF cache)
+        path = resolve_pretrained(str(export_dir))
     if not (path / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"train.init_from: {path} is not an mlmm export (no {WEIGHTS_NAME})")
     saved = load_state_dict(path / WEIGHTS_NAME)
@@ -83,4 +93,16 @@ def loss_extra_inputs(loss: nn.Module) -> dict[str, tuple[int, ...]]:
             if m in out and tuple(out[m]) != tuple(shape):
                 raise ValueError(f"loss terms ask for {m} at two shapes: {out[m]} and {shape}")
             out[m] = tuple(shape)
+    return out
+
+
+def loss_teachers(loss: nn.Module) -> list[dict]:
+    """Identities of the distillation teachers held by the loss and its sub-modules (``teacher`` attributes), once
+    each (several terms may share one teacher); recorded in exports. Hashes their weights: call at export."""
+    seen, out = set(), []
+    for mod in loss.modules():
+        teacher = getattr(mod, "teacher", None)
+        if teacher is not None and hasattr(teacher, "identity") and id(teacher) not in seen:
+            seen.add(id(teacher))
+            out.append(teacher.identity())
     return out

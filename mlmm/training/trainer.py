@@ -22,6 +22,7 @@ from mlmm.data.pipeline import resolve_shards
 from mlmm.data.stream import shard_counts
 from mlmm.data.train_stream import LoaderState
 from mlmm.registry import LOSSES
+from mlmm.sources import is_hub_id
 from mlmm.training import checkpoint, distributed, finetune
 from mlmm.training.guards import LanguageCoverage, out_of_memory_error
 from mlmm.training.engine import TrainModule, compile_towers, compute_dtype, full_state_dict, initialize
@@ -65,11 +66,17 @@ def load_tokenizer(cfg: RunConfig):
         return None
     from transformers import AutoTokenizer
 
+    from mlmm.hub.pretrained import load_hf
+
+    key = "model.text.tokenizer" if cfg.model.text.tokenizer else "model.text.pretrained"
     src = cfg.model.text.tokenizer or cfg.model.text.pretrained
-    if not Path(src).exists():
-        raise FileNotFoundError(f"model.text.tokenizer: {src} not found (train one with "
-                                f"`python -m mlmm.data.tokenization --manifest M.jsonl --out DIR`)")
-    return AutoTokenizer.from_pretrained(src)
+    try:  # a local folder or a Hub id (org/name[@revision]) through the HF cache
+        return load_hf(AutoTokenizer.from_pretrained, src, key)
+    except FileNotFoundError as e:
+        if is_hub_id(src):
+            raise
+        raise FileNotFoundError(f"{e} (train a tokenizer with "
+                                "`python -m mlmm.data.tokenization --manifest M.jsonl --out DIR`)") from None
 
 
 class Trainer:
@@ -295,7 +302,8 @@ class Trainer:
         out_dir = Path(out_dir or self.out / "export")
         sd = full_state_dict(self.engine, self.model)  # every rank takes part in the ZeRO-3 gather
         if self.is_main:
-            save_pretrained(self.model, out_dir, state_dict=sd, run_config=self.cfg)
+            save_pretrained(self.model, out_dir, state_dict=sd, run_config=self.cfg,
+                            teachers=finetune.loss_teachers(self.loss))
             log.info("exported %s", out_dir)
         distributed.barrier()
         return out_dir

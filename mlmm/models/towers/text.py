@@ -37,7 +37,8 @@ def pool_text(h: torch.Tensor, attention: torch.Tensor, pooling: str, gpo=None) 
 class TextTower(nn.Module):
     """Token ids Long[B, L] + attention Long/Bool[B, L] (1 = real token) -> [B, hidden].
 
-    ``cfg.pretrained`` loads ``AutoModel.from_pretrained``; otherwise a randomly initialised
+    ``cfg.pretrained`` (a folder or a Hub id, :func:`mlmm.hub.pretrained.load_hf`) loads
+    ``AutoModel.from_pretrained``; otherwise a randomly initialised
     ``cfg.arch`` encoder is built from the size fields. The HF pooler (unused, and it would leave
     parameters without gradients) is dropped.
     """
@@ -47,8 +48,11 @@ class TextTower(nn.Module):
 
         super().__init__()
         self.cfg = cfg
-        if cfg.pretrained:
-            self.model = _without_pooler(AutoModel.from_pretrained, cfg.pretrained)
+        if cfg.pretrained:  # a local folder or a Hub id (org/name[@revision]) through the HF cache
+            from mlmm.hub.pretrained import load_hf
+
+            self.model = _without_pooler(lambda **kw: load_hf(AutoModel.from_pretrained, cfg.pretrained,
+                                                              "model.text.pretrained", **kw))
         elif cfg.hf_config:  # an exported pretrained tower: same architecture, weights come from the export
             config = AutoConfig.for_model(**cfg.hf_config)
             self.model = _without_pooler(AutoModel.from_config, config, attn_implementation="sdpa")
