@@ -138,21 +138,35 @@ def target(cmd: list[str]) -> tuple[str, str, list[str]] | None:
     return None
 
 
-def declared_flags(source: Path) -> set[str]:
-    """Every ``--flag`` string given to an ``add_argument`` call in a file."""
-    flags = set()
+def declared_flags(source: Path, follow: bool = True) -> set[str]:
+    """Every ``--flag`` string given to an ``add_argument`` call in a file, and (one level) in the mlmm modules it
+    imports, so that a thin entry point whose parser lives in the library is read right."""
+    flags, imported = set(), []
     for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
             flags.update(a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("--"))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mlmm"):
+            imported += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            imported += [a.name for a in node.names if a.name.startswith("mlmm")]
+    for name in imported if follow else ():  # found on disk, not imported (importing mlmm.training is slow)
+        base = REPO.joinpath(*name.split("."))
+        for file in (base.with_suffix(".py"), base / "__init__.py"):
+            if file.is_file():
+                flags |= declared_flags(file, follow=False)
     return flags
 
 
 def source_of(kind: str, name: str) -> Path:
     if kind == "script":
         return REPO / name
-    spec = importlib.util.find_spec(name)
-    assert spec is not None and spec.origin, f"no module {name}"
-    return Path(spec.origin)
+    if name.split(".")[0] != "mlmm":  # another package's module (python -m torch.distributed.run ...)
+        spec = importlib.util.find_spec(name)
+        return Path(spec.origin) if spec is not None and spec.origin else REPO / name
+    base = REPO.joinpath(*name.split("."))
+    if base.with_suffix(".py").is_file() or not (base / "__main__.py").is_file():
+        return base.with_suffix(".py")
+    return base / "__main__.py"
 
 
 BASH_COMMANDS = [(b, c) for b in ALL_BLOCKS if b.lang == "bash" for c in commands(b.code) if target(c)]
