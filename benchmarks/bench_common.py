@@ -5,6 +5,8 @@ import datetime
 import json
 import os
 import platform
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -50,3 +52,26 @@ def write_result(name: str, result: dict, out: str | Path | None = None) -> Path
               "machine": machine_info(), **result}
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     return path
+
+
+def load_1m() -> float:
+    """The 1-minute load average (/proc/loadavg)."""
+    return os.getloadavg()[0]
+
+
+def wait_quiet(max_load: float | None, poll_s: float = 20.0, label: str = "") -> float:
+    """Sleep until the 1-minute load average is below ``max_load`` (None: do not wait); -> the load seen.
+
+    Timings on a shared box are only comparable when nothing else runs: the benchmarks call this before every
+    timed repetition and record what it returns.
+    """
+    load = load_1m()
+    waited = 0.0
+    while max_load is not None and load >= max_load:
+        if waited == 0.0:
+            print(f"  [{label or 'timing'}] load {load:.2f} >= {max_load}: waiting for a quiet box ...", file=sys.stderr,
+                  flush=True)
+        time.sleep(poll_s)
+        waited += poll_s
+        load = load_1m()
+    return load

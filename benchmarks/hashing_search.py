@@ -3,12 +3,21 @@
     python benchmarks/hashing_search.py --export runs/tiny_hashing/export        # ~3-5 min on 2 cores
     python benchmarks/hashing_search.py --n 100000 --queries 200                  # quick look
 
+    python benchmarks/hashing_search.py --reps 3 --max-load 1.5                   # the figures in docs/hashing.md
+
 Part 1 (speed): N database items as 64-bit codes (packed, 8 bytes each) vs as 512-d float32 embeddings
-(2 KB each), Q queries, exact top-10:
-  * Hamming: faiss ``IndexBinaryFlat`` (and optionally ``IndexBinaryHNSW``, ``--hnsw``), and the pure-torch
-    popcount fallback (timed on a subset of the queries: it is the slow, dependency-free path);
-  * float: faiss ``IndexFlatIP`` (BLAS) and torch matmul + top-k (cosine on L2-normalised rows).
-  The speed-up is faiss Hamming over the *faster* float search.
+(2 KB each), Q queries, top-10:
+  * Hamming, exact: mlmm's native blocked-popcount kernel (``mlmm.search.kernel``), faiss ``IndexBinaryFlat``,
+    and the pure-torch popcount fallback (timed on a subset of the queries: it is the slow, dependency-free path);
+  * Hamming, not exact (levers, reported beside and never in the ratio): faiss ``IndexBinaryMultiHash``
+    (multi-index hashing; the share of queries whose top-k distances are exact is recorded) and, with
+    ``--hnsw``, ``IndexBinaryHNSW``;
+  * float, exact: faiss ``IndexFlatIP`` (BLAS) and torch matmul + top-k (cosine on L2-normalised rows).
+  Every method is timed once per repetition, in turn (``--reps``, interleaved), and the median is reported;
+  ``--max-load`` waits for a quiet machine before each timing and the load seen is recorded. The speed-up is the
+  fastest exact Hamming search over the fastest exact float search. All exact Hamming methods are checked to
+  return the same distances (native and torch: the same ids too). Single-query latency: ``--latency-queries``
+  queries one at a time, methods interleaved, median in ms.
 Part 2 (quality, needs ``--export`` of a model with a hash head, e.g. ``recipes/configs/tiny_hashing.yaml``):
   generated held-out images form the database (hash codes + float embeddings from the same model), captions in
   en/de/fr are the queries. Reported: k-recall@10 of Hamming top-10 against the float top-10 (neighbour
@@ -23,6 +32,7 @@ import argparse
 import datetime
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -33,9 +43,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_common import machine_info  # noqa: E402
+from bench_common import machine_info, wait_quiet  # noqa: E402
 from mlmm.search import (FloatIndex, HammingIndex, cosine_topk, faiss_available, hamming_topk,  # noqa: E402
-                         pack_codes, recall_at_k, rerank)
+                         native_available, native_status, pack_codes, recall_at_k, rerank)
 
 
 def timed(fn, *args, **kwargs):
@@ -45,53 +55,117 @@ def timed(fn, *args, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------ part 1
-def speed(n: int, queries: int, bits: int, dim: int, k: int, torch_queries: int, hnsw: bool) -> dict:
+def _median(xs):
+    return statistics.median(xs)
+
+
+def speed(n: int, queries: int, bits: int, dim: int, k: int, torch_queries: int, hnsw: bool, reps: int = 3,
+          max_load: float | None = None, latency_queries: int = 50, multihash: bool = True) -> dict:
     g = torch.Generator().manual_seed(0)
     print(f"[speed] database: {n:,} x {bits}-bit codes ({n * bits // 8 / 2**20:.0f} MiB) vs {n:,} x {dim} float32 "
-          f"({n * dim * 4 / 2**30:.2f} GiB); {queries} queries, top-{k}", flush=True)
+          f"({n * dim * 4 / 2**30:.2f} GiB); {queries} queries, top-{k}; {reps} interleaved repetitions", flush=True)
     codes = torch.randint(0, 256, (n, bits // 8), dtype=torch.uint8, generator=g)
     q_codes = torch.randint(0, 256, (queries, bits // 8), dtype=torch.uint8, generator=g)
-    emb = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=1)
+    fl_torch = FloatIndex(dim, backend="torch").add(torch.randn(n, dim, generator=g))  # rows L2-normalised
     q_emb = torch.nn.functional.normalize(torch.randn(queries, dim, generator=g), dim=1)
-    rows = []
-
-    def row(method, kind, n_q, seconds, extra=None):
-        r = {"method": method, "kind": kind, "queries": n_q, "seconds": seconds, "queries_per_s": n_q / seconds,
-             **(extra or {})}
-        rows.append(r)
-        print(f"  {method:38s} {r['queries_per_s']:12.1f} q/s  ({n_q} queries in {seconds:.2f} s)", flush=True)
-        return r
-
+    tq, fq = min(torch_queries, queries), min(max(torch_queries, 256), queries)
+    # name -> (kind, exact, queries timed, search function); every one is timed once per repetition, in turn
+    methods: dict[str, tuple] = {}
+    native = HammingIndex(bits, backend="native").add(codes) if native_available() else None
+    if native is not None:
+        methods[f"hamming mlmm native kernel ({native_status()})"] = ("hamming", True, queries,
+                                                                      lambda qs: native.search(qs, k))
+    else:
+        print(f"  native kernel {native_status()}: not timed", flush=True)
     if faiss_available():
-        index = HammingIndex(bits, backend="faiss").add(codes)
-        index.search(q_codes[:8], k)  # warm-up
-        dt, (fd, fi) = timed(index.search, q_codes, k)
-        row("hamming faiss IndexBinaryFlat", "hamming", queries, dt)
+        import faiss
+
+        fb = HammingIndex(bits, backend="faiss").add(codes)
+        methods["hamming faiss IndexBinaryFlat"] = ("hamming", True, queries, lambda qs: fb.search(qs, k))
+        if multihash:  # multi-index hashing: 8 tables of 8-bit substrings, 1 flipped bit each (exact to radius 15)
+            mih = faiss.IndexBinaryMultiHash(bits, bits // 8, 8)
+            mih.nflip = 1
+            mih.add(codes.numpy())
+            methods["hamming faiss IndexBinaryMultiHash(8 x 8 bits, nflip=1)"] = (
+                "hamming-approx", False, queries, lambda qs: tuple(map(torch.from_numpy, mih.search(qs.numpy(), k))))
         if hnsw:
             h = HammingIndex(bits, kind="hnsw", backend="faiss", hnsw_m=16, ef_search=64)
-            build, _ = timed(h.add, codes)
-            dt, (hd, hi) = timed(h.search, q_codes, k)
-            rr = row("hamming faiss IndexBinaryHNSW(M=16,ef=64)", "hamming", queries, dt, {"build_seconds": build})
-            rr["distance_gap_vs_exact"] = float((hd.float() - fd.float()).mean())
-        fl = FloatIndex(dim, backend="faiss").add(emb)
-        fl.search(q_emb[:8], k)
-        dt, _ = timed(fl.search, q_emb, k)
-        row("float faiss IndexFlatIP", "float", queries, dt)
-    tq = min(torch_queries, queries)
-    dt, (td, ti) = timed(hamming_topk, q_codes[:tq], codes, k, 8)
-    row("hamming torch popcount (SWAR, fallback)", "hamming", tq, dt)
-    if faiss_available():
-        assert torch.equal(td, fd[:tq]), "faiss and torch Hamming distances disagree"
-    fq = min(max(torch_queries, 256), queries)
-    dt, _ = timed(cosine_topk, q_emb[:fq], emb, k, 128, False)
-    row("float torch matmul + topk", "float", fq, dt)
-    best = {kind: max((r for r in rows if r["kind"] == kind and "HNSW" not in r["method"]),
-                      key=lambda r: r["queries_per_s"]) for kind in ("hamming", "float")}
+            timed(h.add, codes)
+            methods["hamming faiss IndexBinaryHNSW(M=16,ef=64)"] = ("hamming-approx", False, queries,
+                                                                   lambda qs: h.search(qs, k))
+        ff = faiss.IndexFlatIP(dim)  # the same normalised rows (FloatIndex would keep a second 2 GiB copy)
+        ff.add(fl_torch.vectors.numpy())
+        methods["float faiss IndexFlatIP"] = ("float", True, queries,
+                                              lambda qs: tuple(map(torch.from_numpy, ff.search(qs.numpy(), k))))
+    methods["hamming torch popcount (SWAR, fallback)"] = ("hamming", True, tq,
+                                                          lambda qs: hamming_topk(qs, codes, k, 8))
+    methods["float torch matmul + topk"] = ("float", True, fq, lambda qs: fl_torch.search(qs, k))
+
+    def inputs(kind, nq):
+        return (q_emb if kind == "float" else q_codes)[:nq]
+
+    for name, (kind, _, nq, fn) in methods.items():  # warm-up (page-in, thread pools), not timed
+        fn(inputs(kind, min(nq, 8)))
+    times: dict[str, list] = {name: [] for name in methods}
+    loads: dict[str, list] = {name: [] for name in methods}
+    results = {}
+    for rep in range(reps):
+        for name, (kind, _, nq, fn) in methods.items():
+            loads[name].append(wait_quiet(max_load, label=name))
+            dt, results[name] = timed(fn, inputs(kind, nq))
+            times[name].append(dt)
+        print(f"  rep {rep + 1}/{reps}: " + ", ".join(f"{name.split(' (')[0]} {methods[name][2] / times[name][-1]:.0f}"
+                                                     for name in methods) + " q/s", flush=True)
+    rows = []
+    for name, (kind, exact, nq, _) in methods.items():
+        sec = _median(times[name])
+        rows.append({"method": name, "kind": kind, "exact": exact, "queries": nq, "seconds": sec,
+                     "queries_per_s": nq / sec, "seconds_all": times[name], "load_1m_all": loads[name]})
+        print(f"  {name:58s} {nq / sec:12.1f} q/s  (median of {reps}: {nq} queries in {sec:.3f} s)", flush=True)
+    # exactness: every exact Hamming method has the same distances; native and torch also the same ids (ties)
+    ham = [name for name, m in methods.items() if m[0] == "hamming"]
+    ref_d = results[ham[0]][0]
+    for name in ham:
+        d = results[name][0]
+        assert torch.equal(d.to(torch.int32), ref_d[:len(d)].to(torch.int32)), f"{name}: distances differ"
+    if native is not None:
+        name = next(n for n in ham if "torch" in n)
+        assert torch.equal(results[name][1], results[ham[0]][1][:tq]), "native and torch ids differ"
+    for row in rows:
+        if row["kind"] == "hamming-approx":
+            d = results[row["method"]][0].to(torch.int32)
+            row["queries_with_exact_distances"] = float((d == ref_d).all(1).float().mean())
+    best = {kind: max((r for r in rows if r["kind"] == kind), key=lambda r: r["queries_per_s"])
+            for kind in ("hamming", "float")}
     ratio = best["hamming"]["queries_per_s"] / best["float"]["queries_per_s"]
     print(f"  speed-up: {best['hamming']['method']} / {best['float']['method']} = {ratio:.1f}x", flush=True)
-    return {"n": n, "bits": bits, "dim": dim, "queries": queries, "k": k, "rows": rows,
-            "best_hamming": best["hamming"]["method"], "best_float": best["float"]["method"], "speedup": ratio,
-            "memory_bytes": {"codes": n * bits // 8, "float": n * dim * 4}}
+    out = {"n": n, "bits": bits, "dim": dim, "queries": queries, "k": k, "reps": reps, "max_load": max_load,
+           "rows": rows, "best_hamming": best["hamming"]["method"], "best_float": best["float"]["method"],
+           "speedup": ratio, "memory_bytes": {"codes": n * bits // 8, "float": n * dim * 4}}
+    faiss_row = next((r for r in rows if r["method"] == "hamming faiss IndexBinaryFlat"), None)
+    if native is not None and faiss_row is not None:
+        out["native_over_faiss_binary"] = rows[0]["queries_per_s"] / faiss_row["queries_per_s"]
+    out["latency"] = latency({name: m for name, m in methods.items() if m[1] and m[2] == queries}, inputs,
+                             latency_queries, max_load)
+    return out
+
+
+def latency(methods: dict, inputs, n_single: int, max_load: float | None) -> dict:
+    """Single-query latency: ``n_single`` queries one at a time, the methods interleaved per query; median ms."""
+    if n_single < 1:
+        return {}
+    ms: dict[str, list] = {name: [] for name in methods}
+    load = wait_quiet(max_load, label="latency")
+    for j in range(n_single):
+        for name, (kind, _, _, fn) in methods.items():
+            x = inputs(kind, j + 1)[j:j + 1]
+            dt, _ = timed(fn, x)
+            ms[name].append(1000 * dt)
+    out = {"queries": n_single, "load_1m": load,
+           "median_ms": {name: _median(v) for name, v in ms.items()}}
+    for name, v in out["median_ms"].items():
+        print(f"  single query: {name:58s} {v:9.2f} ms (median of {n_single})", flush=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ part 2
@@ -178,6 +252,11 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--torch-queries", type=int, default=32, help="queries timed for the torch popcount fallback")
     ap.add_argument("--hnsw", action="store_true", help="also build and time a faiss IndexBinaryHNSW (slow to build)")
+    ap.add_argument("--no-multihash", action="store_true", help="skip faiss IndexBinaryMultiHash")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions; the median is reported")
+    ap.add_argument("--max-load", type=float, default=None,
+                    help="before every timed repetition wait until the 1-minute load average is below this")
+    ap.add_argument("--latency-queries", type=int, default=50, help="single queries timed one at a time")
     ap.add_argument("--export", default=None, help="export folder of a model with a hash head (part 2)")
     ap.add_argument("--items", type=int, default=3000, help="part 2: held-out database images")
     ap.add_argument("--candidates", type=int, default=100)
@@ -194,7 +273,8 @@ def main(argv=None) -> int:
         result["speed_measured"] = {"date": previous["date"], "machine": previous["machine"],
                                     "command": previous.get("command", "")}
     else:
-        result["speed"] = speed(args.n, args.queries, args.bits, args.dim, args.k, args.torch_queries, args.hnsw)
+        result["speed"] = speed(args.n, args.queries, args.bits, args.dim, args.k, args.torch_queries, args.hnsw,
+                                args.reps, args.max_load, args.latency_queries, not args.no_multihash)
     if args.export:
         result["quality"] = quality(args.export, args.items, args.queries, args.k, args.candidates, seed=11)
     out = Path(args.out)

@@ -1,7 +1,7 @@
 """Search indexes over binary codes (Hamming) and float embeddings (cosine), with save / load.
 
-    index = HammingIndex(bits=64)                      # faiss IndexBinaryFlat when faiss-cpu is installed,
-    index.add(pack_codes(db_codes))                    # else the exact pure-torch popcount search
+    index = HammingIndex(bits=64)                      # the native blocked-popcount kernel (mlmm.search.kernel),
+    index.add(pack_codes(db_codes))                    # else faiss IndexBinaryFlat, else exact pure-torch popcount
     dist, ids = index.search(pack_codes(q_codes), k=10)
     index.save("db.hidx"); index = HammingIndex.load("db.hidx")
 
@@ -29,6 +29,8 @@ from mlmm.search.codes import as_tensor_u8, cosine_topk, hamming_topk
 log = logging.getLogger("mlmm")
 FORMAT_VERSION = "1"
 BACKENDS = ("auto", "faiss", "torch")
+HAMMING_BACKENDS = ("auto", "native", "faiss", "torch")
+_warned_native = False
 
 
 def faiss_available() -> bool:
@@ -49,12 +51,42 @@ def _resolve_backend(backend: str) -> str:
     return backend
 
 
+def _resolve_hamming_backend(backend: str, kind: str) -> str:
+    """auto -> native kernel for exact search (HNSW: faiss); without it faiss, else torch, with a one-line warning."""
+    global _warned_native
+    from mlmm.search import kernel
+
+    if backend not in HAMMING_BACKENDS:
+        raise ValueError(f"backend must be one of {HAMMING_BACKENDS}, got {backend!r}")
+    if backend == "native":
+        if not kernel.native_available():
+            raise RuntimeError(f"backend='native': the Hamming kernel is {kernel.native_status()}; "
+                               "use backend='faiss' or 'torch'")
+        return "native"
+    if backend != "auto":
+        return _resolve_backend(backend)
+    if kind == "hnsw" and faiss_available():
+        return "faiss"
+    if kernel.native_available():
+        return "native"
+    fallback = _resolve_backend("auto")
+    if not _warned_native and os.environ.get("MLMM_NATIVE_KERNELS", "1") != "0":
+        _warned_native = True
+        log.warning("mlmm.search: native Hamming kernel %s; using %s (exact, slower)", kernel.native_status(),
+                    "faiss IndexBinaryFlat" if fallback == "faiss" else "the torch popcount")
+    return fallback
+
+
 class HammingIndex:
     """Exact (``kind="flat"``) or HNSW (``kind="hnsw"``, faiss only) Hamming k-NN over packed codes.
 
-    Results are ``(Int32[Q, k] distances, Int64[Q, k] ids)``, nearest first. The torch backend orders exact
-    ties by index; faiss returns the same distances (flat) but may choose other ids among equal distances.
-    When the database has fewer than k codes, missing slots are ``(bits + 1, -1)``.
+    Backends: ``native`` (the blocked popcount kernel of :mod:`mlmm.search.kernel`, exact), ``faiss``
+    (``IndexBinaryFlat`` / ``IndexBinaryHNSW``), ``torch`` (exact, slow) or ``auto`` (native for flat, faiss
+    for HNSW; without a C compiler faiss or torch, with a one-line warning).
+
+    Results are ``(Int32[Q, k] distances, Int64[Q, k] ids)``, nearest first. The native and torch backends order
+    exact ties by index (identical results); faiss returns the same distances (flat) but may choose other ids
+    among equal distances. When the database has fewer than k codes, missing slots are ``(bits + 1, -1)``.
     """
 
     def __init__(self, bits: int, kind: str = "flat", backend: str = "auto", hnsw_m: int = 32,
@@ -66,10 +98,13 @@ class HammingIndex:
         self.bits, self.kind = int(bits), kind
         self.hnsw_m, self.ef_search, self.ef_construction = hnsw_m, ef_search, ef_construction
         self.chunk_size = chunk_size
-        self.backend = _resolve_backend(backend)
+        if kind == "hnsw" and backend not in ("auto", "faiss"):
+            raise ValueError("kind='hnsw' needs the faiss backend (pip install faiss-cpu)")
+        self.backend = _resolve_hamming_backend(backend, kind)
         if kind == "hnsw" and self.backend != "faiss":
             raise ValueError("kind='hnsw' needs the faiss backend (pip install faiss-cpu)")
-        self._codes: list[Tensor] = []  # torch backend: appended chunks, concatenated lazily
+        self._codes: list[Tensor] = []  # appended chunks, concatenated lazily
+        self._grouped = None  # native backend: the kernel's layout of all codes, rebuilt after add()
         self._faiss = self._new_faiss() if self.backend == "faiss" else None
 
     # ------------------------------------------------------------------ building
@@ -90,6 +125,7 @@ class HammingIndex:
             raise ValueError(f"codes have {packed.shape[1] * 8} bits, the index has {self.bits}")
         # the codes are always kept (save() writes them; a torch search needs them)
         self._codes.append(packed.clone())
+        self._grouped = None
         if self._faiss is not None:
             self._faiss.add(packed.numpy())
         return self
@@ -124,6 +160,13 @@ class HammingIndex:
             if bool(missing.any()):
                 dist = dist.masked_fill(missing, self.bits + 1)
             return dist, ids
+        if self.backend == "native":
+            from mlmm.search.kernel import group_codes, grouped_knn
+
+            if self._grouped is None:
+                self._grouped = group_codes(self.codes.numpy())
+            d, i = grouped_knn(self._grouped, n, queries.numpy(), k, self.bits)  # k > n: (bits + 1, -1) slots
+            return torch.from_numpy(d), torch.from_numpy(i)
         dist, ids = hamming_topk(queries, self.codes, min(k, n), chunk_size=self.chunk_size)
         if k > n:
             pad = k - n
@@ -153,12 +196,12 @@ class HammingIndex:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], backend: str = "auto") -> "HammingIndex":
-        """Read an index written by :meth:`save`. Without faiss an HNSW index becomes an exact torch index."""
+        """Read an index written by :meth:`save`. Without faiss an HNSW index becomes an exact flat index."""
         tensors, meta = _read(path, "hamming")
         bits, kind = int(meta["bits"]), meta["kind"]
-        backend = _resolve_backend(backend)
+        backend = _resolve_hamming_backend(backend, kind)
         if kind == "hnsw" and backend != "faiss":
-            log.warning("%s: HNSW index loaded without faiss: using exact torch Hamming search instead", path)
+            log.warning("%s: HNSW index loaded without faiss: using exact %s Hamming search instead", path, backend)
             kind = "flat"
         index = cls(bits, kind=kind, backend=backend, hnsw_m=int(meta["hnsw_m"]), ef_search=int(meta["ef_search"]),
                     ef_construction=int(meta["ef_construction"]))
