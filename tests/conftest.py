@@ -12,6 +12,20 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+def import_benchmark(name):
+    """The module ``benchmarks/<name>.py`` (benchmarks import their siblings, so their folder goes on the path)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(bench)
+
+
 def build_tiny_data(root, *, n_images, n_videos, n_audio, shard_size, seed, vocab_size=300):
     """Generated samples -> ``root/shards`` + a BPE tokenizer in ``root/tok`` (trained on their captions)."""
     from mlmm.data.generate import generate

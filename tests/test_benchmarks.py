@@ -1,17 +1,11 @@
 """The throughput benchmark runs end to end on the tiny shape (the figures themselves live in benchmarks/results)."""
 import json
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import import_benchmark
 
 
 def test_throughput_benchmark_times_both_frameworks_and_writes_its_ratio(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import throughput
-    finally:
-        sys.path.remove(str(BENCH))
+    throughput = import_benchmark("throughput")
     out = tmp_path / "tp.json"
     assert throughput.main(["--shape", "tiny", "--batch", "4", "--precision", "fp32", "--warmup", "1", "--steps", "1",
                             "--reps", "2", "--open-clip-foreach", "--out", str(out)]) == 0  # in-process: no re-exec

@@ -185,15 +185,10 @@ def test_group_layout_and_bad_arguments():
 @needs_native
 def test_hashing_benchmark_times_every_method_and_checks_exactness(tmp_path):
     import json
-    import sys
-    from pathlib import Path
 
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(bench))
-    try:
-        import hashing_search
-    finally:
-        sys.path.remove(str(bench))
+    from conftest import import_benchmark
+
+    hashing_search = import_benchmark("hashing_search")
     out = tmp_path / "hs.json"
     assert hashing_search.main(["--n", "3000", "--queries", "24", "--dim", "16", "--reps", "2", "--torch-queries", "8",
                                 "--latency-queries", "2", "--out", str(out)]) == 0
