@@ -43,7 +43,14 @@ def resolve_package_path(value: Optional[str], where: str = "") -> Optional[str]
 # --------------------------------------------------------------------------------------- sections
 @dataclass
 class DataConfig:
-    train_shards: str = ""  # a shard folder (with index.json), a glob, or "a.tar,b.tar"
+    # a shard folder (with index.json), a glob, a brace range, URLs (http(s)://, s3://, gs://) or pipe:CMD, or
+    # several joined by "," (mlmm.data.shards.resolve_shards)
+    train_shards: str = ""
+    # samples per shard, for resuming without opening the shards before the position: a path, URL or pipe: spec of
+    # open_clip's sizes.json {shard_name: n} or of an mlmm index.json. None: the index.json / sizes.json beside
+    shard_sizes: Optional[str] = None
+    io_retries: int = 3  # re-opens of a shard whose open or stream fails, before it counts as a bad shard
+    io_backoff: float = 1.0  # seconds before the first retry, doubled for each further one
     batch_size: int = 16
     num_workers: int = 0
     shuffle_buffer: int = 256  # samples kept in the shuffle buffer (0 = no sample shuffle)
@@ -68,6 +75,10 @@ class DataConfig:
             raise ConfigError(f"{where}.languages: language_policy 'fixed' needs a list of languages")
         if self.batch_size < 1:
             raise ConfigError(f"{where}.batch_size: must be >= 1, got {self.batch_size}")
+        if self.io_retries < 0:
+            raise ConfigError(f"{where}.io_retries: must be >= 0, got {self.io_retries}")
+        if self.io_backoff < 0:
+            raise ConfigError(f"{where}.io_backoff: must be >= 0, got {self.io_backoff}")
 
 
 @dataclass

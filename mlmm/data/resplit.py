@@ -23,7 +23,8 @@ import bisect
 from itertools import groupby
 from typing import Any, Iterator, Optional, Sequence
 
-from mlmm.data.stream import ShuffleBuffer, SlotPlan, read_tar
+from mlmm.data.shardio import ShardReader, shard_name
+from mlmm.data.stream import ShuffleBuffer, SlotPlan
 
 Item = tuple[str, int, int]  # (shard path, sample index within the shard, epoch tag)
 
@@ -60,8 +61,8 @@ class SlotSource:
     """The raw samples of one slot: an optional re-split prefix, then the layout's epochs from `epoch0`."""
 
     def __init__(self, shards: Sequence[str], *, seed: int, slot: int, n_slots: int,
-                 prefix: Sequence[Item] = (), epoch0: int = 0):
-        self.plan = SlotPlan(shards, seed=seed, slot=slot, n_slots=n_slots)
+                 prefix: Sequence[Item] = (), epoch0: int = 0, reader: Optional[ShardReader] = None):
+        self.plan = SlotPlan(shards, seed=seed, slot=slot, n_slots=n_slots, reader=reader)
         self.slot, self.n_slots = slot, n_slots
         self.prefix, self.epoch0 = list(prefix), epoch0
         self.base = sum(self.plan.epoch_size(e) or 0 for e in range(epoch0))  # plan raw index of epoch0's start
@@ -99,21 +100,21 @@ class SlotSource:
         """(raw index, raw sample) from `start` on, forever (the prefix first)."""
         r = start
         if start < len(self.prefix):
-            for raw in _read_items(self.prefix[start:]):
+            for raw in _read_items(self.prefix[start:], self.plan.reader):
                 yield r, raw
                 r += 1
         for q, raw in self.plan.read(r - len(self.prefix) + self.base):
             yield q - self.base + len(self.prefix), raw
 
 
-def _read_items(items: Sequence[Item]) -> Iterator[dict[str, Any]]:
+def _read_items(items: Sequence[Item], reader: ShardReader) -> Iterator[dict[str, Any]]:
     """The raw samples named by `items`, in order (consecutive items of one shard share one read)."""
     for shard, run in groupby(items, key=lambda it: it[0]):
         run = list(run)
         wanted = {idx for _, idx, _ in run}
         found: dict[int, dict[str, Any]] = {}
         error = None
-        for i, raw in enumerate(read_tar(shard)):
+        for i, raw in enumerate(reader.read(shard)):
             if "__error__" in raw:
                 error = raw
                 break
@@ -123,20 +124,23 @@ def _read_items(items: Sequence[Item]) -> Iterator[dict[str, Any]]:
                 break
         for _, idx, epoch in run:
             raw = found.get(idx) or {**(error or {"__error__": f"missing sample: {shard}#{idx}"}),
-                                     "__url__": shard, "__key__": f"{shard.rsplit('/', 1)[-1]}#{idx}"}
+                                     "__url__": shard, "__key__": f"{shard_name(shard)}#{idx}"}
             yield {**raw, "__epoch__": epoch}
 
 
-def remainder(shards: Sequence[str], old: dict, *, seed: int, buffer_size: int) -> tuple[list[Item], int]:
+def remainder(shards: Sequence[str], old: dict, *, seed: int, buffer_size: int,
+              reader: Optional[ShardReader] = None) -> tuple[list[Item], int]:
     """(unconsumed items of every old slot's current pass, in slot order; epoch0 for the new layout)."""
     n_old = int(old["world_size"]) * int(old["num_workers"])
     items: list[Item] = []
     last_epoch = 0
     for slot in range(n_old):
         rank_state = old["ranks"][slot // int(old["num_workers"])] or {}
-        source = build_source(shards, seed=seed, slot=slot, n_slots=n_old, resplit=rank_state.get("resplit"))
+        source = build_source(shards, seed=seed, slot=slot, n_slots=n_old, resplit=rank_state.get("resplit"),
+                              reader=reader)
         if not source.known:
-            raise ValueError("shard sizes unknown (no index.json): cannot re-split the data position")
+            raise ValueError("shard sizes unknown (no index.json, sizes.json or data.shard_sizes): cannot re-split "
+                             "the data position")
         pos = (rank_state.get("slots") or {}).get(str(slot), {})
         done = consumed(buffer_size, seed, slot, int(pos.get("emitted", 0)))
         first = next(r for r in range(len(done) + 1) if r not in done)  # first raw index not consumed
@@ -151,9 +155,11 @@ def remainder(shards: Sequence[str], old: dict, *, seed: int, buffer_size: int) 
 
 
 def build_source(shards: Sequence[str], *, seed: int, slot: int, n_slots: int,
-                 resplit: Optional[dict] = None) -> SlotSource:
+                 resplit: Optional[dict] = None, reader: Optional[ShardReader] = None) -> SlotSource:
     """The raw-sample source of `slot`, honouring a re-split record from a layout change."""
     if not resplit:
-        return SlotSource(shards, seed=seed, slot=slot, n_slots=n_slots)
-    items, epoch0 = remainder(shards, resplit["from"], seed=int(resplit["seed"]), buffer_size=int(resplit["buffer_size"]))
-    return SlotSource(shards, seed=seed, slot=slot, n_slots=n_slots, prefix=items[slot::n_slots], epoch0=epoch0)
+        return SlotSource(shards, seed=seed, slot=slot, n_slots=n_slots, reader=reader)
+    items, epoch0 = remainder(shards, resplit["from"], seed=int(resplit["seed"]), buffer_size=int(resplit["buffer_size"]),
+                              reader=reader)
+    return SlotSource(shards, seed=seed, slot=slot, n_slots=n_slots, prefix=items[slot::n_slots], epoch0=epoch0,
+                      reader=reader)

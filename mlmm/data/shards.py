@@ -1,6 +1,7 @@
 """Shard specs and raw samples: which tar files a spec names, and their samples as dicts.
 
     resolve_shards("data/shards")                    # folder (index.json, else *.tar), glob, brace range, "a,b"
+    resolve_shards("https://host/d/shard-{000000..000127}.tar")      # URLs, pipe:CMD, s3://, gs:// (mlmm.data.shardio)
     for raw in iter_samples(shards): ...             # {"__key__", <ext>: bytes, "json": dict}, in order
     slot_samples(shards, seed=0, epoch=0, slot=1, n_slots=4)    # what one loader slot reads in an epoch
 
@@ -12,7 +13,10 @@ from __future__ import annotations
 import glob
 import json
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from urllib.parse import urlsplit
+from typing import Any, Iterator, Optional, Sequence
+
+from mlmm.data.shardio import ShardReader, check_url, is_local, local_path, redact, scheme
 
 
 def _split_spec(spec: str) -> list[str]:
@@ -32,10 +36,23 @@ def _split_spec(spec: str) -> list[str]:
 
 
 def resolve_shards(spec: str) -> list[str]:
-    """Shard paths from a folder (its index.json, else its sorted *.tar), a glob, a brace range
-    ("shards/train-{000000..000127}.tar", as webdataset and open_clip write it), or "a.tar,b.tar"."""
+    """Shards from a folder (its index.json, else its sorted *.tar), a glob, a brace range
+    ("shards/train-{000000..000127}.tar", as webdataset and open_clip write it), or "a.tar,b.tar".
+
+    Every part may also be a URL webdataset's gopen opens (``http(s)://``, ``s3://``, ``gs://``, ...) or a
+    ``pipe:CMD`` whose stdout is the tar (``pipe:aws s3 cp s3://b/x-{000..009}.tar -``), brace ranges expanded.
+    Remote parts are not contacted here: a missing remote shard shows when it is read (a counted bad shard).
+    """
     files: list[str] = []
     for part in _split_spec(spec):
+        if not is_local(part):
+            if scheme(part) != "pipe" and any(c in urlsplit(part).path for c in "*?["):
+                raise ValueError(f"shard spec {redact(spec)!r}: {redact(part)!r}: globs work on local paths only; "
+                                 "name remote shards with a brace range such as shard-{000000..000127}.tar")
+            check_url(part, f"shard spec {redact(spec)!r}")
+            files.append(part)
+            continue
+        part = local_path(part)
         path = Path(part)
         if path.is_dir():
             index = path / "index.json"
@@ -72,12 +89,23 @@ def _parse(sample: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def iter_samples(shards: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """Raw samples of ``shards`` in order, in this process: ``{"__key__", <ext>: bytes, "json": dict}``."""
-    import webdataset as wds
+def iter_samples(shards: Sequence[str], reader: Optional[ShardReader] = None, *,
+                 errors: str = "raise") -> Iterator[dict[str, Any]]:
+    """Raw samples of ``shards`` in order, in this process: ``{"__key__", <ext>: bytes, "json": dict}``.
 
-    for sample in wds.tarfile_samples({"url": str(u)} for u in shards):
-        yield _parse(sample)
+    Shards of any form (:func:`resolve_shards`), read with retries by ``reader`` (default
+    :class:`~mlmm.data.shardio.ShardReader`). A shard that stays unreadable after them raises ``OSError`` naming it
+    (``errors="raise"``), or ends with one ``{"__error__": "<reason>: ...", "__url__"}`` sample for the caller to
+    count (``errors="yield"``).
+    """
+    if errors not in ("raise", "yield"):
+        raise ValueError(f"iter_samples: errors must be 'raise' or 'yield', got {errors!r}")
+    reader = reader or ShardReader()
+    for shard in shards:
+        for raw in reader.read(str(shard)):
+            if "__error__" in raw and errors == "raise":
+                raise OSError(raw["__error__"])
+            yield raw if "__error__" in raw else _parse(raw)
 
 
 def epoch_shards(shards: Sequence[str], seed: int, epoch: int) -> list[str]:

@@ -10,80 +10,36 @@ One *slot* (``rank * num_workers + role``) reads its share of every epoch (see
 
 The position of a slot is ``(emitted, used)``: raw samples emitted by the buffer, and how many
 processed items of the last one were already batched (``all_languages`` makes several). To
-resume, the buffer is simulated up to ``emitted``, the raw samples it holds are fetched (whole
-shards before them are skipped using ``index.json`` counts), and the stream continues.
+resume, the buffer is simulated up to ``emitted``, the raw samples it holds are fetched, and the
+stream continues. Whole shards before them are skipped without being opened, using the sample
+counts of :meth:`mlmm.data.shardio.ShardReader.counts`; without counts the slot's stream is read
+from its start and dropped up to there, with a warning that says so.
 """
 from __future__ import annotations
 
-import json
+import logging
 import random
-import tarfile
-from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-TRUNCATED = "truncated shard"
+from mlmm.data.shardio import ShardReader, shard_name
+
+log = logging.getLogger("mlmm.data")
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    """'dir/key.ext.more' -> ('dir/key', 'ext.more') — WebDataset's key/extension convention."""
-    base = name.rsplit("/", 1)
-    stem, _, ext = base[-1].partition(".")
-    return (base[0] + "/" + stem if len(base) == 2 else stem), ext
-
-
-def read_tar(path: str) -> Iterator[dict[str, Any]]:
-    """Raw samples ``{"__key__", "__url__", <ext>: bytes}`` of one shard, in order.
-
-    A truncated or corrupt tar ends the iteration with a final ``{"__error__": ...}`` marker
-    instead of raising, so the caller can count it and keep raw indices aligned.
-    """
-    current: Optional[dict[str, Any]] = None
-    try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_name(member.name)
-                if not ext:
-                    continue
-                data = tar.extractfile(member).read()
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": path}
-                current[ext.lower()] = data
-    except (tarfile.TarError, OSError, EOFError) as e:
-        if current is not None:
-            current = None  # the last sample may be incomplete: count it as lost with the rest
-        yield {"__error__": f"{TRUNCATED}: {Path(path).name}: {e}", "__url__": path}
-        return
-    if current is not None:
-        yield current
-
-
-def shard_counts(shards: Sequence[str]) -> list[Optional[int]]:
-    """Samples per shard from the ``index.json`` beside each shard (None when unknown)."""
-    cache: dict[Path, dict[str, int]] = {}
-    out: list[Optional[int]] = []
-    for s in shards:
-        folder = Path(s).parent
-        if folder not in cache:
-            index = folder / "index.json"
-            try:
-                cache[folder] = {e["name"]: int(e["n"]) for e in json.loads(index.read_text())["shards"]}
-            except (OSError, ValueError, KeyError, TypeError):
-                cache[folder] = {}
-        out.append(cache[folder].get(Path(s).name))
-    return out
+def shard_counts(shards: Sequence[str], reader: Optional[ShardReader] = None) -> list[Optional[int]]:
+    """Samples per shard (None when unknown): from ``data.shard_sizes``, else the ``index.json`` or ``sizes.json``
+    beside each shard (see :mod:`mlmm.data.shardio`)."""
+    return (reader or ShardReader()).counts(shards)
 
 
 class SlotPlan:
     """Which raw samples slot ``slot`` of ``n_slots`` reads, epoch after epoch, addressable by raw index."""
 
-    def __init__(self, shards: Sequence[str], *, seed: int, slot: int, n_slots: int):
+    def __init__(self, shards: Sequence[str], *, seed: int, slot: int, n_slots: int,
+                 reader: Optional[ShardReader] = None):
         self.shards, self.seed, self.slot, self.n_slots = list(shards), seed, slot, n_slots
-        self.counts = dict(zip(self.shards, shard_counts(self.shards)))
+        self.reader = reader or ShardReader()
+        self.counts = dict(zip(self.shards, self.reader.counts(self.shards)))
         self.known = all(c is not None for c in self.counts.values())
         self._per_epoch: dict[int, int] = {}
 
@@ -114,7 +70,7 @@ class SlotPlan:
         while True:
             n = self.epoch_size(epoch)
             if n is None:
-                raise ValueError("shard sizes unknown (no index.json): cannot seek")
+                raise ValueError("shard sizes unknown (no index.json, sizes.json or data.shard_sizes): cannot seek")
             if n == 0:
                 raise RuntimeError(f"slot {self.slot}/{self.n_slots} has no sample in epoch {epoch}")
             if raw_index < n:
@@ -137,12 +93,12 @@ class SlotPlan:
                 pos += n
                 continue
             seen = 0
-            for raw in read_tar(shard):
+            for raw in self.reader.read(shard, expected=n):
                 if "__error__" in raw:  # pad the lost samples so that raw indices stay aligned
                     lost = (n - seen) if n is not None else 1
                     for j in range(lost):
                         if pos >= first and (pos - offset) % stride == 0:
-                            yield {**raw, "__key__": f"{Path(shard).name}#{seen + j}", "__epoch__": epoch}
+                            yield {**raw, "__key__": f"{shard_name(shard)}#{seen + j}", "__epoch__": epoch}
                         pos += 1
                     break
                 if pos >= first and (pos - offset) % stride == 0:
@@ -156,6 +112,10 @@ class SlotPlan:
         if start and self.known:  # jump straight to the epoch and offset of `start`
             (epoch, skip), r = self.locate(start), start
         else:  # unknown shard sizes: read from the beginning and drop what comes before `start`
+            if start:
+                log.warning("resume: slot %d/%d has no sample counts for its shards (no index.json / sizes.json beside "
+                            "them, no data.shard_sizes): reading and dropping %d raw samples to reach its position",
+                            self.slot, self.n_slots, start)
             epoch, skip, r = 0, 0, 0
         while True:
             n = 0

@@ -23,6 +23,7 @@ from mlmm.data.batch import Batch
 from mlmm.data.pipeline import Preprocessor, SampleError
 from mlmm.data.shards import _parse, resolve_shards
 from mlmm.data.resplit import build_source
+from mlmm.data.shardio import ShardReader, redact
 from mlmm.data.stream import ShuffleBuffer, restore
 
 log = logging.getLogger("mlmm.data")
@@ -82,7 +83,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 error = e
         if not counts[error.reason]:
             log.warning("skipping bad sample (%s) in %s: %s — further ones with this reason are only counted",
-                        error.reason, raw.get("__url__", "?"), error)
+                        error.reason, redact(raw.get("__url__", "?")), redact(str(error)))
         counts[error.reason] += 1
         return []
 
@@ -93,7 +94,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         counts = collections.Counter(own.get("skipped", {}))
         self.skipped = counts
         plan = build_source(self.shards, seed=self.cfg.seed, slot=slot, n_slots=n_slots,
-                            resplit=self.state.get("resplit"))
+                            resplit=self.state.get("resplit"), reader=ShardReader.from_config(self.cfg))
         buffer = ShuffleBuffer(self.cfg.shuffle_buffer, f"shuffle/{self.cfg.seed}/{slot}")
         resume_partial = used > 0
         reader = restore(plan, buffer, emitted - 1 if resume_partial else emitted)

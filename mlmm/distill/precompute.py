@@ -106,18 +106,22 @@ def precompute(teacher_cfg: TeacherConfig, shards: str, out_dir: str | Path, fra
     import webdataset as wds
 
     from mlmm.data.pipeline import iter_samples, resolve_shards
+    from mlmm.data.shardio import beside, is_local, local_path, read_json, shard_name
 
     teacher = teacher or build_teacher(teacher_cfg)
     teacher.to("cpu", torch.float32)
     files = resolve_shards(shards)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if any(Path(f).resolve().parent == out.resolve() for f in files):
+    if any(is_local(f) and Path(local_path(f)).resolve().parent == out.resolve() for f in files):
         raise ValueError(f"--out {out} must differ from the input shard folder")
+    unnamed = [f for f in files if not shard_name(f)]
+    if unnamed:
+        raise ValueError(f"precompute: cannot name the output of {unnamed[0]!r}: a pipe: command must name its .tar")
     info = {"id": teacher.fingerprint, "language": teacher.cfg.language, "dim": teacher.dim}
     counts = []
     for shard in tqdm(files, desc="precompute", disable=not progress):
-        with wds.TarWriter(str(out / Path(shard).name)) as writer:
+        with wds.TarWriter(str(out / shard_name(shard))) as writer:
             n = 0
             buf: list[dict[str, Any]] = []
 
@@ -136,9 +140,14 @@ def precompute(teacher_cfg: TeacherConfig, shards: str, out_dir: str | Path, fra
                 if len(buf) >= chunk:
                     flush()
             flush()
-        counts.append({"name": Path(shard).name, "n": n})
-    src_index = Path(files[0]).parent / "index.json"
-    index = json.loads(src_index.read_text(encoding="utf-8")) if src_index.is_file() else {}
+        counts.append({"name": shard_name(shard), "n": n})
+    src_index, index = beside(files[0], "index.json"), {}  # no index beside pipe: inputs
+    if src_index and (not is_local(src_index) or Path(src_index).is_file()):
+        try:
+            index = read_json(src_index)
+        except OSError:  # a bucket / server without an index.json beside the shards
+            if is_local(src_index):
+                raise
     index.update(shards=counts, n_samples=sum(c["n"] for c in counts), teacher=info,
                  teacher_config=teacher_cfg.__dict__)
     (out / "index.json").write_text(json.dumps(index, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -148,7 +157,8 @@ def precompute(teacher_cfg: TeacherConfig, shards: str, out_dir: str | Path, fra
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="YAML: a run config with a distillation loss, or a teacher")
-    p.add_argument("--shards", required=True, help="input shard folder, glob or comma list")
+    p.add_argument("--shards", required=True, help="input shards: a folder, glob, brace range, URL or pipe: spec "
+                                                   "(mlmm.data.shards.resolve_shards)")
     p.add_argument("--out", required=True, help="output shard folder")
     p.add_argument("--frames", type=int, default=None, help="video frames (default: the loss's, else 4)")
     args = p.parse_args(argv)

@@ -19,7 +19,7 @@ import torch
 
 from mlmm.config import RunConfig
 from mlmm.data.pipeline import resolve_shards
-from mlmm.data.stream import shard_counts
+from mlmm.data.shardio import ShardReader
 from mlmm.data.train_stream import LoaderState
 from mlmm.registry import LOSSES
 from mlmm.sources import is_hub_id
@@ -175,7 +175,8 @@ class Trainer:
         if data.get("world_size") == self.world and data.get("num_workers") == workers:
             return data["ranks"][self.rank]
         shards = resolve_shards(self.cfg.data.train_shards)
-        if data.get("n_shards", len(shards)) != len(shards) or not all(shard_counts(shards)):
+        counts = ShardReader.from_config(self.cfg.data).counts(shards)
+        if data.get("n_shards", len(shards)) != len(shards) or any(n is None for n in counts):
             log.warning("data layout and shards changed (or shard sizes unknown): the data order restarts "
                         "deterministically from a new seed instead of the exact position")
             return None
