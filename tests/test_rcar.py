@@ -13,6 +13,7 @@ from mlmm.config import load_config
 from mlmm.data.batch import Batch
 from mlmm.evaluation.noisy import auroc
 from mlmm.losses.bmm import BetaMixture, normalise_losses
+from mlmm.losses.loss_memory import key_hashes
 from mlmm.losses.noisy import RCARLoss, RCARLossConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,17 +116,21 @@ def test_rcar_loss_equals_reference(soft, down, comp_on):
     a, b, batch = fixed_inputs()
     cfg = RCARLossConfig(soft_labels=soft, downweight=down, complementary_on=comp_on, complementary_weight=0.7)
     loss = RCARLoss(cfg, ["image", "text"]).eval().double()  # float64: compare the formula, not float32 rounding
-    loss.clean_posterior = {"s1": 0.2, "s2": 0.9, "s4": 0.35}  # s0 unseen -> clean; s2 above the threshold
+    posterior = {"s1": 0.2, "s2": 0.9, "s4": 0.35}  # s0 unseen -> clean; s2 above the threshold
+    loss.memory.record(list(posterior), torch.zeros(3), step=0)
+    loss.memory.merge()
+    loss.memory.set_posterior(torch.tensor([posterior[k] for k in sorted(posterior, key=lambda k: int(
+        key_hashes([k])[0]))], dtype=torch.float64))  # the memory's rows are sorted by key hash
     a, b = a.double(), b.double()
     out = loss({"image": a, "text": b}, batch)
     scale = float(loss.logit_scale.detach().exp())
-    s, c, total = reference_rcar(a, b, batch, loss.clean_posterior, scale, soft=soft, down=down, comp_on=comp_on,
+    s, c, total = reference_rcar(a, b, batch, posterior, scale, soft=soft, down=down, comp_on=comp_on,
                                  comp_w=0.7)
     out = {k: v.detach() for k, v in out.items()}
     assert float(out["rcar_loss"]) == pytest.approx(s, rel=1e-9)
     assert float(out["complementary_loss"]) == pytest.approx(c, rel=1e-9)
     assert float(out["loss"]) == pytest.approx(total, rel=1e-9)
-    assert not loss.memory  # eval mode records nothing
+    assert not loss.memory.pending and len(loss.memory) == 3  # eval mode records nothing
 
 
 def test_rcar_before_first_fit_is_plain_infonce_and_memory_refit_schedule():
@@ -139,20 +144,22 @@ def test_rcar_before_first_fit_is_plain_infonce_and_memory_refit_schedule():
     valid = batch.image_mask & batch.text_mask
     ref = masked_info_nce(a, b, valid, scale, key_groups(batch.keys, a.device))
     torch.testing.assert_close(out["loss"], ref)
-    assert set(loss.memory) == {"s0", "s1", "s2", "s4"} and loss.fits == 0
+    assert set(loss.memory.pending[0][0].tolist()) == set(key_hashes(["s0", "s1", "s2", "s4"]).tolist())
+    assert loss.fits == 0 and len(loss.memory) == 0  # rows wait for the first refit
     fits_at = []
     for step in range(2, 10):
         loss({"image": a, "text": b}, batch)
         fits_at.append(loss.fits)
     assert fits_at == [0, 0, 1, 1, 2, 2, 3, 3]  # refit at steps 4, 6, 8 (after warmup_steps=3, every 2)
-    assert set(loss.clean_posterior) == set(loss.memory)
+    assert len(loss.memory) == 4 and not torch.isnan(loss.memory.w).any()  # every remembered sample has a w
     # memory, posteriors, BMM and step counter travel with the state dict (DeepSpeed checkpoints)
     state = loss.state_dict()
     assert "_extra_state" in state
     again = RCARLoss(cfg, ["image", "text"])
     again.load_state_dict(state)
-    assert again.steps == 9 and again.fits == 3 and again.memory == loss.memory
-    assert again.clean_posterior == loss.clean_posterior and again.bmm.state() == loss.bmm.state()
+    assert again.steps == 9 and again.fits == 3 and again.bmm.state() == loss.bmm.state()
+    for k, v in loss.memory.state().items():
+        assert torch.equal(again.memory.state()[k], v), k
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -259,7 +266,7 @@ def test_tiny_rcar_recipe_runs_and_resumes_with_its_memory(noisy_data, tmp_path,
     cfg = load_config(TINY, args[2:-4] + ["train.max_steps=8", "loss.warmup_steps=2", "loss.refit_every=2"])
     resumed = Trainer(cfg).setup()
     assert resumed.step == 6 and resumed.loss.steps == 6 and resumed.loss.fits == 2
-    assert len(resumed.loss.memory) > 0 and len(resumed.loss.clean_posterior) > 0
+    assert len(resumed.loss.memory) > 0 and not torch.isnan(resumed.loss.memory.w).any()
     resumed.train()
     assert resumed.loss.steps == 8 and resumed.loss.fits == 3
     resumed.cleanup()

@@ -40,20 +40,20 @@ def find_rcar(loss: nn.Module) -> Optional[nn.Module]:
 
 
 def noisy_split_report(loss: nn.Module, shards: str) -> dict[str, Any]:
-    """AUROC of the clean/noisy split over the training samples present in the loss memory."""
+    """AUROC of the clean/noisy split over the training samples that had a posterior at the last fit."""
     from mlmm.data.pipeline import iter_samples, resolve_shards
 
     rcar = find_rcar(loss)
     if rcar is None:
         raise ValueError("noisy_split_report: the loss has no rcar term")
-    if not rcar.clean_posterior:
+    if not rcar.fits:
         raise ValueError("noisy_split_report: the BMM has not been fitted yet (train past loss.warmup_steps)")
     flags = {s["__key__"]: bool(s["json"].get("noisy", False)) for s in iter_samples(resolve_shards(shards))}
-    keys = [k for k in rcar.clean_posterior if k in flags]
-    w = torch.tensor([rcar.clean_posterior[k] for k in keys], dtype=torch.float64)
-    noisy = torch.tensor([flags[k] for k in keys])
+    w = rcar.memory.posterior(list(flags))  # NaN: not in the memory at the last fit
+    known = ~torch.isnan(w)
+    w, noisy = w[known], torch.tensor(list(flags.values()))[known]
     pred_noisy = w < 0.5
     tp = int((pred_noisy & noisy).sum())
-    return {"auroc": auroc(1 - w, noisy), "n": len(keys), "n_noisy": int(noisy.sum()),
+    return {"auroc": auroc(1 - w, noisy), "n": len(w), "n_noisy": int(noisy.sum()),
             "precision@0.5": tp / max(int(pred_noisy.sum()), 1), "recall@0.5": tp / max(int(noisy.sum()), 1),
             "mean_w_clean": float(w[~noisy].mean()), "mean_w_noisy": float(w[noisy].mean()), "fits": rcar.fits}

@@ -14,13 +14,15 @@ Per training step, for every row i of the pair (image_i, text_i) in the global b
 gradient across ranks, each rank scoring its own rows as :func:`~mlmm.losses.contrastive.masked_info_nce`):
 
 1. **memory** — the per-sample symmetric InfoNCE ``l_i = (CE(i->t) + CE(t->i)) / 2`` (detached) is stored
-   under the sample key (latest value per key);
+   under the sample key (latest value per key) in a :class:`~mlmm.losses.loss_memory.LossMemory` bounded to
+   ``memory_size`` samples (28 bytes each; the samples recorded longest ago are dropped first);
 2. **BMM** — mlmm streams without epochs, so the per-epoch refit of the papers becomes: after
    ``warmup_steps`` steps, and then every ``refit_every`` steps, a two-component beta mixture
    (:mod:`mlmm.losses.bmm`) is fitted by EM on the min-max-normalised memory; each key's clean
-   posterior ``w = P(clean | l)`` is kept until the next refit (keys not seen yet count as clean, w = 1).
-   With several ranks, the memories are merged (all_gather_object) before each fit so every rank fits
-   the same model;
+   posterior ``w = P(clean | l)`` is kept until the next refit (keys not seen yet, or dropped from the memory,
+   count as clean, w = 1). With several ranks, each refit all-gathers, as tensors, only the rows every rank
+   recorded since the previous refit, and every rank folds them into its copy of the memory, so every rank
+   fits the same model;
 3. **split + soft targets** — rows with ``w_i >= clean_threshold`` form the clean split and keep their
    hard InfoNCE target (``w_i := 1``). A row of the noisy split is re-labelled: its target puts ``w_i``
    on its positive and spreads ``1 - w_i`` uniformly over its allowed negatives (other rows of the same
@@ -32,14 +34,17 @@ gradient across ranks, each rank scoring its own rows as :func:`~mlmm.losses.con
 Total: ``mean_i(d_i * soft_i) + complementary_weight * mean_i(c_i * comp_i)``.
 
 The memory, the posteriors, the BMM and the step counter are the module's ``extra_state``, so they
-are saved in DeepSpeed checkpoints and restored on resume. "Steps" are training-mode forward calls
+are saved in DeepSpeed checkpoints and restored on resume (DeepSpeed saves the module state of rank 0: the
+rows other ranks recorded since the last refit are not in the checkpoint; those samples count as unseen
+until they are recorded again). "Steps" are training-mode forward calls
 (micro-batches when ``train.grad_accum`` > 1).
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -50,7 +55,10 @@ from mlmm.config import MODALITIES, ConfigError
 from mlmm.data.batch import Batch
 from mlmm.losses.bmm import BetaMixture, normalise_losses
 from mlmm.losses.contrastive import gather_no_grad, gather_with_grad, key_groups
+from mlmm.losses.loss_memory import LossMemory, key_hashes
 from mlmm.registry import LOSSES
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +69,9 @@ class RCARLossConfig:
     max_logit_scale: float = math.log(100.0)
     warmup_steps: int = 20  # plain InfoNCE (w = 1) until the first BMM fit
     refit_every: int = 10  # steps between BMM refits (the epoch analogue)
+    # samples the loss memory keeps (28 bytes each: 1 << 20 = 28 MiB); past it the samples recorded longest ago are
+    # dropped (they count as clean until recorded again): set it to at least the samples of one pass over the data
+    memory_size: int = 1 << 20
     bmm_iters: int = 50  # EM iterations per fit (Arazo et al. use 10; 50 converges on 2-3k samples)
     min_memory: int = 32  # do not fit with fewer recorded samples
     clean_threshold: float = 0.5  # rows with w >= this are the clean split: hard target, weight 1
@@ -73,6 +84,8 @@ class RCARLossConfig:
     def validate(self, where: str) -> None:
         if len(self.pair) != 2 or any(m not in MODALITIES for m in self.pair) or self.pair[0] == self.pair[1]:
             raise ConfigError(f"{where}.pair: expected two different modalities of {MODALITIES}, got {self.pair}")
+        if self.memory_size < max(self.min_memory, 2):
+            raise ConfigError(f"{where}.memory_size: must be >= min_memory ({self.min_memory}), got {self.memory_size}")
         if self.refit_every < 1:
             raise ConfigError(f"{where}.refit_every: must be >= 1, got {self.refit_every}")
         if self.warmup_steps < 0:
@@ -132,53 +145,51 @@ class RCARLoss(nn.Module):
         # shape [1]: DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes
         self.logit_scale = nn.Parameter(torch.full((1,), cfg.init_logit_scale), requires_grad=cfg.learn_temperature)
         self.steps = 0  # training forward calls
-        self.memory: dict[str, tuple[float, int]] = {}  # key -> (latest per-sample loss, step it was recorded)
-        self.clean_posterior: dict[str, float] = {}  # key -> w = P(clean | loss) at the last refit
+        self.memory = LossMemory(cfg.memory_size)  # latest per-sample loss + its clean posterior w at the last refit
         self.bmm: Optional[BetaMixture] = None
         self.fits = 0
 
     # ------------------------------------------------------------------------------ memory / BMM
     def record(self, keys: list[str], losses: torch.Tensor) -> None:
-        for k, v in zip(keys, losses.detach().float().cpu().tolist()):
-            self.memory[k] = (float(v), self.steps)
-
-    def _merged_memory(self) -> dict[str, tuple[float, int]]:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return self.memory
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, self.memory)
-        merged: dict[str, tuple[float, int]] = {}
-        for part in parts:
-            for k, (v, s) in part.items():
-                if k not in merged or s >= merged[k][1]:
-                    merged[k] = (v, s)
-        return merged
+        self.memory.record(keys, losses, self.steps)
 
     def refit(self) -> Optional[BetaMixture]:
-        """Fit the BMM on the (merged) memory and refresh every key's clean posterior."""
-        self.memory = self._merged_memory()
+        """Merge every rank's new rows into the memory, fit the BMM on it and refresh every sample's clean posterior."""
+        dropped = self.memory.dropped
+        self.memory.merge()
+        if self.memory.dropped and not dropped:
+            log.warning("loss.memory_size=%d is full: the samples recorded longest ago are dropped and count as clean "
+                        "(w = 1) until they are recorded again; set it to at least the samples of one pass over the "
+                        "data (28 bytes each)", self.cfg.memory_size)
         if len(self.memory) < self.cfg.min_memory:
             return None
-        keys = list(self.memory)
-        x = normalise_losses(torch.tensor([self.memory[k][0] for k in keys], dtype=torch.float64))
+        x = normalise_losses(self.memory.losses)
         self.bmm = BetaMixture.fit(x, max_iter=self.cfg.bmm_iters)
-        w = self.bmm.clean_posterior(x)
-        self.clean_posterior = dict(zip(keys, w.tolist()))
+        self.memory.set_posterior(self.bmm.clean_posterior(x))
         self.fits += 1
         return self.bmm
 
     def weights_for(self, keys: list[str], device, dtype) -> torch.Tensor:
         """Clean posterior of each key (1 before the first fit / for unseen keys): [n]."""
-        return torch.tensor([self.clean_posterior.get(k, 1.0) for k in keys], device=device, dtype=dtype)
+        w = self.memory.posterior(keys)
+        return torch.where(torch.isnan(w), torch.ones_like(w), w).to(device=device, dtype=dtype)
 
     def get_extra_state(self) -> dict:
-        return {"steps": self.steps, "fits": self.fits, "memory": {k: list(v) for k, v in self.memory.items()},
-                "clean_posterior": dict(self.clean_posterior), "bmm": self.bmm.state() if self.bmm else None}
+        return {"steps": self.steps, "fits": self.fits, "memory": self.memory.state(),
+                "bmm": self.bmm.state() if self.bmm else None}
 
     def set_extra_state(self, state: dict) -> None:
         self.steps, self.fits = int(state["steps"]), int(state["fits"])
-        self.memory = {k: (float(v[0]), int(v[1])) for k, v in state["memory"].items()}
-        self.clean_posterior = {k: float(v) for k, v in state["clean_posterior"].items()}
+        memory = state["memory"]
+        if "hashes" not in memory:  # a checkpoint of the dict memory ({key: (loss, step)} + {key: w})
+            keys = list(memory)
+            memory = {"hashes": key_hashes(keys), "losses": torch.tensor([memory[k][0] for k in keys]),
+                      "steps": torch.tensor([int(memory[k][1]) for k in keys], dtype=torch.long),
+                      "w": torch.tensor([state["clean_posterior"].get(k, float("nan")) for k in keys],
+                                        dtype=torch.float64), "pending": torch.empty(0, 3, dtype=torch.long)}
+            order = torch.argsort(memory["hashes"])
+            memory = {k: v[order] if k != "pending" else v for k, v in memory.items()}
+        self.memory.load(memory, device=self.logit_scale.device)
         self.bmm = BetaMixture.from_state(state["bmm"]) if state["bmm"] else None
 
     # ------------------------------------------------------------------------------ forward
