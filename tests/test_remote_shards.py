@@ -229,3 +229,17 @@ def test_sigkill_then_resume_over_remote_shards_is_exact(remote_data, local_refe
     if kind == "http":
         assert skipped and not skipped & set(server.requests), (skipped, server.requests)
 
+
+
+def test_remote_reader_benchmark_runs_on_a_tiny_shape(tmp_path):
+    from conftest import import_benchmark
+
+    bench = import_benchmark("remote_reader")
+    out = tmp_path / "r.json"
+    assert bench.main(["--n", "48", "--per-shard", "16", "--size", "64", "--batch", "8", "--reps", "1",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for level in ("raw", "stream", "stream_per_cpu_s"):
+        assert set(result["median_samples_per_s"][level]) == {"local", "http", "pipe"}
+        assert all(v > 0 for v in result["median_samples_per_s"][level].values())
+    assert len(result["load_average_before"]) == 3
