@@ -5,6 +5,7 @@ without losing or duplicating a sample; a shard that stays unreadable is counted
 import itertools
 import json
 import logging
+import os
 import shutil
 
 import pytest
@@ -85,6 +86,34 @@ def test_training_evaluation_and_counts_read_the_same_samples_over_http_and_pipe
     got = load_eval_items(f"{server.url}/{brace(remote_data)}", pre, ["image"])
     assert got["keys"] == ref["keys"] and got["captions"] == ref["captions"]
     assert torch.equal(got["image"]["data"], ref["image"]["data"])
+
+
+def fake_bucket_tools(bin_dir, bucket_dir):
+    """`aws s3 cp SRC DST` and `gsutil cat URL` / `gsutil cp - URL` stand-ins over a local folder (bucket "b")."""
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "aws").write_text(f"""#!/bin/sh
+[ "$1 $2" = "s3 cp" ] || exit 2
+if [ "$4" = "-" ]; then exec cat "{bucket_dir}/${{3#s3://b/}}"; else exec cat > "{bucket_dir}/${{4#s3://b/}}"; fi
+""")
+    (bin_dir / "gsutil").write_text(f"""#!/bin/sh
+if [ "$1" = "cat" ]; then exec cat "{bucket_dir}/${{2#gs://b/}}"; fi
+[ "$1 $2" = "cp -" ] && exec cat > "{bucket_dir}/${{3#gs://b/}}"
+exit 2
+""")
+    for tool in ("aws", "gsutil"):
+        (bin_dir / tool).chmod(0o755)
+
+
+def test_s3_and_gs_urls_read_through_the_cli_tools(remote_data, tmp_path, monkeypatch):
+    """s3:// goes through `aws s3 cp URL -`, gs:// through webdataset's `gsutil cat`; sizes.json beside them too."""
+    fake_bucket_tools(tmp_path / "bin", remote_data / "web")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    want = [s["__key__"] for s in iter_samples(resolve_shards(str(remote_data / "shards")))]
+    counts = ShardReader().counts(resolve_shards(str(remote_data / "shards")))
+    for scheme in ("s3", "gs"):
+        shards = resolve_shards(f"{scheme}://b/{brace(remote_data)}")
+        assert [s["__key__"] for s in iter_samples(shards)] == want
+        assert ShardReader().counts(shards) == counts
 
 
 def test_precompute_reads_http_and_pipe_inputs(remote_data, server, tmp_path):
