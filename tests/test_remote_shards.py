@@ -272,3 +272,16 @@ def test_remote_reader_benchmark_runs_on_a_tiny_shape(tmp_path):
         assert set(result["median_samples_per_s"][level]) == {"local", "http", "pipe"}
         assert all(v > 0 for v in result["median_samples_per_s"][level].values())
     assert len(result["load_average_before"]) == 3
+
+
+def test_a_bad_shard_sizes_file_fails_before_training(remote_data, tmp_path):
+    from mlmm.data.train_stream import build_train_loader
+
+    cfg = stream_cfg(remote_data, f"data.shard_sizes={tmp_path / 'nope.json'}")
+    pre = Preprocessor(cfg.model, load_tokenizer(remote_data / "tok"), train=True)
+    with pytest.raises(FileNotFoundError, match="data.shard_sizes: .*nope.json does not exist"):
+        build_train_loader(cfg.data, pre, rank=0, world_size=1)
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    cfg.data.shard_sizes = str(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="data.shard_sizes: cannot read sample counts"):
+        build_train_loader(cfg.data, pre, rank=0, world_size=1)

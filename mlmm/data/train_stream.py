@@ -139,6 +139,8 @@ def build_train_loader(data_cfg: DataConfig, preprocessor: Preprocessor, *, rank
     """
     data_cfg.validate("data")
     shards = resolve_shards(data_cfg.train_shards)
+    # sample counts read once here: a bad data.shard_sizes fails in this process, and forked workers inherit the cache
+    ShardReader.from_config(data_cfg).counts(shards)
     stream = TrainStream(shards, data_cfg, preprocessor, rank=rank, world_size=world_size, state=state)
     workers = data_cfg.num_workers
     # an own generator: creating the iterator must not draw from the global torch RNG (which the
