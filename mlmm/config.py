@@ -216,6 +216,7 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest in output_dir/checkpoints, if any) | never | <checkpoint tag>
     nan_patience: int = 5  # abort after this many consecutive steps with a non-finite loss / grad norm
     compile: bool = False  # torch.compile each tower in place (state-dict keys unchanged); not the DeepSpeed engine
+    gradient_checkpointing: bool = False  # every tower recomputes its blocks' activations in backward (less memory)
     tensorboard: bool = True
     progress: bool = True
     # fine-tuning (generic; used e.g. by MLA stage 2): weights of an mlmm export folder loaded into the model

@@ -36,10 +36,11 @@ def offline_hub(monkeypatch, home: Path) -> Path:
 
 
 def put_in_hf_cache(cache: Path, repo_id: str, folder: Path, revision: str = "main",
-                    commit: Optional[str] = None, move: bool = False) -> Path:
+                    commit: Optional[str] = None, move: bool = False, link: bool = False) -> Path:
     """Store every file of ``folder`` as revision ``revision`` of model ``repo_id``; -> the snapshot folder.
 
-    ``move``: move the files into the cache's blobs (large stand-ins) instead of copying them."""
+    Large stand-ins: ``move`` moves the files into the cache's blobs, ``link`` hard-links them (keeps ``folder``)
+    instead of copying."""
     from huggingface_hub.file_download import (_cache_commit_hash_for_specific_revision, _create_symlink,
                                                _get_pointer_path, repo_folder_name)
 
@@ -53,7 +54,13 @@ def put_in_hf_cache(cache: Path, repo_id: str, folder: Path, revision: str = "ma
                 digest.update(block)
         blob = storage / "blobs" / digest.hexdigest()
         if not blob.exists():
-            (shutil.move if move else shutil.copyfile)(str(f), str(blob))
+            if link:
+                try:
+                    os.link(f, blob)
+                except OSError:  # another file system
+                    shutil.copyfile(f, blob)
+            else:
+                (shutil.move if move else shutil.copyfile)(str(f), str(blob))
         pointer = _get_pointer_path(str(storage), commit, f.relative_to(folder).as_posix())
         os.makedirs(os.path.dirname(pointer), exist_ok=True)
         _create_symlink(str(blob), pointer, new_blob=False)

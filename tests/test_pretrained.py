@@ -198,3 +198,103 @@ def test_random_teacher_warns_on_every_run_and_mla_stage2_needs_init_from(tmp_pa
     assert cli.main(["--config", str(CONFIGS / "tiny_mla_stage2.yaml"), *overrides]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("config error: ") and "train.init_from: MLA stage 2" in err
+
+
+# ------------------------------------------------------------------------------------------------ ZeRO-3
+ZERO3_WORKER = """
+import sys
+import torch
+from safetensors.torch import save_file
+from mlmm.config import load_config
+from mlmm.training import Trainer
+from mlmm.training.engine import full_state_dict
+
+config, out, *overrides = sys.argv[1:]
+trainer = Trainer(load_config(config, overrides)).setup()
+assert trainer.engine.zero_optimization_stage() == 3 and trainer.world == 2 and trainer.step == 0
+assert all(p.ds_numel > p.numel() for p in trainer.model.towers["text"].parameters() if p.ds_numel > 1)  # partitioned
+sd = full_state_dict(trainer.engine, trainer.model)  # collective: every rank gathers
+# the training forward (engine -> model -> loss) on a first batch, before any step: the model's outputs, as ZeRO-3
+# computes them from the partitions it gathers module by module
+batch = next(iter(trainer.loader)).to(trainer.device, trainer.dtype).normalize_images(trainer.dtype)
+outs = {}
+hook = trainer.model.register_forward_hook(lambda m, i, o: outs.update({k: v.detach().clone() for k, v in o.items()}))
+trainer.engine.eval()
+with torch.no_grad():
+    trainer.engine(batch)
+hook.remove()
+with torch.no_grad():  # and outside the engine (evaluation code calls the model's methods)
+    model = trainer.model.eval()
+    outs["encode_image"] = model.encode("image", batch.image)
+    outs["encode_text"] = model.encode("text", batch.text_ids, batch.text_attention)
+fields = ("image", "image_mask", "video", "video_mask", "audio", "audio_mask", "text_ids", "text_attention",
+          "text_mask")
+if trainer.rank == 0:
+    save_file({**{f"sd.{k}": v.contiguous() for k, v in sd.items()}, **{f"z.{k}": v for k, v in outs.items()},
+               **{f"batch.{f}": getattr(batch, f) for f in fields if getattr(batch, f) is not None}}, out)
+trainer.cleanup(destroy_process_group=True)
+"""
+
+
+def test_zero3_holds_the_pretrained_weights_at_step_0(standins, hub, tmp_path):
+    """2 gloo processes, ZeRO-3, text tower + tokenizer and image tower by Hub id from the cache: before the first
+    step the gathered parameters equal the single-process model's exactly (the pretrained ones the saved stand-ins'),
+    and so do the embeddings of the training forward. mlmm loads before partitioning: every rank builds the full model, from_pretrained /
+    open_clip fill it, then deepspeed.initialize partitions it (rank 0's values broadcast)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import build_tiny_data
+    from safetensors.torch import load_file
+
+    from mlmm.data.batch import Batch
+
+    from mlmm.config import load_config
+    from mlmm.models.model import MultimodalModel
+    from mlmm.training.trainer import load_tokenizer, seed_everything
+
+    repo = CONFIGS.parents[1]
+    data = build_tiny_data(tmp_path / "data", n_images=8, n_videos=2, n_audio=4, shard_size=8, seed=3, vocab_size=60)
+    overrides = [f"data.train_shards={data / 'shards'}", "data.batch_size=4", f"output_dir={tmp_path / 'run'}",
+                 f"train.ds_config={repo / 'ds_config.json'}", "train.zero_stage=3", "train.progress=false",
+                 "model.text.pretrained=FacebookAI/xlm-roberta-base", "model.text.tokenizer=''",
+                 "model.image.pretrained=hf-hub:test-org/tiny-clip"]
+    config = repo / "recipes" / "configs" / "tiny_clip.yaml"
+    (tmp_path / "worker.py").write_text(ZERO3_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(MLMM_CPU_SHM_ALLREDUCE="0", OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(tmp_path / "worker.py"), str(config), str(tmp_path / "out.safetensors"), *overrides]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[res.stderr.find("Traceback"):][:4000]
+    got = load_file(str(tmp_path / "out.safetensors"))
+
+    cfg = load_config(config, overrides)  # the same model in this process, without DeepSpeed
+    seed_everything(cfg.seed)
+    ref = MultimodalModel(cfg.model, load_tokenizer(cfg)).eval()
+    own = ref.state_dict()
+    assert {k[3:] for k in got if k.startswith("sd.")} == set(own)
+    for k, v in own.items():
+        assert torch.equal(got[f"sd.{k}"], v), k
+    (xlmr, _), clip = standins[1], standins[3]
+    for k, v in xlmr.state_dict().items():
+        if not k.startswith("pooler."):
+            assert torch.equal(got[f"sd.towers.text.model.{k}"], v), k
+    for k, v in clip.state_dict().items():
+        if k.startswith("visual.") and k != "visual.proj":
+            assert torch.equal(got[f"sd.towers.image.{k[len('visual.'):]}"], v), k
+    fields = {k[len("batch."):]: v for k, v in got.items() if k.startswith("batch.")}
+    batch = Batch(keys=[str(i) for i in range(len(fields["text_mask"]))], **fields)
+    assert {"image", "text"} <= {m for m in ("image", "video", "audio", "text") if bool(batch.mask(m).any())}
+    with torch.no_grad():
+        want = ref(batch)
+        want["encode_image"] = ref.encode("image", batch.image)
+        want["encode_text"] = ref.encode("text", batch.text_ids, batch.text_attention)
+    for m in ("image", "video", "audio", "text", "encode_image", "encode_text"):
+        torch.testing.assert_close(got[f"z.{m}"], want[m], rtol=0, atol=1e-6, msg=m)

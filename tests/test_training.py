@@ -41,7 +41,7 @@ def eval_loss(trainer, batch):
         return float(trainer.engine.module(batch)["loss"])
 
 
-@pytest.mark.parametrize("stage,text_arch", [(2, "bert"), (3, "bert"), (3, "clip")])
+@pytest.mark.parametrize("stage,text_arch", [(1, "bert"), (2, "bert"), (3, "bert"), (3, "clip")])
 def test_zero_stage_trains_and_loss_drops(tiny_data, tmp_path, stage, text_arch):
     cfg = tiny_config(tiny_data, tmp_path / "run", f"train.zero_stage={stage}", "train.max_steps=20",
                       "data.batch_size=32", f"model.text.arch={text_arch}")
@@ -144,3 +144,31 @@ def test_deepspeed_launcher_on_cpu(tiny_data, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+
+
+def test_gradient_checkpointing_and_optimizer_offload_train_like_the_plain_path(tiny_data, tmp_path):
+    """train.gradient_checkpointing (every tower) and ZeRO-Offload of the optimizer through ds_config.json give the
+    plain ZeRO-2 run's losses step by step (the step-2+ losses see the updates, so the gradients match too)."""
+    offload = json.loads((REPO / "ds_config.json").read_text())
+    offload["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    (tmp_path / "ds_offload.json").write_text(json.dumps(offload))
+    runs = {"plain": [], "checkpointing": ["train.gradient_checkpointing=true"],
+            "offload": [f"train.ds_config={tmp_path / 'ds_offload.json'}"]}
+    losses = {}
+    for name, extra in runs.items():
+        cfg = tiny_config(tiny_data, tmp_path / name, "train.max_steps=3", "train.log_every=1", *extra)
+        trainer = Trainer(cfg).setup()
+        if name == "checkpointing":
+            assert trainer.model.towers["image"].transformer.grad_checkpointing
+            assert trainer.model.towers["audio"].transformer.grad_checkpointing
+            assert trainer.model.towers["video"].transformer.grad_checkpointing
+            assert any(getattr(m, "gradient_checkpointing", False) for m in trainer.model.towers["text"].modules())
+        if name == "offload":
+            assert trainer.ds_config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+            assert trainer.engine.zero_cpu_offload()
+        losses[name] = [h["loss"] for h in trainer.train()]
+        trainer.cleanup()
+    assert len(losses["plain"]) == 3
+    for name in ("checkpointing", "offload"):
+        torch.testing.assert_close(torch.tensor(losses[name]), torch.tensor(losses["plain"]), rtol=1e-5, atol=1e-6,
+                                   msg=name)

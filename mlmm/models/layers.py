@@ -54,9 +54,11 @@ class Attention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                packing: Optional["Packing"] = None) -> torch.Tensor:
+                packing: Optional["Packing"] = None, first_token_only: bool = False) -> torch.Tensor:
         """x [B, T, D] (or packed [N, D] with ``packing``); attn_mask bool, broadcastable to [B, H, T, T], True = may
-        attend -> same shape as x."""
+        attend -> same shape as x, or [B, 1, D] with ``first_token_only`` (:meth:`forward_first`)."""
+        if first_token_only:  # through __call__, so that module hooks (ZeRO-3 gathering) see it
+            return self.forward_first(x, attn_mask)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, T, 3D] / [N, 3D]
         if packing is not None:
             qkv = packing.unpack(qkv)  # [B, T, 3D], zeros at padding (never attended)
@@ -98,14 +100,17 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = MLP(width, int(width * mlp_ratio))
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                packing: Optional["Packing"] = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask, packing)
+                packing: Optional["Packing"] = None, first_token_only: bool = False) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D], or [B, 1, D] = the output at token 0 only with ``first_token_only``."""
+        if first_token_only:
+            x = x[:, :1] + self.attn(self.ln_1(x), attn_mask, first_token_only=True)
+        else:
+            x = x + self.attn(self.ln_1(x), attn_mask, packing)
         return x + self.mlp(self.ln_2(x))
 
     def forward_first(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [B, T, D] -> [B, 1, D]: this block's output at token 0 (= ``forward(x)[:, :1]``)."""
-        x = x[:, :1] + self.attn.forward_first(self.ln_1(x), attn_mask)
-        return x + self.mlp(self.ln_2(x))
+        return self(x, attn_mask, first_token_only=True)
 
 
 def padding_to_attn_mask(key_padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -175,6 +180,6 @@ class Transformer(nn.Module):
             x = self._run(block, x, attn_mask, packing)
         if packing is not None:
             x = packing.unpack(x)  # [B, T, D]
-        if last is not None:
-            return self._run(last.forward_first, x, attn_mask)  # [B, 1, D]
+        if last is not None:  # called as a module (not a bound method): ZeRO-3 gathers its partitions on the call
+            return self._run(last, x, attn_mask, None, True)  # [B, 1, D]
         return x[:, :1] if first_token_only else x

@@ -58,6 +58,16 @@ class MultimodalModel(nn.Module):
             raise ConfigError(f"model.video.audio_width: {cfg.video.audio_width} must equal model.audio.width "
                               f"({towers['audio'].width}), the width of the audio tokens")
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in every tower (``train.gradient_checkpointing``): HF encoders through their own
+        ``gradient_checkpointing_enable``, mlmm's transformer blocks through ``torch.utils.checkpoint``
+        (non-reentrant; RNG state preserved, so losses and gradients equal the plain path's)."""
+        for m, tower in self.towers.items():
+            if not hasattr(tower, "set_grad_checkpointing"):
+                raise ValueError(f"train.gradient_checkpointing: the {m} tower ({type(tower).__name__}) has no "
+                                 "set_grad_checkpointing")
+            tower.set_grad_checkpointing(enable)
+
     @property
     def widths(self) -> dict[str, int]:
         """Feature width of each tower (before projection)."""

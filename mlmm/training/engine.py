@@ -71,6 +71,10 @@ def build_ds_config(cfg: RunConfig, device: torch.device) -> dict:
         zero["stage"] = cfg.train.zero_stage
     if device.type == "cpu":  # CUDA-only knobs
         zero.pop("overlap_comm", None)
+    if (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None):
+        # ZeRO-Offload: mlmm's fused torch AdamW steps the fp32 partitions on the CPU (DeepSpeed otherwise demands
+        # its own CPU Adam, a JIT-compiled op); an explicit setting in ds_config wins
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
     ds.update(
         train_micro_batch_size_per_gpu=cfg.data.batch_size,
         gradient_accumulation_steps=cfg.train.grad_accum,
@@ -93,7 +97,11 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def initialize(cfg: RunConfig, module: nn.Module, device: torch.device):
-    """deepspeed.initialize with a torch AdamW and the warmup-cosine schedule; returns (engine, ds_config)."""
+    """deepspeed.initialize with a torch AdamW and the warmup-cosine schedule; returns (engine, ds_config).
+
+    ``module`` arrives complete, pretrained weights loaded (no ``deepspeed.zero.Init``); under ZeRO-3 DeepSpeed
+    partitions it here, broadcasting rank 0's values, so the partitions hold exactly the loaded weights (tested).
+    """
     import deepspeed
 
     ds_cfg = build_ds_config(cfg, device)

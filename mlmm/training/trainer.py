@@ -113,6 +113,8 @@ class Trainer:
         if cfg.train.trainable is not None:
             n_train, n_total = finetune.freeze_except(module, cfg.train.trainable)
             log.info("train.trainable: %.3fM of %.2fM parameters trainable", n_train / 1e6, n_total / 1e6)
+        if cfg.train.gradient_checkpointing:
+            self.model.set_grad_checkpointing(True)
         if cfg.train.compile:
             compile_towers(self.model)
         self.engine, self.ds_config = initialize(cfg, module, self.device)

@@ -76,10 +76,15 @@ class TextTower(nn.Module):
         self.train()  # from_pretrained returns eval(); keep the usual nn.Module default
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        """The HF encoder's own activation checkpointing (non-reentrant ``torch.utils.checkpoint`` per layer)."""
+        m, kwargs = self.model, {"use_reentrant": False}
+        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs) if enable else \
+                m.activation_checkpointing_disable()
+        elif enable:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
-            self.model.gradient_checkpointing_disable()
+            m.gradient_checkpointing_disable()
 
     def forward_tokens(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """ids [B, L], attention [B, L] -> last hidden states [B, L, D] (pad positions included)."""
