@@ -46,6 +46,9 @@ class DataConfig:
     # a shard folder (with index.json), a glob, a brace range, URLs (http(s)://, s3://, gs://) or pipe:CMD, or
     # several joined by "," (mlmm.data.shards.resolve_shards)
     train_shards: str = ""
+    # a parallel-caption JSONL ({"captions": {lang: str | [str]}} per line): train_shards (a folder) is prepared
+    # from it on first use, with the loss teacher's embeddings, and reused while JSONL and teacher are unchanged
+    parallel_jsonl: Optional[str] = None
     # samples per shard, for resuming without opening the shards before the position: a path, URL or pipe: spec of
     # open_clip's sizes.json {shard_name: n} or of an mlmm index.json. None: the index.json / sizes.json beside
     shard_sizes: Optional[str] = None
@@ -79,6 +82,8 @@ class DataConfig:
             raise ConfigError(f"{where}.io_retries: must be >= 0, got {self.io_retries}")
         if self.io_backoff < 0:
             raise ConfigError(f"{where}.io_backoff: must be >= 0, got {self.io_backoff}")
+        if self.parallel_jsonl and not self.train_shards:
+            raise ConfigError(f"{where}.train_shards: data.parallel_jsonl needs the folder to prepare the shards in")
 
 
 @dataclass
@@ -175,9 +180,15 @@ class ModelConfig:
     text: Optional[TextTowerConfig] = None
     # task heads / fusion modules run after the towers: {instance: {name: <registered head>, ...}}
     heads: dict = field(default_factory=dict)
+    # projections tower -> embed_dim: "normal" (random, std = width^-0.5) or "identity" (needs every tower's
+    # width == embed_dim): a pretrained tower then starts exactly where its teacher is (distillation)
+    proj_init: str = "normal"
 
     def validate(self, where: str) -> None:
         from mlmm.registry import HEADS, build_component_config
+
+        if self.proj_init not in ("normal", "identity"):
+            raise ConfigError(f"{where}.proj_init: must be 'normal' or 'identity', got {self.proj_init!r}")
 
         self.heads = {k: v if dataclasses.is_dataclass(v) else build_component_config(HEADS, v, f"{where}.heads.{k}")
                       for k, v in self.heads.items()}

@@ -7,6 +7,10 @@ registration, so it is never optimised, checkpointed or exported; see :mod:`mlmm
               ``objective: mse`` = mean squared error over rows and dims (M-CLIP's Keras "mse"); ``cosine`` =
               mean(1 - cos). Both compare L2-normalised vectors (the student's output is normalised by
               ``MultimodalModel``; retrieval uses cosine), so mse = (2 - 2 cos) / D per row.
+              Rows already in the teacher's language are the English anchor (student(en) ~ teacher(en),
+              Reimers & Gurevych 2020): ``anchor_weight`` is their weight against a translated row in the
+              weighted mean (1 = every row alike, 0 = translations only). ``nce_weight`` > 0 adds a symmetric
+              InfoNCE between student(L) and the batch's teacher targets (L -> en and en -> L).
 ``mla``       MLA (Zhang et al. 2022, monolingual -> multilingual). ``stage: 1`` = native-language transfer:
               MSE + symmetric InfoNCE between student text(L) and the teacher's English text embeddings of the
               batch (learnable temperature). ``stage: 2`` = language exposure: symmetric InfoNCE between the
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,14 +45,23 @@ from mlmm.registry import LOSSES
 OBJECTIVES = ("mse", "cosine")
 
 
-def regression(student: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, objective: str) -> torch.Tensor:
-    """Mean over valid rows of MSE (mean over dims) or 1 - cos; 0 (with a grad path) when no row is valid."""
+def regression(student: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, objective: str,
+               weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over valid rows of MSE (mean over dims) or 1 - cos, weighted by ``weights`` [B] when given;
+    0 (with a grad path) when no row is valid."""
+    if weights is not None:
+        valid = valid & (weights > 0)
     if not bool(valid.any()):
         return 0.0 * student.sum()
     s, t = student[valid], target[valid].to(student.dtype)
     if objective == "mse":
-        return F.mse_loss(s, t)
-    return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
+        err = (s - t).pow(2).mean(-1)  # [n]
+    else:
+        err = 1.0 - F.cosine_similarity(s, t, dim=-1)  # [n]
+    if weights is None:
+        return err.mean()
+    w = weights[valid].to(err.dtype)
+    return (w * err).sum() / w.sum()
 
 
 class TeacherLoss(nn.Module):
@@ -100,12 +114,20 @@ class TeacherLoss(nn.Module):
 class MClipLossConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     objective: str = "mse"  # mse | cosine
+    anchor_weight: float = 1.0  # weight of a row in the teacher's language (the English anchor) vs a translated row
+    nce_weight: float = 0.0  # symmetric InfoNCE student(L) <-> teacher targets of the batch (0 = off)
+    learn_temperature: bool = True  # InfoNCE temperature (with nce_weight > 0)
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100.0)
     use_stored: bool = True  # use precomputed teacher embeddings of the shards when present
     name: str = field(default="mclip", init=False)
 
     def validate(self, where: str) -> None:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"{where}.objective: must be one of {OBJECTIVES}, got {self.objective!r}")
+        for key in ("anchor_weight", "nce_weight"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"{where}.{key}: must be >= 0, got {getattr(self, key)}")
 
 
 @LOSSES.register("mclip", config=MClipLossConfig)
@@ -114,14 +136,27 @@ class MClipLoss(TeacherLoss):
         if "text" not in modalities:
             raise ConfigError("loss.name: mclip distils into a text tower; the model has none")
         super().__init__(cfg, modalities)
+        if cfg.nce_weight:
+            self._make_scales(["text_teacher"])
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         s = outputs["text"]  # [B, E] L2-normalised
         self._check_dim(s, "text")
-        t, valid, _ = self.targets.text(batch, s.device, s.dtype)  # [B, E], [B]
+        t, valid, texts = self.targets.text(batch, s.device, s.dtype)  # [B, E], [B]
         valid &= batch.mask("text").to(s.device)
-        loss = regression(s, t, valid, self.cfg.objective)
-        return {"loss": loss, f"mclip_{self.cfg.objective}_loss": loss}
+        lang_t = self.teacher.cfg.language
+        anchor = torch.tensor([b < len(batch.lang) and batch.lang[b] == lang_t for b in range(len(valid))],
+                              dtype=torch.bool, device=s.device)  # [B] rows in the teacher's language
+        obj = self.cfg.objective
+        weights = torch.where(anchor, self.cfg.anchor_weight, 1.0).to(s.dtype)  # [B]
+        loss = regression(s, t, valid, obj, weights)
+        terms = {f"mclip_{obj}_loss": loss, "mclip_anchor_loss": regression(s, t, valid & anchor, obj).detach(),
+                 "mclip_translation_loss": regression(s, t, valid & ~anchor, obj).detach()}
+        if self.cfg.nce_weight:
+            nce = masked_info_nce(s, t, valid, self._scale("text_teacher"), text_groups(texts, s.device))
+            terms["mclip_nce_loss"] = nce
+            loss = loss + self.cfg.nce_weight * nce
+        return {"loss": loss, **terms}
 
 
 # ------------------------------------------------------------------------------------------------ MLA

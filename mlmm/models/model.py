@@ -40,8 +40,14 @@ class MultimodalModel(nn.Module):
             towers["text"] = text_cls(cfg.text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
         self.towers = nn.ModuleDict(towers)
         self.proj = nn.ModuleDict({m: nn.Linear(t.width, cfg.embed_dim, bias=False) for m, t in towers.items()})
-        for p in self.proj.values():
-            nn.init.normal_(p.weight, std=p.in_features ** -0.5)
+        for m, p in self.proj.items():
+            if cfg.proj_init == "identity":
+                if p.in_features != p.out_features:
+                    raise ConfigError(f"model.proj_init: identity needs the {m} tower's width ({p.in_features}) "
+                                      f"== model.embed_dim ({p.out_features})")
+                nn.init.eye_(p.weight)
+            else:
+                nn.init.normal_(p.weight, std=p.in_features ** -0.5)
         if cfg.image is not None and cfg.image.pretrained:  # open_clip weights (by tag / Hub id / folder / file)
             from mlmm.hub.pretrained import init_image_tower
 

@@ -21,6 +21,7 @@ from mlmm.config import RunConfig
 from mlmm.data.pipeline import resolve_shards
 from mlmm.data.shardio import ShardReader
 from mlmm.data.train_stream import LoaderState
+from mlmm.distill.prepare import prepare_train_data
 from mlmm.registry import LOSSES
 from mlmm.sources import is_hub_id
 from mlmm.training import checkpoint, distributed, finetune
@@ -107,6 +108,7 @@ class Trainer:
         self.model = MultimodalModel(cfg.model, self.tokenizer)
         loss_entry = LOSSES.get(cfg.loss.name, key="loss.name")
         self.loss = loss_entry.cls(cfg.loss, self.model.modalities)
+        prepare_train_data(cfg.data, self.loss, self.is_main)  # data.parallel_jsonl: shards made on first use
         module = TrainModule(self.model, self.loss)
         if cfg.train.init_from:  # fine-tuning hooks (generic; see mlmm.training.finetune)
             finetune.load_init(self.model, cfg.train.init_from, cfg.train.trainable)

