@@ -147,6 +147,25 @@ class AudioTowerConfig:
 
 
 @dataclass
+class VocabExtensionConfig:
+    """``model.text.extend_vocab``: whole words of new languages appended to a pretrained WordPiece vocabulary
+    (:mod:`mlmm.data.vocab`); their embeddings start as the mean of the pieces the old vocabulary split them into."""
+    corpus: str = ""  # parallel-caption JSONL ({"captions": {lang: str | [str]}} per line) to count words in
+    languages: list[str] = field(default_factory=list)  # caption languages whose words are added
+    min_frequency: int = 3  # a word must occur this often in those languages
+    max_words: int = 10000  # at most this many new tokens (the most frequent first)
+    keep_language: Optional[str] = "en"  # words that would change how this language's corpus words split are left out
+
+    def validate(self, where: str) -> None:
+        if not self.corpus:
+            raise ConfigError(f"{where}.corpus: a parallel-caption JSONL to take the words from is required")
+        if not self.languages:
+            raise ConfigError(f"{where}.languages: name the caption languages whose words are added")
+        if self.min_frequency < 1 or self.max_words < 1:
+            raise ConfigError(f"{where}: min_frequency and max_words must be >= 1")
+
+
+@dataclass
 class TextTowerConfig:
     tokenizer: str = ""  # transformers.AutoTokenizer folder or Hub id (org/name[@revision]); default: pretrained
     pretrained: Optional[str] = None  # HF model folder or Hub id (org/name[@revision]); None = build from the fields
@@ -158,6 +177,7 @@ class TextTowerConfig:
     max_length: int = 32
     pooling: str = "mean"  # mean | cls | gpo (generalized pooling operator over the real tokens)
     hf_config: Optional[dict] = None  # set by exports of a `pretrained` tower: its transformers config
+    extend_vocab: Optional[VocabExtensionConfig] = None  # new-language words added to a pretrained WordPiece vocab
 
     def validate(self, where: str) -> None:
         if self.pooling not in ("mean", "cls", "gpo"):

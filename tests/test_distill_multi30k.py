@@ -238,3 +238,70 @@ def test_multi30k_recipe_runs_in_one_command_from_a_fresh_checkout(tmp_path, mon
     for lang, row in result["summary"].items():  # step 0 == teacher, both directions
         assert row["student"] == row["teacher_as_is"] and row["margin_mean_R@1"] == 0, lang
     assert result["config"]["model"]["proj_init"] == "identity" and "load_average_1m_5m_15m" in result["machine"]
+
+
+# ------------------------------------------------------------------------------------- vocabulary extension
+def test_extend_vocab_appends_new_language_words_and_starts_them_at_their_pieces_mean(tiny_bert, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    from mlmm.config import ModelConfig, VocabExtensionConfig
+    from mlmm.data.vocab import extend_tokenizer, init_new_embeddings, new_words, word_pieces
+    from mlmm.hub import load_export, save_pretrained
+    from mlmm.models.model import MultimodalModel
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert))
+    vocab = tok.get_vocab()
+    # an English corpus word the vocabulary splits ("footballers" -> "football ##ers"-like), and a German "word"
+    # one letter longer than its first piece: appending it would change how the English word splits
+    english = "the footballers"
+    pieces = word_pieces("footballers", vocab)
+    assert pieces and len(pieces) >= 2
+    clash = "footballers"[:len(pieces[0]) + 1]
+    rows = [(*r[:1], r[1] + " " + clash, *r[2:]) for r in ROWS] + [(english, "die fußballer", "les footballeurs", "")]
+    jsonl = write_jsonl(tmp_path / "corpus.jsonl", rows)
+    cfg = from_dict(VocabExtensionConfig, {"corpus": str(jsonl), "languages": ["de", "fr", "cs"]}, "x")
+    cfg.min_frequency = 1
+    words = new_words(tok, cfg)
+    assert words == new_words(tok, cfg)  # deterministic
+    assert clash not in words and "schwimmen" in words and "chien" in words and "katze" in words
+    assert all(w not in vocab for w in words)
+    norm = tok.backend_tokenizer.normalizer.normalize_str  # lowercase, accents stripped
+    counts = {w: sum(norm(t).split().count(w) for r in rows for t in r[1:]) for w in words}
+    assert [counts[w] for w in words] == sorted(counts.values(), reverse=True)  # most frequent first
+
+    ext = extend_tokenizer(tok, cfg)
+    assert len(ext) == len(tok) + len(words) and ext.convert_tokens_to_ids(words) == list(range(len(tok), len(ext)))
+    assert ext.tokenize("eine katze schläft") == ["eine", "katze", "schlaft"]  # accents stripped like the base
+    for r in rows:  # the English side reads exactly the tokens it read before
+        assert ext(r[0])["input_ids"] == tok(r[0])["input_ids"]
+
+    model = AutoModel.from_pretrained(str(tiny_bert))
+    old = model.get_input_embeddings().weight.detach().clone()
+    assert init_new_embeddings(model, ext) == len(words)
+    new = model.get_input_embeddings().weight
+    torch.testing.assert_close(new[:len(tok)], old)
+    split = [w for w in words if word_pieces(w, vocab) and len(word_pieces(w, vocab)) > 1]
+    unsplittable = [w for w in words if word_pieces(w, vocab) is None]  # a letter the tiny vocabulary lacks
+    assert split and unsplittable
+    for w in split:
+        want = old[tok.convert_tokens_to_ids(word_pieces(w, vocab))].mean(0)
+        torch.testing.assert_close(new[ext.convert_tokens_to_ids(w)], want)
+    torch.testing.assert_close(new[ext.convert_tokens_to_ids(unsplittable[0])], old[tok.unk_token_id])
+
+    # through the model config: step-0 English embeddings stay the teacher's; the export reloads the extended vocab
+    text = {"tokenizer": str(tiny_bert), "pretrained": str(tiny_bert), "max_length": 32,
+            "extend_vocab": {"corpus": str(jsonl), "languages": ["de", "fr", "cs"], "min_frequency": 1}}
+    mcfg = from_dict(ModelConfig, {"embed_dim": 32, "text": text, "proj_init": "identity"}, "model")
+    student = MultimodalModel(mcfg, extend_tokenizer(tok, mcfg.text.extend_vocab)).eval()
+    teacher = build_teacher(teacher_cfg(tiny_bert), cache=False)
+    en = [r[0] for r in rows]
+    with torch.no_grad():
+        torch.testing.assert_close(student.encode_text(en), teacher.encode_text(en), rtol=1e-5, atol=1e-5)
+        save_pretrained(student, tmp_path / "export")
+        again = load_export(tmp_path / "export")
+        de = [r[1] for r in rows]
+        torch.testing.assert_close(again.encode_text(de), student.encode_text(de))
+    assert len(again.tokenizer) == len(ext)
+    with pytest.raises(ConfigError, match="model.text.extend_vocab.corpus"):
+        extend_tokenizer(tok, from_dict(VocabExtensionConfig, {"corpus": str(tmp_path / "no.jsonl"),
+                                                               "languages": ["de"]}, "x"))

@@ -38,6 +38,10 @@ class MultimodalModel(nn.Module):
             native = cfg.text.arch == "clip" and not cfg.text.pretrained and not cfg.text.hf_config
             text_cls = NativeTextTower if native else TextTower
             towers["text"] = text_cls(cfg.text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+            if cfg.text.pretrained and cfg.text.extend_vocab is not None:  # rows for the appended words
+                from mlmm.data.vocab import init_new_embeddings
+
+                init_new_embeddings(towers["text"].model, tokenizer)
         self.towers = nn.ModuleDict(towers)
         self.proj = nn.ModuleDict({m: nn.Linear(t.width, cfg.embed_dim, bias=False) for m, t in towers.items()})
         for m, p in self.proj.items():

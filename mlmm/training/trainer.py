@@ -72,12 +72,17 @@ def load_tokenizer(cfg: RunConfig):
     key = "model.text.tokenizer" if cfg.model.text.tokenizer else "model.text.pretrained"
     src = cfg.model.text.tokenizer or cfg.model.text.pretrained
     try:  # a local folder or a Hub id (org/name[@revision]) through the HF cache
-        return load_hf(AutoTokenizer.from_pretrained, src, key)
+        tokenizer = load_hf(AutoTokenizer.from_pretrained, src, key)
     except FileNotFoundError as e:
         if is_hub_id(src):
             raise
         raise FileNotFoundError(f"{e} (train a tokenizer with "
                                 "`python -m mlmm.data.tokenization --manifest M.jsonl --out DIR`)") from None
+    if cfg.model.text.extend_vocab is not None:  # new-language words appended (mlmm.data.vocab)
+        from mlmm.data.vocab import extend_tokenizer
+
+        tokenizer = extend_tokenizer(tokenizer, cfg.model.text.extend_vocab)
+    return tokenizer
 
 
 class Trainer:

@@ -64,7 +64,7 @@ class TextTower(nn.Module):
                 max_position_embeddings=cfg.max_length + margin + 2, pad_token_id=pad_token_id)
             self.model = _without_pooler(AutoModel.from_config, config, attn_implementation="sdpa")
         n_emb = self.model.get_input_embeddings().num_embeddings
-        if vocab_size > n_emb:
+        if vocab_size > n_emb and not (cfg.pretrained and cfg.extend_vocab):  # extend_vocab: the model resizes
             raise ValueError(f"text: tokenizer has {vocab_size} tokens but {cfg.pretrained} embeds only {n_emb}")
         if getattr(self.model, "pooler", None) is not None:  # a model type without add_pooling_layer
             self.model.pooler = None
