@@ -82,8 +82,9 @@ class DataConfig:
             raise ConfigError(f"{where}.io_retries: must be >= 0, got {self.io_retries}")
         if self.io_backoff < 0:
             raise ConfigError(f"{where}.io_backoff: must be >= 0, got {self.io_backoff}")
-        if self.parallel_jsonl and not self.train_shards:
-            raise ConfigError(f"{where}.train_shards: data.parallel_jsonl needs the folder to prepare the shards in")
+        if self.parallel_jsonl and (not self.train_shards or re.search(r"://|^pipe:|[,*?\[{]", self.train_shards)):
+            raise ConfigError(f"{where}.train_shards: data.parallel_jsonl needs one local folder to prepare the shards "
+                              f"in, got {self.train_shards!r}")
 
 
 @dataclass

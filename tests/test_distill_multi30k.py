@@ -195,6 +195,11 @@ def test_parallel_shards_prepared_once_and_rebuilt_when_teacher_or_jsonl_change(
         prepare_parallel_shards(jsonl, hand_made, other, progress=False)
     with pytest.raises(ConfigError, match="data.parallel_jsonl: .* not found"):
         prepare_parallel_shards(tmp_path / "missing.jsonl", out, other, progress=False)
+    from mlmm.config import DataConfig
+
+    for where in ("s3://bucket/shards", "a.tar,b.tar", ""):
+        with pytest.raises(ConfigError, match="data.train_shards: data.parallel_jsonl needs one local folder"):
+            from_dict(DataConfig, {"parallel_jsonl": str(jsonl), "train_shards": where}, "data")
 
 
 # ------------------------------------------------------------------------------------ the one-command recipe
