@@ -1,7 +1,7 @@
 """Captioning evaluation of an export with a ``caption`` head: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D
 (pycocoevalcap) and sacreBLEU / chrF per language.
 
-    python eval/run_captioning.py --checkpoint runs/tiny_caption/export --shards data/test --languages en,vi \
+    python eval/run_captioning.py --model runs/tiny_caption/export --shards data/test --languages en,vi \
         --decoding beam --beam-size 3
 """
 import argparse
@@ -10,14 +10,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mlmm  # noqa: E402
+from mlmm.evaluation.cli import add_model_arguments, open_model  # noqa: E402
 from mlmm.evaluation import markdown_table, save_results  # noqa: E402
 from mlmm.evaluation.captioning import evaluate_captioning  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    add_model_arguments(p)
     p.add_argument("--shards", required=True)
     p.add_argument("--languages", default=None)
     p.add_argument("--dataset", default=None)
@@ -26,9 +26,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-meteor", action="store_true")
     p.add_argument("--out", default="results_captioning.json")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    model = mlmm.from_pretrained(args.checkpoint, device=args.device)
+    loaded = open_model(args, needs_mlmm="a caption head")
+    if loaded is None:
+        return 2
+    model, args.device = loaded.mlmm, str(loaded.device)
     records = evaluate_captioning(model, args.shards, languages=args.languages.split(",") if args.languages else None,
                                   dataset=args.dataset or args.shards, method=args.decoding, beam_size=args.beam_size,
                                   batch_size=args.batch_size, device=args.device, meteor=not args.no_meteor)

@@ -1,6 +1,6 @@
 """Composed image retrieval (reference image + modification text -> target image) per language.
 
-    python eval/run_composed.py --checkpoint runs/tiny_cir/export --shards data/cir_test/shards \
+    python eval/run_composed.py --model runs/tiny_cir/export --shards data/cir_test/shards \
         --languages en,de,fr --out composed.json
 
 Recall@1/10/50 of the target (CIRR / FashionIQ protocol, the reference removed from the gallery) for the composed
@@ -10,16 +10,14 @@ query and, on the same queries, the text-only, image-only and image+text-sum bas
 import argparse
 import sys
 
-import torch
-
-import mlmm
+from mlmm.evaluation.cli import add_model_arguments, open_model
 from mlmm.evaluation import save_results
 from mlmm.evaluation.composed import MODES, evaluate_composed, markdown_table
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="export folder (config.json + model.safetensors)")
+    add_model_arguments(p)
     p.add_argument("--shards", required=True, help="shard folder, glob or comma list with triplets (+ gallery)")
     p.add_argument("--languages", default=None, help="comma list; default: every modification language")
     p.add_argument("--modes", default=",".join(MODES), help=f"query modes among {','.join(MODES)}")
@@ -27,9 +25,11 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default=None, help="dataset name for the report (default: the shards path)")
     p.add_argument("--out", default="composed.json")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    model = mlmm.from_pretrained(args.checkpoint, device=args.device)
+    loaded = open_model(args, needs_mlmm="a composed-retrieval head")
+    if loaded is None:
+        return 2
+    model, args.device = loaded.mlmm, str(loaded.device)
     ks = tuple(int(k) for k in args.ks.split(","))
     modes = args.modes.split(",")
     records = evaluate_composed(model, args.shards, languages=args.languages.split(",") if args.languages else None,

@@ -1,6 +1,6 @@
 """Cross-modal hashing evaluation per language of an mlmm export with a hash head.
 
-    python eval/run_hashing.py --checkpoint runs/tiny_hashing/export --shards data/test \
+    python eval/run_hashing.py --model runs/tiny_hashing/export --shards data/test \
         --languages en,de --relevance labels --out hashing_results.json
 
 Scores t2x and x2t for every hashed media modality: mAP@all, mAP@R, P@k, Hamming-radius precision
@@ -10,7 +10,7 @@ Writes {"results": [{"task": "<m>-text-hashing", "dataset", "language", "n", "me
 import argparse
 import sys
 
-import mlmm
+from mlmm.evaluation.cli import add_model_arguments, open_model
 from mlmm.evaluation.hashing import evaluate_hashing
 from mlmm.evaluation.report import markdown_table
 from mlmm.evaluation.retrieval import save_results
@@ -22,7 +22,7 @@ COLUMNS = ["t2{x}_mAP@all", "t2{x}_chance_mAP@all", "t2{x}_mAP@R", "t2{x}_P@10",
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="export folder (config.json + model.safetensors)")
+    add_model_arguments(p)
     p.add_argument("--shards", required=True, help="shard folder, glob or comma list")
     p.add_argument("--head", default=None, help="hash head instance (default: the model's only hash head)")
     p.add_argument("--languages", default=None, help="comma list; default: every language in the shards")
@@ -31,10 +31,12 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default=None)
     p.add_argument("--no-float", action="store_true", help="skip the float-embedding baseline")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="hashing_results.json")
     args = p.parse_args(argv)
-    model = mlmm.from_pretrained(args.checkpoint, device=args.device)
+    loaded = open_model(args, needs_mlmm="a hash head")
+    if loaded is None:
+        return 2
+    model, args.device = loaded.mlmm, str(loaded.device)
     records = evaluate_hashing(model, args.shards, head=args.head,
                                languages=args.languages.split(",") if args.languages else None,
                                dataset=args.dataset or args.shards, relevance=args.relevance, radius=args.radius,

@@ -1,29 +1,33 @@
-"""Retrieval evaluation per language of an mlmm export on WebDataset shards.
+"""Retrieval evaluation per language of any model (mlmm, open_clip, transformers, M-CLIP-style) on shards.
 
-    python eval/run_retrieval.py --checkpoint runs/demo/export --shards data/test \
-        --languages en,de,vi --out results.json
+    python eval/run_retrieval.py --model runs/demo --shards data/test --languages en,de,vi --out results.json
+    python eval/run_retrieval.py --model open_clip:ViT-B-32,pretrained=laion2b_s34b_b79k --shards data/xtd10
+    torchrun --nproc_per_node 4 eval/run_retrieval.py --model ... --shards ...   # ranks split the shards
 
-Writes {"results": [{"task", "dataset", "language", "n", "metrics": {...}}]} and prints a table.
+Writes {"results": [{"task", "dataset", "language", "n", "metrics": {...}, "model", "pretrained", "skipped"}]}
+and prints a table. ``--model`` forms: ``python eval/run_retrieval.py --help``.
 
-Distilled students (mlmm.evaluation.crosslingual):
+Distilled students (mlmm.evaluation.crosslingual; --model is an mlmm export or run folder):
     --text-tower student --image-tower teacher [--teacher CFG.yaml]   student text(L) -> frozen teacher image
         (teacher: from CFG, else the one recorded in the export's config.json)
     --parallel FILE.jsonl --languages de,fr --target-language en       text(L) <-> text(target), task text-text
 """
 import argparse
 import sys
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mlmm
-from mlmm.evaluation import markdown_table, save_results
-from mlmm.evaluation.runner import evaluate_retrieval
+from mlmm.evaluation import markdown_table, save_results  # noqa: E402
+from mlmm.evaluation.cli import add_model_arguments, device_of, model_spec, open_model  # noqa: E402
+from mlmm.evaluation.distributed import cleanup, init_eval_distributed, is_main  # noqa: E402
+from mlmm.evaluation.runner import evaluate_retrieval  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="export folder (config.json + model.safetensors)")
-    p.add_argument("--shards", default=None, help="shard folder, glob or comma list")
+    add_model_arguments(p)
+    p.add_argument("--shards", default=None, help="shard folder, glob, brace range or comma list")
     p.add_argument("--parallel", default=None, help="parallel-caption JSONL: text(L) -> text(target) retrieval")
     p.add_argument("--target-language", default="en", help="with --parallel: the gallery language")
     p.add_argument("--text-tower", choices=("student",), default="student", help="text embeddings (the export)")
@@ -36,40 +40,49 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rerank-topk", type=int, default=0,
                    help="re-rank each query's global top-K with the model's DI-vTR interaction head (0 = off)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if args.parallel or args.image_tower == "teacher":
-        from mlmm.evaluation.crosslingual import load_student
-
-        model = load_student(args.checkpoint, device=args.device)
-    else:
-        model = mlmm.from_pretrained(args.checkpoint, device=args.device)
     langs = args.languages.split(",") if args.languages else None
     if args.parallel or args.image_tower == "teacher":
-        return _crosslingual(args, model, langs)
+        return _crosslingual(args, langs)
     if not args.shards:
         p.error("--shards is required (or --parallel)")
-    records = evaluate_retrieval(model, args.shards, languages=langs, dataset=args.dataset or args.shards,
-                                 batch_size=args.batch_size, device=args.device, rerank_topk=args.rerank_topk)
-    if not records:
-        print(f"no retrieval task found in {args.shards} for languages {langs}", file=sys.stderr)
-        return 1
-    save_results(records, args.out)
-    print(markdown_table(records))
-    print(f"\nwrote {args.out}")
-    return 0
+    init_eval_distributed()
+    try:
+        model = open_model(args)
+        if model is None:
+            return 2
+        records = evaluate_retrieval(model, args.shards, languages=langs, dataset=args.dataset or args.shards,
+                                     batch_size=args.batch_size, rerank_topk=args.rerank_topk,
+                                     num_workers=args.workers)
+        if not records:
+            print(f"no retrieval task found in {args.shards} for languages {langs}", file=sys.stderr)
+            return 1
+        if is_main():
+            save_results(records, args.out)
+            print(markdown_table(records))
+            print(f"\nwrote {args.out}")
+        return 0
+    finally:
+        cleanup()
 
 
-def _crosslingual(args, model, langs) -> int:
+def _crosslingual(args, langs) -> int:
     from mlmm.evaluation import crosslingual
+    from mlmm.hub.download import resolve_pretrained
 
+    try:
+        folder = resolve_pretrained(model_spec(args) or "")
+        model = crosslingual.load_student(folder, device=device_of(args))
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
     if args.parallel:
         if not langs:
             print("--parallel needs --languages", file=sys.stderr)
             return 2
         records = crosslingual.parallel_text_retrieval(model, args.parallel, langs, args.target_language,
                                                        dataset=args.dataset, batch_size=args.batch_size,
-                                                       device=args.device)
+                                                       device=device_of(args))
     else:
         from mlmm.distill.precompute import teacher_from_yaml
         from mlmm.distill.teacher import build_teacher
@@ -77,12 +90,11 @@ def _crosslingual(args, model, langs) -> int:
         if not args.shards:
             print("--image-tower teacher needs --shards", file=sys.stderr)
             return 2
-        cfg = teacher_from_yaml(args.teacher)[0] if args.teacher else crosslingual.teacher_config_from_export(
-            args.checkpoint)
-        teacher = build_teacher(cfg).to(args.device)
+        cfg = teacher_from_yaml(args.teacher)[0] if args.teacher else crosslingual.teacher_config_from_export(folder)
+        teacher = build_teacher(cfg).to(device_of(args))
         records = crosslingual.student_text_to_teacher_image(model, teacher, args.shards, languages=langs,
                                                              dataset=args.dataset or args.shards,
-                                                             batch_size=args.batch_size, device=args.device)
+                                                             batch_size=args.batch_size, device=device_of(args))
     if not records:
         print("no cross-lingual retrieval task found", file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """VQA evaluation of an export with a ``vqa`` head: official VQAv2 accuracy per language.
 
-    python eval/run_vqa.py --checkpoint runs/tiny_vqa/export --shards data/vqa/test --languages en,de,fr
+    python eval/run_vqa.py --model runs/tiny_vqa/export --shards data/vqa/test --languages en,de,fr
 """
 import argparse
 import sys
@@ -8,22 +8,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mlmm  # noqa: E402
+from mlmm.evaluation.cli import add_model_arguments, open_model  # noqa: E402
 from mlmm.evaluation import markdown_table, save_results  # noqa: E402
 from mlmm.evaluation.vqa import evaluate_vqa  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    add_model_arguments(p)
     p.add_argument("--shards", required=True)
     p.add_argument("--languages", default=None)
     p.add_argument("--dataset", default=None)
     p.add_argument("--out", default="results_vqa.json")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    model = mlmm.from_pretrained(args.checkpoint, device=args.device)
+    loaded = open_model(args, needs_mlmm="a vqa head")
+    if loaded is None:
+        return 2
+    model, args.device = loaded.mlmm, str(loaded.device)
     records = evaluate_vqa(model, args.shards, languages=args.languages.split(",") if args.languages else None,
                            dataset=args.dataset or args.shards, batch_size=args.batch_size, device=args.device)
     if not records:

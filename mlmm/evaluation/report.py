@@ -43,9 +43,14 @@ def default_metric_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
     return keys
 
 
+FRACTIONS = ("acc1", "acc5", "mean_per_class_recall")  # zero-shot metrics in [0, 1], as CLIP_benchmark writes them
+
+
 def _format(key: str, value: Any) -> str:
     if value is None:
         return MISSING
+    if key in FRACTIONS:
+        return f"{float(value):.4f}"
     if key.endswith(_RANK_SUFFIXES):
         return f"{float(value):.1f}"
     return f"{float(value):.2f}"

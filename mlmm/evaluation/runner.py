@@ -1,8 +1,11 @@
-"""Retrieval evaluation of a model on shards: embed every item and caption, score per language.
+"""Retrieval evaluation of a model on shards: embed every item and caption (streamed), score per language.
 
     records = evaluate_retrieval(model, "shards/test", languages=["en", "de"], dataset="demo")
 
-Identical captions of different items (e.g. "the spoken digit seven" for every recording of a 7)
+``model`` is any :class:`~mlmm.evaluation.models.EvalModel` (mlmm, open_clip, transformers, M-CLIP-style; see
+:func:`mlmm.evaluation.models.load_model`) or an mlmm ``MultimodalModel``. The test set is streamed once
+(:mod:`mlmm.evaluation.stream`: decoded in loader workers, split over ranks under ``torchrun``); only embeddings
+are kept. Identical captions of different items (e.g. "the spoken digit seven" for every recording of a 7)
 are merged into one text query whose positives are all those items, so that indistinguishable
 texts never count against each other.
 """
@@ -12,27 +15,21 @@ from collections import defaultdict
 from typing import Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+from mlmm.evaluation.distributed import split_encode
+from mlmm.evaluation.models.mlmm_model import as_eval_model
 from mlmm.evaluation.report import chance_recall
-from mlmm.evaluation.retrieval import bidirectional_retrieval, result_record
+from mlmm.evaluation.retrieval import bidirectional_retrieval, result_record, retrieval_metrics
 
 SHORT = {"image": "i", "video": "v", "audio": "a"}
 
 
 @torch.no_grad()
 def embed_media(model, modality: str, data: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    """[N, ...] preprocessed inputs -> [N, E] L2-normalised embeddings."""
+    """[N, ...] preprocessed inputs -> [N, E] L2-normalised embeddings (an mlmm MultimodalModel)."""
     dtype = next(model.parameters()).dtype
     out = [model.encode(modality, data[i:i + batch_size].to(device, dtype)).float().cpu()
            for i in range(0, len(data), batch_size)]
-    return torch.cat(out) if out else torch.empty(0, model.cfg.embed_dim)
-
-
-@torch.no_grad()
-def embed_texts(model, texts: Sequence[str], batch_size: int, device) -> torch.Tensor:
-    out = [model.encode_text(list(texts[i:i + batch_size]), device=device).float().cpu()
-           for i in range(0, len(texts), batch_size)]
     return torch.cat(out) if out else torch.empty(0, model.cfg.embed_dim)
 
 
@@ -60,72 +57,94 @@ def chance_metrics(positives: torch.Tensor, x: str, ks: Sequence[int]) -> dict[s
     return out
 
 
+def annotate(records: list[dict], model, skipped: dict[str, int]) -> list[dict]:
+    """Add the CLIP_benchmark-style ``model`` / ``pretrained`` keys and the per-reason skip counts to records."""
+    for r in records:
+        r.update(model=model.name, pretrained=model.pretrained, skipped=dict(skipped))
+    return records
+
+
 def evaluate_retrieval(model, shards, *, languages: Optional[Sequence[str]] = None, dataset: str = "",
-                       batch_size: int = 64, device="cpu", ks: Sequence[int] = (1, 5, 10),
-                       progress: bool = True, rerank_topk: int = 0) -> list[dict]:
+                       batch_size: int = 64, device=None, ks: Sequence[int] = (1, 5, 10),
+                       progress: bool = True, rerank_topk: int = 0, num_workers: int = 0) -> list[dict]:
     """One record per (media modality with text, language): t2x/x2t R@k, MdR, MnR, rsum, chance.
 
     Also one ``video-audio`` record (v2a / a2v, positives = the same sample) when the model has both
-    towers and the shards have samples with both. ``rerank_topk`` > 0: for each media modality that has a DI-vTR
-    interaction head, an extra ``<m>-text+rerank@K`` record re-ranks every query's global top-K with it
-    (:mod:`mlmm.evaluation.rerank`).
+    towers and the shards have samples with both. ``rerank_topk`` > 0 (mlmm models): for each media modality that
+    has a DI-vTR interaction head, an extra ``<m>-text+rerank@K`` record re-ranks every query's global top-K with it
+    (:mod:`mlmm.evaluation.rerank`; this keeps the test set's media and token sequences in memory). Records carry
+    ``model``, ``pretrained`` and ``skipped`` ({reason: count} of the samples left out).
     """
-    from mlmm.data.pipeline import Preprocessor, load_eval_items
+    from mlmm.evaluation.stream import captions_of, embed_test_set
 
-    model.eval()
+    model = as_eval_model(model, device)
     media = [m for m in model.modalities if m != "text"]
     if "text" not in model.modalities or not media:
-        raise ValueError(f"retrieval needs a text tower and a media tower; the model has {model.modalities}")
-    pre = Preprocessor(model.cfg, model.tokenizer, train=False)
-    items = load_eval_items(shards, pre, media, languages)
+        raise ValueError(f"retrieval needs a text tower and a media tower; the model has {list(model.modalities)}")
+    data = embed_test_set(model, shards, media, keep=captions_of(languages), batch_size=batch_size,
+                          num_workers=num_workers, progress=progress, desc="retrieval")
+    captions = data.captions()
+    rerank_media = _rerank_media(model, shards, data, media, languages) if rerank_topk > 0 else {}
     records = []
-    tasks = [(m, lang) for m in media if m in items for lang in sorted(items["captions"])]
     for m in media:
-        if m not in items:
+        if m not in data.emb:
             continue
-        x_emb = embed_media(model, m, items[m]["data"], batch_size, device)  # [N, E]
-        rows = {int(item): r for r, item in enumerate(items[m]["items"])}
-        for lang in tqdm([t[1] for t in tasks if t[0] == m], desc=f"{m}-text retrieval", disable=not progress,
-                         leave=False):
-            texts, positives = text_queries(items["captions"][lang], rows)
+        x_emb = data.emb[m]  # [N, E]
+        rows = {int(item): r for r, item in enumerate(data.rows[m])}
+        for lang in sorted(captions):
+            texts, positives = text_queries(captions[lang], rows)
             if not texts:
                 continue
-            t_emb = embed_texts(model, texts, batch_size, device)  # [M, E]
+            t_emb = split_encode(lambda t: model.encode_text(t, batch_size), texts)  # [M, E]
             first = positives.float().argmax(1)
             metrics = bidirectional_retrieval(x_emb, t_emb, first, x_name=m, ks=ks, text_positives=positives)
             metrics.update(chance_metrics(positives, SHORT.get(m, m[0]), ks))
             metrics["n_texts"] = len(texts)
             records.append(result_record(f"{m}-text", dataset, lang, metrics, n=len(rows)))
-            if rerank_topk > 0:
-                from mlmm.evaluation.rerank import find_interaction_head, rerank_retrieval
+            if m in rerank_media:
+                from mlmm.evaluation.rerank import rerank_retrieval
 
-                head = find_interaction_head(model, m)
-                if head is not None:
-                    rr = rerank_retrieval(model, head, m, items[m]["data"], texts, positives, k=rerank_topk, ks=ks,
-                                          batch_size=batch_size, device=device, x_short=SHORT.get(m, m[0]))
-                    rr.update(chance_metrics(positives, SHORT.get(m, m[0]), ks))
-                    rr["n_texts"] = len(texts)
-                    records.append(result_record(f"{m}-text+rerank@{rerank_topk}", dataset, lang, rr, n=len(rows)))
-    records.extend(media_pair_records(model, items, dataset, batch_size, device, ks))
-    return records
+                head, media_data = rerank_media[m]
+                rr = rerank_retrieval(model.mlmm, head, m, media_data, texts, positives, k=rerank_topk, ks=ks,
+                                      batch_size=batch_size, device=model.device, x_short=SHORT.get(m, m[0]))
+                rr.update(chance_metrics(positives, SHORT.get(m, m[0]), ks))
+                rr["n_texts"] = len(texts)
+                records.append(result_record(f"{m}-text+rerank@{rerank_topk}", dataset, lang, rr, n=len(rows)))
+    records.extend(media_pair_records(data, dataset, ks))
+    return annotate(records, model, data.skipped)
 
 
-def media_pair_records(model, items: dict, dataset: str, batch_size: int, device, ks: Sequence[int],
+def _rerank_media(model, shards, data, media: Sequence[str], languages) -> dict:
+    """{modality: (interaction head, preprocessed media in the rows' order)} for the modalities with a head."""
+    from mlmm.data.pipeline import Preprocessor, load_eval_items
+    from mlmm.evaluation.rerank import find_interaction_head
+
+    heads = {m: h for m in media if model.mlmm is not None and (h := find_interaction_head(model.mlmm, m)) is not None}
+    if not heads:
+        return {}
+    items = load_eval_items(shards, Preprocessor(model.mlmm.cfg, model.tokenizer, train=False), list(heads),
+                            languages)
+    out = {}
+    for m, head in heads.items():
+        where = {k: i for i, k in enumerate(items[m]["keys"])}
+        order = [where[data.keys[int(r)]] for r in data.rows[m]]
+        out[m] = (head, items[m]["data"][torch.tensor(order, dtype=torch.long)])
+    return out
+
+
+def media_pair_records(data, dataset: str, ks: Sequence[int],
                        pairs: Sequence[tuple[str, str]] = (("video", "audio"),)) -> list[dict]:
     """Media-media retrieval (e.g. video<->audio) over the samples that have both: positives = the same sample."""
-    from mlmm.evaluation.retrieval import retrieval_metrics
-
     records = []
     for a, b in pairs:
-        if a not in items or b not in items:
+        if a not in data.emb or b not in data.emb:
             continue
-        rows_b = {int(item): r for r, item in enumerate(items[b]["items"])}
-        both = [(ra, rows_b[int(item)]) for ra, item in enumerate(items[a]["items"]) if int(item) in rows_b]
+        rows_b = {int(item): r for r, item in enumerate(data.rows[b])}
+        both = [(ra, rows_b[int(item)]) for ra, item in enumerate(data.rows[a]) if int(item) in rows_b]
         if len(both) < 2:
             continue
         ia, ib = (torch.tensor(x, dtype=torch.long) for x in zip(*both))
-        za = embed_media(model, a, items[a]["data"][ia], batch_size, device)  # [N, E]
-        zb = embed_media(model, b, items[b]["data"][ib], batch_size, device)  # [N, E]
+        za, zb = data.emb[a][ia], data.emb[b][ib]  # [N, E] each
         sa, sb, n = SHORT.get(a, a[0]), SHORT.get(b, b[0]), len(both)
         metrics = {}
         for (q, g, name) in ((za, zb, f"{sa}2{sb}"), (zb, za, f"{sb}2{sa}")):

@@ -1,6 +1,7 @@
 """Load an mlmm model from a local export folder or a Hugging Face Hub repo id.
 
     model = from_pretrained("runs/x/export")           # a local folder: read as is
+    model = from_pretrained("runs/x")                  # a run folder: its export/
     model = from_pretrained("org/name")                # huggingface_hub.snapshot_download, then the same loader
     model = from_pretrained("org/name@v1.0")           # a branch, tag or commit of the repo
     HF_HUB_OFFLINE=1 python ...                        # repo ids resolve from the local cache (HF_HUB_CACHE) only
@@ -23,14 +24,16 @@ IGNORE_PATTERNS = ["open_clip_*", "text/*", "*.bin", "*.pt", "*.pth", "*.msgpack
 
 def resolve_pretrained(name_or_path: str | Path, *, revision: Optional[str] = None,
                        cache_dir: Optional[str | Path] = None, token: Optional[str] = None) -> Path:
-    """A local folder (returned as is) or a Hub repo id ``org/name[@revision]`` (downloaded / found in the cache)
-    -> local folder. :func:`mlmm.sources.parse_source` tells the two apart."""
+    """A local folder (returned as is; a run folder gives its ``export/``) or a Hub repo id ``org/name[@revision]``
+    (downloaded / found in the cache) -> local folder. :func:`mlmm.sources.parse_source` tells the two apart."""
     src = parse_source(name_or_path)
     if isinstance(src, Path):
         if not src.exists():
             raise FileNotFoundError(f"{name_or_path}: no such folder, and not a Hugging Face Hub repo id ('org/name')")
         if not src.is_dir():
             raise NotADirectoryError(f"{src}: an mlmm export is a folder (config.json + model.safetensors)")
+        if not (src / "config.json").is_file() and (src / "export" / "config.json").is_file():
+            return src / "export"  # a run folder: the export the Trainer wrote into it
         return src
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError

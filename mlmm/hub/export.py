@@ -83,7 +83,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
     cfg_file = Path(path) / CONFIG_NAME
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path}: not an mlmm export (no {CONFIG_NAME})")
-    raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: unreadable JSON ({e})") from None
     if not isinstance(raw, dict) or "model" not in raw:
         raise FileNotFoundError(f"{cfg_file}: not an mlmm export (no 'model' key; a transformers config?)")
     if raw.get("mlmm_format", 0) > FORMAT_VERSION:
@@ -113,19 +116,36 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: unreadable safetensors file (truncated or tampered?): {e}") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "sentencepiece.bpe.model", "spiece.model", "vocab.txt")
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved in an export folder; a missing or broken one is a one-line error naming the folder."""
+    from transformers import AutoTokenizer
+
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path}: tokenizer files missing (none of {', '.join(TOKENIZER_FILES)}); the model "
+                                "has a text tower")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        first = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
+        raise ValueError(f"{path}: tokenizer does not load ({type(e).__name__}: {first})") from None
+
+
 def load_export(path: str | Path, device: str | torch.device = "cpu"):
     """Rebuild a MultimodalModel from a local export folder, in eval mode."""
     from mlmm.models.model import MultimodalModel
 
     path = Path(path)
     model_cfg, _ = load_model_config(path)
+    if not (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{path}: {WEIGHTS_NAME} missing (an export holds {CONFIG_NAME} + {WEIGHTS_NAME})")
+    sd = load_state_dict(path / WEIGHTS_NAME)
     tokenizer = None
     if model_cfg.text is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = load_tokenizer(path)
     model = MultimodalModel(model_cfg, tokenizer)
-    sd = load_state_dict(path / WEIGHTS_NAME)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path / WEIGHTS_NAME}: does not match config.json "

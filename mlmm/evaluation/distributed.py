@@ -1,0 +1,72 @@
+"""Evaluation across ranks: launched by ``torchrun`` / ``deepspeed`` every rank encodes its share of the test set
+and the embeddings are gathered, so every rank ends with what one process would have computed.
+
+    rank, world = init_eval_distributed()      # from the launcher's env (RANK, WORLD_SIZE, ...); (0, 1) without one
+    parts = gather_objects(my_part)            # [part of rank 0, part of rank 1, ...] on every rank
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from mlmm.training.distributed import device, is_main  # noqa: F401 (re-exported for the entry points)
+
+_OWNED = False  # True when init_eval_distributed created the process group (then cleanup() destroys it)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the current process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_eval_distributed() -> tuple[int, int]:
+    """Join the launcher's process group (nccl on CUDA, gloo on CPU) when ``WORLD_SIZE`` > 1; -> (rank, world)."""
+    global _OWNED
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        _OWNED = True
+    return world()
+
+
+def cleanup() -> None:
+    """Barrier + destroy the process group if :func:`init_eval_distributed` created it (a caller's group is kept)."""
+    global _OWNED
+    if _OWNED and dist.is_initialized():
+        from mlmm.training.distributed import cleanup as destroy
+
+        destroy()
+    _OWNED = False
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable; tensors on the CPU), in rank order, on every rank."""
+    rank, size = world()
+    if size == 1:
+        return [obj]
+    out: list[Any] = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def split_encode(encode, items: Sequence[Any]) -> torch.Tensor:
+    """``encode(items) -> [N, E]`` with the work split over ranks (rank r encodes ``items[r::world]``) and gathered
+    back into the original order; one process encodes everything."""
+    rank, size = world()
+    if size == 1 or not items:
+        return encode(list(items))
+    mine = list(items)[rank::size]
+    parts = gather_objects(encode(mine) if mine else None)
+    dim = next(p.shape[1] for p in parts if p is not None)
+    out = torch.empty(len(items), dim)
+    for r, part in enumerate(parts):
+        if part is not None:
+            out[r::size] = part
+    return out
