@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 
 OC_CFG = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
@@ -107,3 +108,19 @@ def mclip_folder(root: Path) -> Path:
                                                  "transformerDimensions": 32, "numDims": 16}))
     tok.save_pretrained(out)
     return out
+
+
+def shapes_prompts(path: Path) -> Path:
+    """A user prompts YAML: the 18 generated classes (colour + shape) in en / de / fr, with their own templates."""
+    from mlmm.data.generate import COLORS, SHAPES
+
+    ids = [f"{c} {s}" for c in COLORS for s in SHAPES]
+    names = {"en": ids,
+             "de": [f"{COLORS[c][1]}{'er' if SHAPES[s][1] == 'm' else 'es'} {SHAPES[s][0]}" for c in COLORS
+                    for s in SHAPES],
+             "fr": [f"{SHAPES[s][2]} {COLORS[c][2]}" for c in COLORS for s in SHAPES]}
+    path.write_text(yaml.safe_dump({"datasets": {"shapes": {"label_key": "class", "ids": ids, "classes": names,
+                                                            "templates": {"image": {"en": ["a {c}"], "de": ["ein {c}"],
+                                                                                    "fr": ["un {c}"]}}}}},
+                                   allow_unicode=True))
+    return path

@@ -2,7 +2,6 @@
 from YAML users extend, generated shapes (image) and FSDD spoken digits (audio, held-out speaker) with tiny models
 trained here."""
 import json
-import random
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import eval_zoo  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -107,22 +109,6 @@ def test_prompts_yaml_merge_and_errors(tmp_path):
             load_prompts([bad])
 
 
-def shapes_prompts(path: Path) -> Path:
-    """A user prompts YAML: the 18 generated classes (colour + shape) in en / de / fr, with their own templates."""
-    from mlmm.data.generate import COLORS, SHAPES
-
-    ids = [f"{c} {s}" for c in COLORS for s in SHAPES]
-    names = {"en": ids,
-             "de": [f"{COLORS[c][1]}{'er' if SHAPES[s][1] == 'm' else 'es'} {SHAPES[s][0]}" for c in COLORS
-                    for s in SHAPES],
-             "fr": [f"{SHAPES[s][2]} {COLORS[c][2]}" for c in COLORS for s in SHAPES]}
-    path.write_text(yaml.safe_dump({"datasets": {"shapes": {"label_key": "class", "ids": ids, "classes": names,
-                                                            "templates": {"image": {"en": ["a {c}"], "de": ["ein {c}"],
-                                                                                    "fr": ["un {c}"]}}}}},
-                                   allow_unicode=True))
-    return path
-
-
 def test_generated_shapes_zero_shot_with_a_trained_tiny_model(tmp_path):
     from mlmm.data.generate import generate
     from mlmm.data.tokenization import train_tokenizer
@@ -144,7 +130,7 @@ def test_generated_shapes_zero_shot_with_a_trained_tiny_model(tmp_path):
                            "loss": {"name": "contrastive", "pairs": [["image", "text"]]},
                            "train": {"max_steps": 100, "lr": 3e-3, "warmup_steps": 5}})
     records = evaluate_zeroshot(model, str(tmp_path / "test"), classes="shapes",
-                                prompts=[shapes_prompts(tmp_path / "prompts.yaml")], progress=False)
+                                prompts=[eval_zoo.shapes_prompts(tmp_path / "prompts.yaml")], progress=False)
     assert {r["language"] for r in records} == {"en", "de", "fr"}
     for r in records:
         assert r["task"] == "zeroshot_classification" and r["modality"] == "image" and r["n"] == 36

@@ -89,7 +89,12 @@ class EvalShards(torch.utils.data.IterableDataset):
                 raise SampleError(f"no {'/'.join(self.modalities)}", f"{raw['__key__']}: extensions "
                                   f"{sorted(k for k in raw if not k.startswith('__') and k != 'json')}")
             check_captions(meta)
-            media = self.transform(raw, self.modalities)
+            try:
+                media = self.transform(raw, self.modalities)
+            except SampleError:
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever a decoder raises on one sample, it is that sample's
+                raise SampleError(f"undecodable sample ({type(e).__name__})", f"{raw['__key__']}: {e}") from e
             return {"key": raw["__key__"], "meta": self.keep(meta), "media": media}
         except SampleError as e:
             if not counts[e.reason]:
