@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 import yaml
 
-OC_CFG = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+OC_CFG = {"embed_dim": 16,
+          "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 OC_ARCH = "MlmmTestTinyViT"
 

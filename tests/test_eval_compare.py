@@ -85,7 +85,8 @@ def test_evaluate_vqa_and_captioning_modules_equal_the_suites_metrics(hf_metrics
     from mlmm.evaluation.vqa import vqa_report
 
     preds, answers = ["Two", "red.", "yes"], [["2"] * 7 + ["3"] * 3, ["red"] * 2 + ["blue"] * 8, ["no"] * 10]
-    got = hf_metrics["mlmm_vqa"].compute(predictions=preds, references=answers, answer_types=["number", "other", "yes/no"])
+    got = hf_metrics["mlmm_vqa"].compute(predictions=preds, references=answers,
+                                         answer_types=["number", "other", "yes/no"])
     want = vqa_report(preds, [{"answers": a, "answer_type": t} for a, t in zip(answers, ["number", "other", "yes/no"])])
     assert got == pytest.approx(want)
     hyps, refs = ["ein roter Kreis", "ein blaues Quadrat auf grau"], [["ein roter Kreis", "ein Kreis in Rot"],

@@ -210,6 +210,24 @@ def test_foreign_models_are_refused_by_mlmm_only_tasks_and_random_weights_are_re
     assert "needs an mlmm model with a vqa head" in capsys.readouterr().err
     with pytest.raises(ModelLoadError, match="no pretrained=TAG|FILE"):
         load_model(f"open_clip:{eval_zoo.OC_ARCH},config={zoo['oc']['configs']}")
+    assert load_model(f"open_clip:{eval_zoo.OC_ARCH},pretrained=random,config={zoo['oc']['configs']}").pretrained \
+        == "random"  # an untrained network only when asked for by name
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    empty = tmp_path / "oc_no_weights"
+    empty.mkdir()
+    shutil.copy(zoo["oc"]["local"] / "open_clip_config.json", empty)
+    with pytest.raises(ModelLoadError, match=f"{empty}: no weights file"):
+        load_model(f"local-dir:{empty}")
+    partial = tmp_path / "hf_partial"
+    shutil.copytree(zoo["hf"], partial)
+    sd = load_file(str(partial / "model.safetensors"))
+    save_file({k: v for k, v in sd.items() if "visual_projection" not in k}, str(partial / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="weights missing from the checkpoint .left random.: .'visual_projection"):
+        load_model(str(partial))
     with pytest.raises(ModelLoadError, match="a text encoder only; pair it with an image tower"):
         load_model(str(zoo["mclip"]))
     with pytest.raises(ModelLoadError, match="option 'colour=red' is not one of"):

@@ -98,8 +98,15 @@ def test_two_gloo_ranks_equal_one_process(data, tmp_path):
     assert dist.returncode == 0, dist.stderr[-3000:]
     from mlmm.evaluation.suite import run_suite as run_in_process
 
-    run_in_process(data["root"] / "suite.yaml", model=str(data["run"]), out_dir=tmp_path / "single", workers=2,
-                   progress=False)  # one process, decoding in 2 loader workers
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank (OMP_NUM_THREADS=1): the same kernels, so bitwise-equal embeddings
+    try:
+        run_in_process(data["root"] / "suite.yaml", model=str(data["run"]), out_dir=tmp_path / "single", workers=2,
+                       progress=False)  # one process, decoding in 2 loader workers
+    finally:
+        torch.set_num_threads(threads)
     a = json.loads((tmp_path / "dist" / "results.json").read_text())["results"]
     b = json.loads((tmp_path / "single" / "results.json").read_text())["results"]
     assert len(a) == 5 and a == b  # retrieval en/de + zero-shot en/de/fr, metrics and skip counts identical

@@ -56,17 +56,15 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def split_encode(encode, items: Sequence[Any]) -> torch.Tensor:
-    """``encode(items) -> [N, E]`` with the work split over ranks (rank r encodes ``items[r::world]``) and gathered
-    back into the original order; one process encodes everything."""
+def split_encode(encode, items: Sequence[Any], chunk: int = 256) -> torch.Tensor:
+    """``encode(list) -> [n, E]`` over ``items`` in fixed chunks of ``chunk``, the chunks dealt round-robin to the
+    ranks (rank r encodes chunks r, r + world, ...) and gathered back in order. One process encodes the same chunks,
+    so every item is embedded in the same batch either way (bitwise-equal embeddings on the same kernels)."""
     rank, size = world()
-    if size == 1 or not items:
-        return encode(list(items))
-    mine = list(items)[rank::size]
-    parts = gather_objects(encode(mine) if mine else None)
-    dim = next(p.shape[1] for p in parts if p is not None)
-    out = torch.empty(len(items), dim)
-    for r, part in enumerate(parts):
-        if part is not None:
-            out[r::size] = part
-    return out
+    items = list(items)
+    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+    if size == 1 or len(chunks) == 0:
+        return torch.cat([encode(c) for c in chunks]) if chunks else encode([])
+    mine = {i: encode(c) for i, c in enumerate(chunks) if i % size == rank}
+    parts = gather_objects(mine)
+    return torch.cat([parts[i % size][i] for i in range(len(chunks))])

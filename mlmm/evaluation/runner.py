@@ -95,7 +95,7 @@ def evaluate_retrieval(model, shards, *, languages: Optional[Sequence[str]] = No
             texts, positives = text_queries(captions[lang], rows)
             if not texts:
                 continue
-            t_emb = split_encode(lambda t: model.encode_text(t, batch_size), texts)  # [M, E]
+            t_emb = split_encode(lambda t: model.encode_text(t, batch_size), texts, batch_size)  # [M, E]
             first = positives.float().argmax(1)
             metrics = bidirectional_retrieval(x_emb, t_emb, first, x_name=m, ks=ks, text_positives=positives)
             metrics.update(chance_metrics(positives, SHORT.get(m, m[0]), ks))

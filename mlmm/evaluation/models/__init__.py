@@ -36,7 +36,8 @@ class ModelLoadError(ValueError):
 
 
 def parse_model_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """``"open_clip:ViT-B-32,pretrained=x,frames=4"`` -> ``("open_clip:ViT-B-32", {"pretrained": "x", "frames": "4"})``."""
+    """``"open_clip:ViT-B-32,pretrained=x,frames=4"`` -> ``("open_clip:ViT-B-32", {"pretrained": "x",
+    "frames": "4"})``."""
     head, *rest = str(spec).split(",")
     options: dict[str, str] = {}
     for part in rest:
@@ -61,7 +62,8 @@ def detect_kind(path: Path) -> str:
     from mlmm.hub.text_encoder import SETTINGS_NAME
 
     if not path.is_dir():
-        raise ModelLoadError(f"{path}: no such folder (other models take a prefix: {', '.join(p + ':' for p in PREFIXES)})"
+        prefixes = ", ".join(p + ":" for p in PREFIXES)
+        raise ModelLoadError(f"{path}: no such folder (other models take a prefix: {prefixes})"
                              if not path.exists() else f"{path}: a file, not a model folder")
     config = path / "config.json"
     raw = _read_json(config) if config.is_file() else {}

@@ -37,7 +37,7 @@ class MlmmEvalModel(EvalModel):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "MlmmEvalModel":
-        """An export folder, a run folder (uses its ``export/``) or a Hub repo id (see :func:`mlmm.hub.from_pretrained`)."""
+        """An export folder, a run folder (uses its ``export/``) or a Hub repo id (:func:`mlmm.hub.from_pretrained`)."""
         from mlmm.hub.download import from_pretrained, resolve_pretrained
         from mlmm.hub.export import read_config
 

@@ -48,7 +48,8 @@ class TransformersEvalModel(EvalModel):
         if not kinds:
             raise ValueError(f"{source}: {type(self.model).__name__} has neither get_image_features nor "
                              "get_text_features: not a dual encoder")
-        self.modalities = tuple((["image", "video"] if "image" in kinds else []) + (["text"] if "text" in kinds else []))
+        self.modalities = tuple((["image", "video"] if "image" in kinds else []) + (["text"] if "text" in kinds
+                                                                                  else []))
         if "text" in kinds:
             self.tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
         self._transform = None
