@@ -18,9 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlmm.evaluation import markdown_table, save_results  # noqa: E402
-from mlmm.evaluation.cli import add_model_arguments, device_of, model_spec, open_model  # noqa: E402
-from mlmm.evaluation.distributed import cleanup, init_eval_distributed, is_main  # noqa: E402
+from mlmm.evaluation.cli import add_model_arguments, device_of, model_spec, open_model, report  # noqa: E402
+from mlmm.evaluation.distributed import cleanup, init_eval_distributed  # noqa: E402
 from mlmm.evaluation.runner import evaluate_retrieval  # noqa: E402
 
 
@@ -54,14 +53,7 @@ def main(argv=None) -> int:
         records = evaluate_retrieval(model, args.shards, languages=langs, dataset=args.dataset or args.shards,
                                      batch_size=args.batch_size, rerank_topk=args.rerank_topk,
                                      num_workers=args.workers)
-        if not records:
-            print(f"no retrieval task found in {args.shards} for languages {langs}", file=sys.stderr)
-            return 1
-        if is_main():
-            save_results(records, args.out)
-            print(markdown_table(records))
-            print(f"\nwrote {args.out}")
-        return 0
+        return report(records, args.out, f"no retrieval task found in {args.shards} for languages {langs}")
     finally:
         cleanup()
 
@@ -95,13 +87,7 @@ def _crosslingual(args, langs) -> int:
         records = crosslingual.student_text_to_teacher_image(model, teacher, args.shards, languages=langs,
                                                              dataset=args.dataset or args.shards,
                                                              batch_size=args.batch_size, device=device_of(args))
-    if not records:
-        print("no cross-lingual retrieval task found", file=sys.stderr)
-        return 1
-    save_results(records, args.out)
-    print(markdown_table(records))
-    print(f"\nwrote {args.out}")
-    return 0
+    return report(records, args.out, "no cross-lingual retrieval task found")
 
 
 if __name__ == "__main__":

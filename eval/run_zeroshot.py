@@ -15,9 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlmm.evaluation import markdown_table, save_results  # noqa: E402
-from mlmm.evaluation.cli import add_model_arguments, open_model  # noqa: E402
-from mlmm.evaluation.distributed import cleanup, init_eval_distributed, is_main  # noqa: E402
+from mlmm.evaluation.cli import add_model_arguments, open_model, report  # noqa: E402
+from mlmm.evaluation.distributed import cleanup, init_eval_distributed  # noqa: E402
 from mlmm.evaluation.zeroshot import evaluate_zeroshot  # noqa: E402
 
 
@@ -47,11 +46,7 @@ def main(argv=None) -> int:
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        if is_main():
-            save_results(records, args.out)
-            print(markdown_table(records))
-            print(f"\nwrote {args.out}")
-        return 0
+        return report(records, args.out, f"no zero-shot result for {args.shards}")
     finally:
         cleanup()
 

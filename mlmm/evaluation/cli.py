@@ -53,3 +53,19 @@ def open_model(args, *, needs_mlmm: str = ""):
               file=sys.stderr)
         return None
     return model
+
+
+def report(records: list[dict], out: str, empty: str) -> int:
+    """Rank 0 writes ``records`` to ``out`` and prints their table; -> the exit code (1 with ``empty`` printed when
+    there is no record)."""
+    from mlmm.evaluation import markdown_table, save_results
+    from mlmm.evaluation.distributed import is_main
+
+    if not records:
+        print(empty, file=sys.stderr)
+        return 1
+    if is_main():
+        save_results(records, out)
+        print(markdown_table(records))
+        print(f"\nwrote {out}")
+    return 0

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,6 +24,30 @@ def _image_row(key: str, image: Optional[Path], wanted: str, captions: dict, mis
     return {"key": safe_key(key), "image": str(image.resolve()), "captions": captions, **extra}
 
 
+def _parallel_rows(names: list[str], files: dict[str, Path], languages: Optional[Sequence[str]], images: Path,
+                   subfolders: tuple[str, ...], *, expected: str, source: str):
+    """Line-aligned caption files ``{lang: path}`` (line i = image i of ``names``) -> (rows, missing files).
+
+    ``expected`` names where a requested language's file was looked for (``{lang}`` is filled in)."""
+    for lang in languages or []:
+        if lang not in files:
+            raise BuildError(f"{expected.format(lang=lang)}: captions not found (have {sorted(files)})")
+    files = {lang: p for lang, p in files.items() if not languages or lang in languages}
+    if not files:
+        raise BuildError(f"{expected.format(lang='<lang>')}: no caption files")
+    caps = {lang: read_lines(p) for lang, p in files.items()}
+    for lang, lines in caps.items():
+        if len(lines) != len(names):
+            raise BuildError(f"{files[lang]}: {len(lines)} lines for {len(names)} images")
+    rows, missing = [], []
+    for i, name in enumerate(names):
+        found = find_media(images, name, subfolders)
+        row = _image_row(Path(name).stem, found, expected_path(images, name, subfolders),
+                         {lang: [lines[i].strip()] for lang, lines in caps.items()}, missing, source=source)
+        rows += [row] if row else []
+    return rows, missing
+
+
 def xtd10(captions: str | Path, images: str | Path, languages: Optional[Sequence[str]] = None):
     """The XTD10 repo (``test_image_names.txt`` + ``test_1kcaptions_<lang>.txt`` in XTD10/, MIC/, STAIR/) + the
     COCO images it names (``images/<name>``, or in ``train2014/`` / ``val2014/`` under it)."""
@@ -31,24 +56,9 @@ def xtd10(captions: str | Path, images: str | Path, languages: Optional[Sequence
     names = read_lines(first_file((d / "test_image_names.txt" for d in (dirs[1], dirs[0])), "XTD10 image list"))
     names = [n.strip() for n in names if n.strip()]
     files = {p.stem[len("test_1kcaptions_"):]: p for d in dirs if d.is_dir() for p in d.glob("test_1kcaptions_*.txt")}
-    langs = {XTD_LANG.get(code, code): p for code, p in files.items()}
-    for lang in languages or []:
-        if lang not in langs:
-            raise BuildError(f"{root}: test_1kcaptions_{lang}.txt not found (XTD10 has {sorted(langs)})")
-    langs = {lang: p for lang, p in langs.items() if not languages or lang in languages}
-    if not langs:
-        raise BuildError(f"{root}: no test_1kcaptions_<lang>.txt found")
-    caps = {lang: read_lines(p) for lang, p in langs.items()}
-    for lang, lines in caps.items():
-        if len(lines) < len(names):
-            raise BuildError(f"{langs[lang]}: {len(lines)} lines for {len(names)} images")
-    rows, missing = [], []
-    for i, name in enumerate(names):
-        subs = ("", "train2014", "val2014")
-        row = _image_row(Path(name).stem, find_media(images, name, subs), expected_path(images, name, subs),
-                         {lang: [lines[i].strip()] for lang, lines in caps.items()}, missing, source="xtd10")
-        rows += [row] if row else []
-    return rows, missing
+    return _parallel_rows(names, {XTD_LANG.get(code, code): p for code, p in files.items()}, languages, images,
+                          ("", "train2014", "val2014"), expected=str(dirs[1] / "test_1kcaptions_{lang}.txt"),
+                          source="xtd10")
 
 
 def multi30k(root: str | Path, images: str | Path, split: str = "test_2016_flickr",
@@ -63,23 +73,8 @@ def multi30k(root: str | Path, images: str | Path, split: str = "test_2016_flick
     for base in bases:
         for p in sorted((base / "raw").glob(f"{split}.*")) if (base / "raw").is_dir() else []:
             found.setdefault(p.name[len(split) + 1:].removesuffix(".gz"), p)
-    for lang in languages or []:
-        if lang not in found:
-            raise BuildError(f"{bases[0] / 'raw' / f'{split}.{lang}.gz'}: captions not found (have {sorted(found)})")
-    found = {lang: p for lang, p in found.items() if not languages or lang in languages}
-    if not found:
-        raise BuildError(f"{bases[0] / 'raw'}: no {split}.<lang>[.gz] caption files")
-    caps = {lang: read_lines(p) for lang, p in found.items()}
-    for lang, lines in caps.items():
-        if len(lines) != len(names):
-            raise BuildError(f"{found[lang]}: {len(lines)} lines for {len(names)} images")
-    rows, missing = [], []
-    for i, name in enumerate(names):
-        subs = ("", "flickr30k-images")
-        row = _image_row(Path(name).stem, find_media(images, name, subs), expected_path(images, name, subs),
-                         {lang: [lines[i].strip()] for lang, lines in caps.items()}, missing, source="multi30k")
-        rows += [row] if row else []
-    return rows, missing
+    return _parallel_rows(names, found, languages, images, ("", "flickr30k-images"),
+                          expected=str(bases[0] / "raw" / f"{split}.{{lang}}.gz"), source="multi30k")
 
 
 def xm3600(captions: str | Path, images: str | Path, languages: Optional[Sequence[str]] = None):
@@ -90,8 +85,6 @@ def xm3600(captions: str | Path, images: str | Path, languages: Optional[Sequenc
         if not line.strip():
             continue
         try:
-            import json
-
             item = json.loads(line)
             key = item["image/key"]
         except (ValueError, KeyError, TypeError) as e:
