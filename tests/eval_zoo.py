@@ -3,7 +3,6 @@ local-dir and hf-hub, transformers CLIPModel, M-CLIP folder, mlmm text export) o
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -48,7 +47,7 @@ def mlmm_run(root: Path) -> Path:
 
 def open_clip_models(root: Path) -> dict[str, Path]:
     """TinyViT config dir + a weights file (open_clip:ARCH,pretrained=FILE), a local-dir folder and an HF cache
-    holding the same folder as repo ``org/tiny-oc``."""
+    (``hf_home/hub``) holding the same folder as repo ``org/tiny-oc``."""
     import open_clip
     from safetensors.torch import save_file
 
@@ -65,11 +64,10 @@ def open_clip_models(root: Path) -> dict[str, Path]:
     (folder / "open_clip_config.json").write_text(json.dumps(
         {"model_cfg": OC_CFG, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}))
     save_file(sd, str(folder / "open_clip_model.safetensors"))
-    cache, commit = root / "hf_cache", "b" * 40  # huggingface_hub's layout: refs/main -> snapshots/<commit>
-    shutil.copytree(folder, cache / "models--org--tiny-oc" / "snapshots" / commit)
-    (cache / "models--org--tiny-oc" / "refs").mkdir()
-    (cache / "models--org--tiny-oc" / "refs" / "main").write_text(commit)
-    return {"configs": cfg_dir, "weights": root / "oc_tiny.pt", "local": folder, "cache": cache}
+    from hf_cache import put_in_hf_cache
+
+    put_in_hf_cache(root / "hf_home" / "hub", "org/tiny-oc", folder)  # tests/hf_cache.py: huggingface_hub's layout
+    return {"configs": cfg_dir, "weights": root / "oc_tiny.pt", "local": folder, "hf_home": root / "hf_home"}
 
 
 def transformers_clip(root: Path) -> Path:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -205,7 +204,9 @@ def _model_path(spec: str, base: Path, rewrite: Optional[Mapping[str, str]]) -> 
     found = _resolve(_rewrite(head, rewrite), base)
     if found is not None:
         return spec.replace(head, found, 1)
-    return spec if re.fullmatch(r"[\w.\-]+/[\w.\-]+", head) else None  # "org/name": an mlmm export on the Hub
+    from mlmm.sources import HubId, parse_source
+
+    return spec if isinstance(parse_source(head), HubId) and "/" in head else None  # an mlmm export on the Hub
 
 
 def run_suite(config: str | Path, *, model: Optional[str] = None, checkpoint: Optional[str] = None,

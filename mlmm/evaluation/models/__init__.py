@@ -10,7 +10,7 @@
 
 Options follow the name after commas (``key=value``): ``pretrained`` (open_clip tag or file), ``config`` (a folder or
 JSON of open_clip model configs to register), ``image`` (mclip's open_clip image tower), ``frames`` (frames per
-video for image-only models), ``revision`` (transformers). A folder without a prefix is recognised by its files.
+video for image-only models). Hub ids may carry ``@revision``. A folder without a prefix is recognised by its files.
 Every failure to load is a :class:`ModelLoadError` whose message is one line naming the path and what is missing.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from mlmm.evaluation.models.base import EvalModel, MediaTransform
 from mlmm.evaluation.models.mlmm_model import MlmmEvalModel, as_eval_model
 
 PREFIXES = ("mlmm", "open_clip", "hf-hub", "local-dir", "transformers", "mclip")
-OPTIONS = ("pretrained", "config", "image", "frames", "revision")
+OPTIONS = ("pretrained", "config", "image", "frames")
 
 __all__ = ["EvalModel", "MediaTransform", "MlmmEvalModel", "ModelLoadError", "as_eval_model", "detect_kind",
            "load_model", "parse_model_spec"]
@@ -87,13 +87,15 @@ def _load(head: str, opts: dict[str, str], device, pretrained: Optional[str]) ->
     from mlmm.evaluation.models.open_clip_model import OpenClipEvalModel
     from mlmm.evaluation.models.transformers_model import TransformersEvalModel
 
+    from mlmm.sources import HubId, parse_source
+
     kind, _, rest = head.partition(":")
     if kind not in PREFIXES or not rest:
-        path = Path(head)
-        if not path.exists() and "/" in head and not head.startswith((".", "/")) and ":" not in head:
+        src = parse_source(head)
+        if isinstance(src, HubId) and "/" in head:
             kind, rest = "mlmm", head  # "org/name": an mlmm export on the Hub (mlmm.from_pretrained)
         else:
-            kind, rest = detect_kind(path), head
+            kind, rest = detect_kind(Path(head)), head
     if kind in ("hf-hub", "local-dir"):
         kind, rest = "open_clip", f"{kind}:{rest}"
     frames = int(opts.get("frames", 8))
@@ -105,7 +107,7 @@ def _load(head: str, opts: dict[str, str], device, pretrained: Optional[str]) ->
     if kind == "open_clip":
         return OpenClipEvalModel(rest, pretrained, device, config=opts.get("config"), frames=frames)
     if kind == "transformers":
-        return TransformersEvalModel(rest, device, frames=frames, revision=opts.get("revision"))
+        return TransformersEvalModel(rest, device, frames=frames)
     return MClipEvalModel(rest, image=opts.get("image"), pretrained=pretrained, device=device,
                           config=opts.get("config"), frames=frames)
 

@@ -30,16 +30,25 @@ MCLIP_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 def _local_folder(source: str) -> Path:
-    """A local folder as is; a Hub repo id through huggingface_hub's cache (offline: the cache only)."""
-    path = Path(source)
-    if path.is_dir():
-        return path
-    if path.exists() or source.startswith((".", "/")):
-        raise FileNotFoundError(f"{source}: not a folder")
+    """A local folder as is; a Hub repo id (``org/name[@revision]``, :func:`mlmm.sources.parse_source`) through
+    huggingface_hub's cache (offline: the cache only)."""
+    from mlmm.hub.pretrained import require_cached
+    from mlmm.sources import parse_source
+
+    src = parse_source(source)
+    if isinstance(src, Path):
+        if not src.is_dir():
+            raise FileNotFoundError(f"{source}: no such folder, and not a Hugging Face Hub id ('org/name')")
+        return src
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(source, allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors",
-                                                           "pytorch_model.bin"]))
+    require_cached(src, "--model mclip")
+    try:
+        return Path(snapshot_download(src.repo_id, revision=src.revision, allow_patterns=[
+            "*.json", "*.txt", "*.model", "*.safetensors", "pytorch_model.bin"]))
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"--model mclip: {src} could not be fetched ({type(e).__name__}); fetch it once "
+                                f"with: {src.fetch_command()}") from e
 
 
 class MClipText(nn.Module):
@@ -56,8 +65,11 @@ class MClipText(nn.Module):
         weights = next((folder / n for n in MCLIP_WEIGHTS if (folder / n).is_file()), None)
         if weights is None:
             raise FileNotFoundError(f"{folder}: no M-CLIP weights ({' or '.join(MCLIP_WEIGHTS)})")
-        base = cfg["modelBase"]
-        base_cfg = AutoConfig.from_pretrained(str(folder / base) if (folder / base).is_dir() else base)
+        from mlmm.hub.pretrained import load_hf
+
+        base = cfg["modelBase"]  # a Hub id (M-CLIP: "xlm-roberta-large"), or a folder beside the config
+        base_cfg = load_hf(AutoConfig.from_pretrained, str(folder / base) if (folder / base).is_dir() else base,
+                           f"{folder / 'config.json'}: modelBase")
         self.transformer = AutoModel.from_config(base_cfg, add_pooling_layer=False) \
             if base_cfg.model_type in ("bert", "roberta", "xlm-roberta") else AutoModel.from_config(base_cfg)
         self.LinearTransformation = nn.Linear(int(cfg["transformerDimensions"]), int(cfg["numDims"]))

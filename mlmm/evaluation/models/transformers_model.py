@@ -1,7 +1,7 @@
 """transformers dual encoders (``CLIPModel``, ``SiglipModel``, ``AltCLIPModel``, ... any ``AutoModel`` with
 ``get_image_features`` / ``get_text_features``) as :class:`~mlmm.evaluation.models.base.EvalModel`.
 
-    --model transformers:openai/clip-vit-base-patch32      # a Hub id (through the HF cache; HF_HUB_OFFLINE=1 works)
+    --model transformers:openai/clip-vit-base-patch32      # a Hub id, @revision allowed (HF cache; HF_HUB_OFFLINE=1)
     --model transformers:path/to/folder                    # a saved folder (save_pretrained + processor files)
     --model path/to/folder                                 # the same, when config.json has a transformers model_type
 
@@ -33,12 +33,14 @@ class ImageProcessorFn:
 
 
 class TransformersEvalModel(EvalModel):
-    def __init__(self, name: str, device: str | torch.device = "cpu", *, frames: int = 8, revision=None):
+    def __init__(self, name: str, device: str | torch.device = "cpu", *, frames: int = 8):
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        from mlmm.hub.pretrained import load_hf
 
         super().__init__(device)
         source = name[len("transformers:"):] if name.startswith("transformers:") else name
-        model, info = AutoModel.from_pretrained(source, revision=revision, output_loading_info=True)
+        model, info = load_hf(AutoModel.from_pretrained, source, "--model", output_loading_info=True)
         missing = [k for k in info.get("missing_keys", ()) if not k.endswith("position_ids")]
         if missing:  # transformers would initialise them randomly and only warn
             raise ValueError(f"{source}: weights missing from the checkpoint (left random): {sorted(missing)[:4]}")
@@ -51,12 +53,13 @@ class TransformersEvalModel(EvalModel):
         self.modalities = tuple((["image", "video"] if "image" in kinds else []) + (["text"] if "text" in kinds
                                                                                   else []))
         if "text" in kinds:
-            self.tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+            self.tokenizer = load_hf(AutoTokenizer.from_pretrained, source, "--model")
         self._transform = None
         if "image" in kinds:
             vision = getattr(self.model.config, "vision_config", self.model.config)
-            self._transform = PilImageTransform(ImageProcessorFn(AutoImageProcessor.from_pretrained(
-                source, revision=revision)), size=int(getattr(vision, "image_size", 224)), frames=frames)
+            processor = load_hf(AutoImageProcessor.from_pretrained, source, "--model")
+            self._transform = PilImageTransform(ImageProcessorFn(processor),
+                                                size=int(getattr(vision, "image_size", 224)), frames=frames)
         text = getattr(self.model.config, "text_config", None)
         self.max_length = int(getattr(text, "max_position_embeddings", 0) or 0) or None
         self.padding = "max_length" if str(self.model.config.model_type).startswith("siglip") else True
