@@ -110,3 +110,17 @@ def test_two_gloo_ranks_equal_one_process(data, tmp_path):
     a = json.loads((tmp_path / "dist" / "results.json").read_text())["results"]
     b = json.loads((tmp_path / "single" / "results.json").read_text())["results"]
     assert len(a) == 5 and a == b  # retrieval en/de + zero-shot en/de/fr, metrics and skip counts identical
+
+
+def test_vqa_loader_counts_what_it_leaves_out(data):
+    from collections import Counter
+
+    import mlmm
+    from mlmm.data.pipeline import Preprocessor
+    from mlmm.evaluation.vqa import load_vqa_items
+
+    model = mlmm.from_pretrained(data["run"])
+    skipped = Counter()
+    items = load_vqa_items(data["shards"][:2], Preprocessor(model.cfg, model.tokenizer, train=False), "image",
+                           skipped=skipped)
+    assert items == [] and skipped == {"no question": 18}  # captioned images, no VQA question: counted, not silent

@@ -199,6 +199,7 @@ def evaluate_captioning(model, shards, *, languages: Optional[Sequence[str]] = N
         metrics, info = caption_metrics(dict(zip(keys, hyps)), {k: refs[r] for k, r in zip(keys, order)}, lang,
                                         meteor=meteor)
         record = result_record(f"{media}-captioning", dataset, lang, metrics, n=len(order))
+        record["skipped"] = dict(items.get("skipped", {}))
         record["info"] = {**info, "decoding": method if method == "greedy" else f"beam{beam_size}",
                           "examples": [{"key": k, "prediction": h, "reference": refs[r][0]}
                                        for k, h, r in list(zip(keys, hyps, order))[:examples]]}

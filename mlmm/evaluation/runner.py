@@ -57,10 +57,13 @@ def chance_metrics(positives: torch.Tensor, x: str, ks: Sequence[int]) -> dict[s
     return out
 
 
-def annotate(records: list[dict], model, skipped: dict[str, int]) -> list[dict]:
-    """Add the CLIP_benchmark-style ``model`` / ``pretrained`` keys and the per-reason skip counts to records."""
+def annotate(records: list[dict], model, skipped: Optional[dict[str, int]] = None) -> list[dict]:
+    """Add the CLIP_benchmark-style ``model`` / ``pretrained`` keys and the per-reason skip counts (when given;
+    a record may carry its own) to records."""
     for r in records:
-        r.update(model=model.name, pretrained=model.pretrained, skipped=dict(skipped))
+        r.update(model=model.name, pretrained=model.pretrained)
+        if skipped is not None:
+            r["skipped"] = dict(skipped)
     return records
 
 

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from mlmm.data.pipeline import SampleError
 from mlmm.data.shards import _parse, resolve_shards
 from mlmm.data.stream import read_tar
-from mlmm.data.train_stream import check_captions
 from mlmm.evaluation.distributed import gather_objects, world
 from mlmm.evaluation.models.base import media_bytes
 
@@ -33,13 +32,22 @@ Keep = Callable[[dict], dict]
 
 
 def captions_of(languages: Optional[Sequence[str]] = None) -> Keep:
-    """``keep`` for text tasks: ``{"captions": {lang: [str, ...]}}`` restricted to ``languages``."""
+    """``keep`` for text tasks: ``{"captions": {lang: [str, ...]}}`` restricted to ``languages`` (blank strings
+    dropped); captions that are not ``{lang: str | [str, ...]}`` are a ``bad captions`` skip."""
     wanted = set(languages) if languages else None
 
     def keep(meta: dict) -> dict:
         caps = meta.get("captions") or {}
-        return {"captions": {lang: [c] if isinstance(c, str) else list(c) for lang, c in caps.items()
-                             if wanted is None or lang in wanted}}
+        if not isinstance(caps, dict):
+            raise SampleError("bad captions", f"captions is a {type(caps).__name__}, not {{lang: [str, ...]}}")
+        out = {}
+        for lang, c in caps.items():
+            c = [c] if isinstance(c, str) else c
+            if not isinstance(c, list) or not all(isinstance(x, str) for x in c):
+                raise SampleError("bad captions", f"captions[{lang!r}] is not a string or a list of strings")
+            if wanted is None or lang in wanted:
+                out[str(lang)] = [x.strip() for x in c if x.strip()]
+        return {"captions": out}
     return keep
 
 
@@ -83,19 +91,21 @@ class EvalShards(torch.utils.data.IterableDataset):
                 raise SampleError(reason, detail)
             raw = _parse(raw)
             meta = raw["json"]
+            if not isinstance(meta, dict):
+                raise SampleError("bad json", f"{raw['__key__']}: json is a {type(meta).__name__}, not an object")
             if "__error__" in meta:
                 raise SampleError("bad json", f"{raw['__key__']}: {meta['__error__']}")
             if not any(media_bytes(raw, m) is not None for m in self.modalities):
                 raise SampleError(f"no {'/'.join(self.modalities)}", f"{raw['__key__']}: extensions "
                                   f"{sorted(k for k in raw if not k.startswith('__') and k != 'json')}")
-            check_captions(meta)
+            kept = self.keep(meta)
             try:
                 media = self.transform(raw, self.modalities)
             except SampleError:
                 raise
             except Exception as e:  # noqa: BLE001 - whatever a decoder raises on one sample, it is that sample's
                 raise SampleError(f"undecodable sample ({type(e).__name__})", f"{raw['__key__']}: {e}") from e
-            return {"key": raw["__key__"], "meta": self.keep(meta), "media": media}
+            return {"key": raw["__key__"], "meta": kept, "media": media}
         except SampleError as e:
             if not counts[e.reason]:
                 log.warning("eval: skipping bad sample (%s) in %s: %s; further ones with this reason are only "

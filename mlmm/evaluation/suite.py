@@ -102,7 +102,7 @@ def run_task(model, task: Mapping[str, Any], shards: str, workers: int = 0, base
                                       method=task.get("decoding", "beam"), beam_size=int(task.get("beam_size", 3)),
                                       batch_size=bs, device=model.device, meteor=bool(task.get("meteor", True)),
                                       progress=False)
-    return annotate(records, model, {})
+    return annotate(records, model)
 
 
 def _can_run(model, task: Mapping[str, Any]) -> Optional[str]:

@@ -171,22 +171,33 @@ def find_head(model, cls_name: str):
     return None
 
 
-def load_vqa_items(shards, preprocessor, media: str, languages: Optional[Sequence[str]] = None) -> list[dict]:
+def load_vqa_items(shards, preprocessor, media: str, languages: Optional[Sequence[str]] = None,
+                   skipped: Optional[Counter] = None) -> list[dict]:
     """One item per (question sample, language): ``{"key", "lang", "media": Tensor, "question", "answers",
-    "question_type", "answer_type"}``, in shard order."""
+    "question_type", "answer_type"}``, in shard order. Samples left out are counted per reason in ``skipped``
+    (``no question``, ``no <media>``, the decoders' reasons), each reason logged once."""
+    import logging
+
     from mlmm.data.pipeline import SampleError, iter_samples, resolve_shards
 
     shards = resolve_shards(shards) if isinstance(shards, str) else list(shards)
+    skipped = Counter() if skipped is None else skipped
     items = []
     for raw in iter_samples(shards):
         meta = raw["json"]
-        if not meta.get("question") or not meta.get("answers"):
-            continue
         try:
+            if not isinstance(meta, dict) or "__error__" in meta:
+                raise SampleError("bad json", f"{raw['__key__']}: {meta.get('__error__', meta)}"
+                                  if isinstance(meta, dict) else f"{raw['__key__']}: not a JSON object")
+            if not meta.get("question") or not meta.get("answers"):
+                raise SampleError("no question", f"{raw['__key__']}: no question / answers in its json")
             x = preprocessor.media(raw).get(media)
-        except SampleError:
-            continue
-        if x is None:
+            if x is None:
+                raise SampleError(f"no {media}", f"{raw['__key__']}")
+        except SampleError as e:
+            if not skipped[e.reason]:
+                logging.getLogger(__name__).warning("vqa: skipping %s (further ones are only counted)", e)
+            skipped[e.reason] += 1
             continue
         for lang, question in sorted(meta["question"].items()):
             if (languages and lang not in languages) or not meta["answers"].get(lang):
@@ -229,7 +240,8 @@ def evaluate_vqa(model, shards, *, languages: Optional[Sequence[str]] = None, da
         raise ValueError("evaluate_vqa: the model has no vqa head")
     model.eval()
     pre = Preprocessor(model.cfg, model.tokenizer, train=False)
-    items = load_vqa_items(shards, pre, head.cfg.media, languages)
+    skipped: Counter = Counter()
+    items = load_vqa_items(shards, pre, head.cfg.media, languages, skipped)
     records = []
     langs = sorted({it["lang"] for it in items})
     try:
@@ -245,5 +257,5 @@ def evaluate_vqa(model, shards, *, languages: Optional[Sequence[str]] = None, da
         metrics["acc_majority"] = majority_baseline(answers, subset)
         metrics["acc_majority_qtype"] = majority_baseline([(it["answers"], it["question_type"]) for it in subset],
                                                           subset, by="question_type")
-        records.append(result_record("vqa", dataset, lang, metrics, n=len(subset)))
+        records.append({**result_record("vqa", dataset, lang, metrics, n=len(subset)), "skipped": dict(skipped)})
     return records
