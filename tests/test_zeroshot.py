@@ -170,3 +170,38 @@ def test_fsdd_spoken_digits_above_chance_on_a_held_out_speaker(tmp_path):
     print(f"FSDD zero-shot, held-out speaker theo (50 clips, chance acc1 0.10 / acc5 0.50): acc1 {acc1}, acc5 {acc5}")
     assert set(acc1) == {"en", "de", "fr", "es"} and all(r["n"] == 50 for r in records)
     assert sum(acc1.values()) / 4 >= 0.18 and min(acc5.values()) >= 0.7
+
+
+def test_video_zero_shot_with_an_image_model_averages_frame_embeddings(tmp_path):
+    """Video through an image-only model (open_clip local-dir): each clip = mean of its normalised frame embeddings;
+    zero-shot records come out per language with the video modality."""
+    import torch.nn.functional as F
+
+    from mlmm.data.generate import generate
+    from mlmm.data.write_shards import write_shards
+    from mlmm.evaluation.models import load_model
+    from mlmm.evaluation.zeroshot import evaluate_zeroshot
+
+    rows = generate(tmp_path / "gen", n_images=0, n_videos=4, n_audio=0, size=32, seed=1, progress=False)
+    write_shards(tmp_path / "gen" / "manifest.jsonl", tmp_path / "shards", progress=False)
+    oc = eval_zoo.open_clip_models(tmp_path)
+    model = load_model(f"local-dir:{oc['local']},frames=3")
+    clip = model.transform()({"mp4": (tmp_path / "gen" / rows[0]["video"]).read_bytes()})["video"]  # [3, 3, 32, 32]
+    with torch.no_grad():
+        frames = F.normalize(model.model.encode_image(clip), dim=-1)  # open_clip's own encode_image per frame
+    torch.testing.assert_close(model.encode_video(clip[None])[0], F.normalize(frames.mean(0), dim=0), rtol=0,
+                               atol=1e-6)
+    directions = ["left", "right", "up", "down"]
+    (tmp_path / "moves.yaml").write_text(yaml.safe_dump({"datasets": {"moves": {
+        "modality": "video", "label_key": "labels", "ids": directions,
+        "classes": {"en": [f"moving {d}" for d in directions], "de": ["nach links", "nach rechts", "nach oben",
+                                                                      "nach unten"]}}}}))
+    for r in rows:
+        r["labels"] = r["labels"][-1]  # the direction
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({**r, "video": str(tmp_path / "gen" / r["video"])}) + "\n"
+                                              for r in rows))
+    write_shards(tmp_path / "m.jsonl", tmp_path / "moves", progress=False)
+    records = evaluate_zeroshot(model, str(tmp_path / "moves"), classes="moves", prompts=[tmp_path / "moves.yaml"],
+                                progress=False)
+    assert [(r["language"], r["modality"], r["n"]) for r in records] == [("de", "video", 4), ("en", "video", 4)]
+    assert all(0 <= r["metrics"]["acc1"] <= 1 and "acc5" not in r["metrics"] for r in records)  # 4 classes < 5
