@@ -9,7 +9,9 @@ Under ``torchrun`` / ``deepspeed`` (an initialised process group) each rank read
 shards when there are at least as many shards as reader slots, else every slot-th sample), encodes it and the parts
 are gathered; items are put back in shard order, so every rank holds exactly what one process would compute.
 A sample that cannot be used (undecodable media, a truncated shard, invalid JSON, no media the model reads) is
-skipped, counted per reason and logged once per reason per reader.
+skipped, counted per reason and logged once per reason per reader. Shards may be local or remote (any spec of
+:func:`mlmm.data.shards.resolve_shards`), read by :class:`mlmm.data.shardio.ShardReader` with its retries; a shard
+that stays unreadable counts once (``truncated shard`` / ``unreadable shard``).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 
 from mlmm.data.pipeline import SampleError
 from mlmm.data.shards import _parse, resolve_shards
-from mlmm.data.stream import read_tar
+from mlmm.data.shardio import ShardReader
 from mlmm.evaluation.distributed import gather_objects, world
 from mlmm.evaluation.models.base import media_bytes
 
@@ -75,11 +77,12 @@ class EvalShards(torch.utils.data.IterableDataset):
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         slot, n_slots = self.rank * workers + worker, self.world_size * workers
         by_shard = len(self.shards) >= n_slots
+        reader = ShardReader()  # local files, http(s), pipe:, s3:// / gs://, with retries (mlmm.data.shardio)
         seen = 0
         for i, shard in enumerate(self.shards):
             if by_shard and i % n_slots != slot:
                 continue
-            for pos, raw in enumerate(read_tar(shard)):
+            for pos, raw in enumerate(reader.read(shard)):
                 if by_shard or seen % n_slots == slot:
                     yield (i, pos), raw
                 seen += 1

@@ -175,7 +175,7 @@ def load_vqa_items(shards, preprocessor, media: str, languages: Optional[Sequenc
                    skipped: Optional[Counter] = None) -> list[dict]:
     """One item per (question sample, language): ``{"key", "lang", "media": Tensor, "question", "answers",
     "question_type", "answer_type"}``, in shard order. Samples left out are counted per reason in ``skipped``
-    (``no question``, ``no <media>``, the decoders' reasons), each reason logged once."""
+    (``no question``, ``no <media>``, ``truncated shard``, the decoders' reasons), each reason logged once."""
     import logging
 
     from mlmm.data.pipeline import SampleError, iter_samples, resolve_shards
@@ -183,9 +183,11 @@ def load_vqa_items(shards, preprocessor, media: str, languages: Optional[Sequenc
     shards = resolve_shards(shards) if isinstance(shards, str) else list(shards)
     skipped = Counter() if skipped is None else skipped
     items = []
-    for raw in iter_samples(shards):
-        meta = raw["json"]
+    for raw in iter_samples(shards, errors="yield"):
+        meta = raw.get("json")
         try:
+            if "__error__" in raw:  # the unreadable rest of a shard
+                raise SampleError(raw["__error__"].partition(": ")[0], raw["__error__"])
             if not isinstance(meta, dict) or "__error__" in meta:
                 raise SampleError("bad json", f"{raw['__key__']}: {meta.get('__error__', meta)}"
                                   if isinstance(meta, dict) else f"{raw['__key__']}: not a JSON object")
