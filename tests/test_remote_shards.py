@@ -86,6 +86,16 @@ def test_training_evaluation_and_counts_read_the_same_samples_over_http_and_pipe
     got = load_eval_items(f"{server.url}/{brace(remote_data)}", pre, ["image"])
     assert got["keys"] == ref["keys"] and got["captions"] == ref["captions"]
     assert torch.equal(got["image"]["data"], ref["image"]["data"])
+    # the streamed eval reader (run_retrieval / run_zeroshot / run_suite) too
+    from mlmm.evaluation.models import MlmmEvalModel
+    from mlmm.evaluation.stream import captions_of, embed_test_set
+    from mlmm.models.model import MultimodalModel
+
+    model = MlmmEvalModel(MultimodalModel(cfg.model, pre.tokenizer))
+    streamed = [embed_test_set(model, spec, ["image"], keep=captions_of(), progress=False)
+                for spec in (str(remote_data / "shards"), f"{server.url}/{brace(remote_data)}")]
+    assert streamed[0].keys == streamed[1].keys == ref["keys"] and streamed[0].meta == streamed[1].meta
+    assert torch.equal(streamed[0].emb["image"], streamed[1].emb["image"])
 
 
 def fake_bucket_tools(bin_dir, bucket_dir):
