@@ -243,9 +243,14 @@ class TrainConfig:
     zero_stage: Optional[int] = None  # overrides ds_config when set
     grad_accum: int = 1
     log_every: int = 10
-    save_every: int = 0  # 0 = only at the end
+    save_every: int = 500  # a checkpoint every N steps, and at the end (0 = only at the end)
     keep_checkpoints: int = 2
-    resume: str = "auto"  # auto (latest in output_dir/checkpoints, if any) | never | <checkpoint tag>
+    # auto: the newest sound checkpoint in output_dir/checkpoints, if any | force: the same, even when it was written
+    # by another run config (the changed keys are logged) | never: a new run (refused over an earlier run's
+    # checkpoints) | step_N: exactly that checkpoint. See mlmm.training.resume
+    resume: str = "auto"
+    # resume from checkpoint files mlmm did not fingerprint (DeepSpeed unpickles them: torch.load(weights_only=False))
+    trust_checkpoint: bool = False
     nan_patience: int = 5  # abort after this many consecutive steps with a non-finite loss / grad norm
     compile: bool = False  # torch.compile each tower in place (state-dict keys unchanged); not the DeepSpeed engine
     gradient_checkpointing: bool = False  # every tower recomputes its blocks' activations in backward (less memory)
@@ -265,6 +270,9 @@ class TrainConfig:
             raise ConfigError(f"{where}.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.max_steps < 1:
             raise ConfigError(f"{where}.max_steps: must be >= 1, got {self.max_steps}")
+        if self.resume not in ("auto", "force", "never") and not re.fullmatch(r"step_\d+", self.resume):
+            raise ConfigError(f"{where}.resume: must be auto, force, never or a checkpoint tag step_N, "
+                              f"got {self.resume!r}")
         for i, pattern in enumerate(self.trainable or []):
             try:
                 re.compile(pattern)

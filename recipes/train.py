@@ -5,12 +5,18 @@
 
 Trailing ``section.key=value`` arguments override the YAML. The DeepSpeed launcher's
 ``--local_rank=N`` is accepted (the rank comes from the environment).
+
+Exit codes: 0 done; 2 a config error (one line naming the key and file); 3 refused by the state of
+``output_dir`` (another run holds it, its checkpoint is damaged, untrusted or from another run config: one line
+naming the culprit, and nothing in the folder was changed).
 """
 import argparse
+import os
 import sys
 
 from mlmm.config import ConfigError, load_config
 from mlmm.training import Trainer
+from mlmm.training.errors import RunRefused
 
 
 def main(argv=None) -> int:
@@ -25,7 +31,12 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg).setup()
+    try:
+        trainer = Trainer(cfg).setup()
+    except (ConfigError, RunRefused) as e:  # raised on every rank alike: rank 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{'config error' if isinstance(e, ConfigError) else 'refused'}: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 3  # 3: the output folder's state forbids the run, left unchanged
     try:
         trainer.train()
         if not args.no_export:

@@ -15,7 +15,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-STATE_NAME = "mlmm_state.json"
+from mlmm.training import fingerprint
+from mlmm.training.errors import CheckpointRefused
+
+STATE_NAME = fingerprint.STATE_NAME
 
 
 def tag_for(step: int) -> str:
@@ -96,7 +99,8 @@ def save(engine, root: str | Path, step: int, state: dict[str, Any], keep: int =
         dist.barrier()
     if is_main:
         _fault(f"after_weights:{step}")
-        _write_atomic(root / tmp / STATE_NAME, json.dumps({"step": step, **state}, indent=2))
+        files = fingerprint.manifest(root / tmp)  # every file of the folder (all ranks wrote theirs by now)
+        _write_atomic(root / tmp / STATE_NAME, json.dumps({"step": step, **state, "files": files}, indent=2))
         _fsync_tree(root / tmp)
         if (root / tag).exists():  # an incomplete folder of this step (no mlmm_state.json): not loadable
             shutil.rmtree(root / tag)
@@ -130,6 +134,18 @@ def latest_tag(root: str | Path) -> Optional[str]:
     return tag if (Path(root) / tag / STATE_NAME).is_file() else None
 
 
+UNIVERSAL_FILES = "mlmm_files.json"  # the fingerprint of a universal checkpoint folder mlmm converted
+
+
+def _universal_sound(out: Path) -> bool:
+    """Did mlmm convert `out`, and is all of it still there? (Otherwise it is converted again.)"""
+    try:
+        fingerprint.check_files(out, json.loads((out / UNIVERSAL_FILES).read_text()), exclude=UNIVERSAL_FILES)
+    except (OSError, ValueError, fingerprint.Damaged, fingerprint.Untrusted):
+        return False
+    return True
+
+
 def to_universal(root: str | Path, tag: str, is_main: bool = True) -> Path:
     """Convert checkpoint `tag` to DeepSpeed's universal format (once; collective call).
 
@@ -144,7 +160,8 @@ def to_universal(root: str | Path, tag: str, is_main: bool = True) -> Path:
     import torch.distributed as dist
 
     out = Path(root) / "universal" / tag
-    if is_main and not (out / "zero").is_dir():
+    if is_main and not _universal_sound(out):
+        shutil.rmtree(out, ignore_errors=True)
         from deepspeed.checkpoint import ds_to_universal
 
         tmp = out.with_name(tag + ".tmp")
@@ -153,6 +170,7 @@ def to_universal(root: str | Path, tag: str, is_main: bool = True) -> Path:
                                   num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress bars
             ds_to_universal.main(args)
+        _write_atomic(tmp / UNIVERSAL_FILES, json.dumps(fingerprint.manifest(tmp, exclude=UNIVERSAL_FILES)))
         _fsync_tree(tmp)
         os.replace(tmp, out)
     if dist.is_available() and dist.is_initialized():
@@ -160,33 +178,32 @@ def to_universal(root: str | Path, tag: str, is_main: bool = True) -> Path:
     return out
 
 
-def load(engine, root: str | Path, tag: Optional[str] = None, world_size: int = 1,
-         is_main: bool = True) -> Optional[dict[str, Any]]:
-    """Load the checkpoint `tag` (default: latest) into `engine`; returns its mlmm state or None.
+def load(engine, root: str | Path, tag: str, world_size: int = 1, is_main: bool = True) -> dict[str, Any]:
+    """Load checkpoint `tag` into `engine`; returns its mlmm state. Collective call.
 
-    A ZeRO checkpoint written by a different number of processes is first converted to
-    DeepSpeed's universal format (:func:`to_universal`) and loaded from there, optimizer moments
-    included. Collective call.
+    `tag` was chosen and its files checked against their fingerprint by :func:`mlmm.training.resume.plan`; a
+    failure to load it now is an incompatibility (e.g. another model shape under ``train.resume=force``) and
+    raises :class:`CheckpointRefused`. A ZeRO checkpoint written by a different number of processes is first
+    converted to DeepSpeed's universal format (:func:`to_universal`) and loaded from there, optimizer moments
+    included.
     """
     root = Path(root)
-    tag = tag or latest_tag(root)
-    if tag is None:
-        return None
-    if not (root / tag / STATE_NAME).is_file():
-        raise FileNotFoundError(f"{root / tag}: checkpoint not found or incomplete (no {STATE_NAME})")
-    state = json.loads((root / tag / STATE_NAME).read_text())
+    state = fingerprint.read_state(root / tag)
     saved_world = int(state.get("world_size", world_size))
     load_dir = root
     universal = saved_world != world_size and engine.zero_optimization_stage() > 0
-    if universal:
-        load_dir = to_universal(root, tag, is_main).parent
-        engine._config.load_universal_checkpoint = True  # DeepSpeed reads this flag at load time only
     try:
+        if universal:
+            load_dir = to_universal(root, tag, is_main).parent
+            engine._config.load_universal_checkpoint = True  # DeepSpeed reads this flag at load time only
         path, client = engine.load_checkpoint(str(load_dir), tag=tag)
+    except Exception as e:  # noqa: BLE001 (re-raised as a one-line refusal, chained)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointRefused(f"{root / tag}: DeepSpeed could not load it ({type(e).__name__}: {first[:300]})") from e
     finally:
         engine._config.load_universal_checkpoint = False
     if path is None:
-        raise RuntimeError(f"{root / tag}: DeepSpeed could not load this checkpoint")
+        raise CheckpointRefused(f"{root / tag}: DeepSpeed could not load this checkpoint")
     set_rng_state(client["rng"])
     if universal:
         state["resharded_from"] = saved_world

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def _free_port() -> int:
@@ -61,3 +65,31 @@ def cleanup() -> None:
 
 def is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def main_decides(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 only; every rank returns its result, or raises its exception (collective call).
+
+    For decisions about shared files (the output folder's lock, which checkpoint to resume): one process
+    reads them, and a refusal stops all ranks at once instead of leaving some waiting at a collective.
+    """
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 (re-raised below, on every rank)
+            error = e
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        sent = error
+        if error is not None:
+            try:
+                pickle.loads(pickle.dumps(error))
+            except Exception:  # noqa: BLE001 (an exception type that does not pickle: send its text)
+                sent = RuntimeError(f"rank 0: {type(error).__name__}: {error}")
+        box = [(result, sent)]
+        dist.broadcast_object_list(box, src=0)
+        if not is_main():
+            result, error = box[0]
+    if error is not None:
+        raise error
+    return result

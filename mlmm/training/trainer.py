@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import time
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -24,9 +25,10 @@ from mlmm.data.train_stream import LoaderState
 from mlmm.distill.prepare import prepare_train_data
 from mlmm.registry import LOSSES
 from mlmm.sources import is_hub_id
-from mlmm.training import checkpoint, distributed, finetune
+from mlmm.training import checkpoint, distributed, finetune, resume, run_identity, runlock, schedule
 from mlmm.training.guards import LanguageCoverage, out_of_memory_error
-from mlmm.training.engine import TrainModule, compile_towers, compute_dtype, full_state_dict, initialize
+from mlmm.training.engine import (TrainModule, build_ds_config, compile_towers, compute_dtype, full_state_dict,
+                                  initialize)
 
 log = logging.getLogger("mlmm")
 
@@ -98,16 +100,44 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- setup
     def setup(self) -> "Trainer":
-        from mlmm.data.pipeline import Preprocessor, build_train_loader
-        from mlmm.models.model import MultimodalModel
-
         cfg = self.cfg
         self.rank, self.world = distributed.init_distributed()
         self.device = distributed.device()
         self.is_main = self.rank == 0
-        setup_logging(self.out, self.is_main)
-        seed_everything(cfg.seed)
-        self.tokenizer = load_tokenizer(cfg)
+        notes = [self._claim_output_dir()]  # before anything is written there
+        try:
+            seed_everything(cfg.seed)
+            self.tokenizer = load_tokenizer(cfg)
+            self.run_record = run_identity.run_record(cfg, self.tokenizer, build_ds_config(cfg, self.device))
+            self.plan = distributed.main_decides(
+                lambda: resume.plan(cfg, self.out / "checkpoints", self.run_record, self.world))
+            setup_logging(self.out, self.is_main)
+            for note in [*notes, *self.plan.notes]:
+                if note and self.is_main:
+                    log.warning("%s", note)
+            return self._build()
+        except BaseException:
+            self._release_output_dir()
+            raise
+
+    def _claim_output_dir(self) -> Optional[str]:
+        """Rank 0 takes ``output_dir/run.lock``; every rank raises OutputDirInUse if it cannot. -> a note to log."""
+        def take() -> Optional[str]:
+            self.lock, note = runlock.acquire(self.out)
+            weakref.finalize(self, self.lock.release)  # a Trainer dropped without cleanup() frees the folder
+            return note
+
+        return distributed.main_decides(take)
+
+    def _release_output_dir(self) -> None:
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+
+    def _build(self) -> "Trainer":
+        from mlmm.data.pipeline import Preprocessor, build_train_loader
+        from mlmm.models.model import MultimodalModel
+
+        cfg = self.cfg
         self.coverage = (LanguageCoverage(self.tokenizer, cfg.model.text.tokenizer or cfg.model.text.pretrained)
                          if self.tokenizer is not None and cfg.model.text is not None else None)
         self.model = MultimodalModel(cfg.model, self.tokenizer)
@@ -131,8 +161,9 @@ class Trainer:
             log.info("model: towers %s, %.2fM parameters; ZeRO stage %d, %s, world size %d, device %s",
                      self.model.modalities, n_params / 1e6, self.engine.zero_optimization_stage(),
                      str(self.dtype).replace("torch.", ""), self.world, self.device)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
         self._resume()
+        if self.is_main:  # once the checkpoint loaded: a refused resume leaves the run's config.json as it was
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
         preprocessor = Preprocessor(cfg.model, self.tokenizer, train=True,
                                     extra_shapes=finetune.loss_extra_inputs(self.loss),
                                     uint8_images=cfg.data.normalize_on_device,
@@ -157,12 +188,16 @@ class Trainer:
         return SummaryWriter(str(self.out / "tensorboard"))
 
     def _resume(self) -> None:
-        mode = self.cfg.train.resume
-        if mode == "never":
-            return
-        state = checkpoint.load(self.engine, self.out / "checkpoints", None if mode == "auto" else mode,
-                                world_size=self.world, is_main=self.is_main)
-        self.resumed_state = state
+        """Load the checkpoint :func:`mlmm.training.resume.plan` chose; the config's lr schedule and optimizer
+        hyperparameters then apply (legitimate edits, logged)."""
+        self.resumed_state = state = None
+        if self.plan.tag is not None:
+            state = checkpoint.load(self.engine, self.out / "checkpoints", self.plan.tag, world_size=self.world,
+                                    is_main=self.is_main)
+            schedule.follow_config(self.engine.lr_scheduler, self.cfg.train)
+            self.resumed_state = state
+            if self.is_main and self.plan.edits:
+                log.info("config edits applied on resume: %s", "; ".join(self.plan.edits))
         if state is not None:
             self.step = state["step"]
             self.samples_seen = state.get("samples_seen", 0)
@@ -295,7 +330,8 @@ class Trainer:
         if self.world > 1:
             ranks = [None] * self.world
             torch.distributed.all_gather_object(ranks, self.loader_state.to_dict())
-        state = {"samples_seen": self.samples_seen, "world_size": self.world, "skipped_steps": self.skipped_steps,
+        state = {"run": self.run_record, "samples_seen": self.samples_seen, "world_size": self.world,
+                 "skipped_steps": self.skipped_steps,
                  "bad_samples": self._check_bad_data(), "loss_history": self.history[-5:],
                  "data": {"world_size": self.world, "num_workers": max(self.cfg.data.num_workers, 1), "ranks": ranks,
                           "seed": self.cfg.data.seed, "shuffle_buffer": self.cfg.data.shuffle_buffer,
@@ -326,6 +362,7 @@ class Trainer:
         """
         if getattr(self, "writer", None) is not None:
             self.writer.close()
+        self._release_output_dir()
         if destroy_process_group:
             distributed.cleanup()
         else:
