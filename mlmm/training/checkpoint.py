@@ -1,7 +1,8 @@
-"""Training checkpoints: DeepSpeed state + ``mlmm_state.json`` (step, epoch, RNG, data position).
+"""Training checkpoints: DeepSpeed state + ``mlmm_state.json`` (step, data position, run record, file fingerprint).
 
 Layout: ``<output_dir>/checkpoints/step_00000050/`` (DeepSpeed files + mlmm_state.json) and
-``<output_dir>/checkpoints/latest`` naming the newest complete checkpoint.
+``<output_dir>/checkpoints/latest`` naming the newest complete checkpoint. Which checkpoint a run resumes, and
+whether it may, is decided by :mod:`mlmm.training.resume` before :func:`load` runs.
 """
 from __future__ import annotations
 
