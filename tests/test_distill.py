@@ -298,6 +298,28 @@ def test_mclip_training_keeps_teacher_frozen_and_out_of_checkpoints(distill_data
     assert r["metrics"]["chance_src2tgt_R@1"] == pytest.approx(100 / 6)
 
 
+def test_resume_refuses_a_teacher_whose_weights_changed(distill_data, tmp_path):
+    """Same config and teacher path, other weights in the file: resuming would distill from another teacher."""
+    from mlmm.distill.tiny import write_tiny_open_clip
+    from mlmm.training.errors import ResumeMismatch
+
+    root, _ = distill_data
+    teacher = write_tiny_open_clip(tmp_path / "teacher", seed=0)
+    args = ("tiny_distill_text.yaml", root, teacher, tmp_path / "run", "train.max_steps=2", "data.batch_size=8")
+    first = Trainer(config(*args)).setup()
+    first.train()
+    first.cleanup()
+    resumed = Trainer(config(*args[:-2], "train.max_steps=3", "data.batch_size=8")).setup()  # same teacher: fine
+    assert resumed.step == 2
+    resumed.cleanup()
+    write_tiny_open_clip(tmp_path / "teacher", seed=1)  # other weights under the same name
+    from mlmm.distill import teacher as teacher_module
+
+    teacher_module._CACHE.clear()  # as in a new process (teachers are cached per config within one)
+    with pytest.raises(ResumeMismatch, match=r"belongs to another run: loss teacher weights: \['[0-9a-f]+'\] -> "):
+        Trainer(config(*args)).setup()
+
+
 def test_mla_stage2_trains_only_adapters_from_stage1_export(distill_data, tmp_path):
     root, teacher = distill_data
     s1 = Trainer(config("tiny_mla_stage1.yaml", root, teacher, tmp_path / "s1", "train.max_steps=6")).setup()

@@ -261,7 +261,7 @@ def test_run_identity_world_size_and_new_fields(data, tmp_path):
     change; an unclassified key is refused."""
     cfg = load_config(TINY, args(data, tmp_path))
     record = {"config": json.loads(json.dumps(cfg.to_dict())), "shards": {"n": 2, "samples": 10, "digest": "d"},
-              "tokenizer": None, "precision": "fp32", "zero_stage": 2}
+              "parallel_jsonl": None, "tokenizer": None, "precision": "fp32", "zero_stage": 2}
 
     def compare(saved, **kw):
         return run_identity.compare(saved, record, cfg, **{"saved_world": 1, "world": 1, "resplit_possible": True,
@@ -281,6 +281,9 @@ def test_run_identity_world_size_and_new_fields(data, tmp_path):
     stage = json.loads(json.dumps(record))
     stage["zero_stage"] = 3
     assert compare(stage)[0] == ["train.zero_stage: 3 -> 2"]
+    jsonl = json.loads(json.dumps(record))
+    jsonl["parallel_jsonl"] = "0123abcd"  # shards prepared from another parallel-caption file
+    assert compare(jsonl)[0] == ["data.parallel_jsonl: another file content (sha1)"]
 
 
 def test_every_config_key_is_classified_once():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Optional
 
 from mlmm.config import RunConfig
@@ -21,6 +22,7 @@ IDENTITY: dict[str, str] = {
     "model.text.tokenizer": "compared by vocabulary, so a moved tokenizer folder is fine",
     "loss": "the objective being optimised, with its own state (temperatures, memories)",
     "data.train_shards": "compared by content (shard names and sample counts), so a moved shard folder is fine",
+    "data.parallel_jsonl": "compared by content (the JSONL's sha1): the captions the shards are prepared from",
     "data.batch_size": "the batch every step averages over, and what one step of the data position is",
     "data.shuffle_buffer": "the sample order (the data position is replayed for this buffer size)",
     "data.seed": "the shard and sample order",
@@ -40,6 +42,9 @@ EDITABLE: dict[str, str] = {
     "output_dir": "where the run lives: the folder it is resumed from, wherever it was moved",
     "data.num_workers": "loader layout: the rest of the pass is re-split (mlmm.data.resplit); refused if it cannot be",
     "data.max_bad_fraction": "an abort threshold, not the data",
+    "data.shard_sizes": "where sample counts are read from; the counts themselves are compared (data.train_shards)",
+    "data.io_retries": "how often a failing read is retried, not what is read",
+    "data.io_backoff": "how long to wait before a retry, not what is read",
     "data.normalize_on_device": "where the same normalisation runs",
     "data.decode_on_device": "where the same JPEG decoding runs",
     "train.max_steps": "how long the run goes; the cosine schedule is recomputed for it",
@@ -58,13 +63,14 @@ EDITABLE: dict[str, str] = {
     "train.trust_checkpoint": "how to resume, not what",
     "train.nan_patience": "an abort threshold, read every step",
     "train.compile": "the same computation, compiled (parameter names are unchanged)",
+    "train.gradient_checkpointing": "the same computation, activations recomputed in backward",
     "train.tensorboard": "logging only",
     "train.progress": "the progress bar only",
 }
 
 # keys compared through a fingerprint of what they resolve to, not as written
-BY_CONTENT = {"data.train_shards": "shards", "model.text.tokenizer": "tokenizer", "train.precision": "precision",
-              "train.zero_stage": "zero_stage"}
+BY_CONTENT = {"data.train_shards": "shards", "data.parallel_jsonl": "parallel_jsonl",
+              "model.text.tokenizer": "tokenizer", "train.precision": "precision", "train.zero_stage": "zero_stage"}
 
 
 def classify(key: str) -> Optional[str]:
@@ -83,16 +89,15 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def shards_fingerprint(spec: str) -> dict[str, Any]:
-    """{"n": shards, "samples": total (None if unknown), "digest": of names + counts} of a shard spec."""
-    from pathlib import PurePosixPath
-
+def shards_fingerprint(data_cfg) -> dict[str, Any]:
+    """{"n": shards, "samples": total (None if unknown), "digest": of names + counts} of ``data.train_shards``
+    (counts from ``data.shard_sizes`` or the index.json / sizes.json beside the shards)."""
     from mlmm.data.pipeline import resolve_shards
-    from mlmm.data.stream import shard_counts
+    from mlmm.data.shardio import ShardReader, shard_name
 
-    shards = resolve_shards(spec)
-    counts = shard_counts(shards)
-    names = [PurePosixPath(str(s)).name for s in shards]
+    shards = resolve_shards(data_cfg.train_shards)
+    counts = ShardReader.from_config(data_cfg).counts(shards)
+    names = [shard_name(s) or s for s in shards]
     total = sum(counts) if all(c is not None for c in counts) else None
     return {"n": len(shards), "samples": total, "digest": _digest(list(zip(names, counts)))}
 
@@ -102,11 +107,43 @@ def tokenizer_fingerprint(tokenizer) -> Optional[str]:
 
 
 def run_record(cfg: RunConfig, tokenizer, ds_config: dict) -> dict[str, Any]:
-    """What a checkpoint stores to recognise its run: the resolved config and fingerprints of its inputs."""
+    """What a checkpoint stores to recognise its run: the resolved config and fingerprints of its inputs.
+
+    ``shards`` is None while shards prepared from ``data.parallel_jsonl`` do not exist yet (a first run): the
+    Trainer fills it, and ``teachers``, once the loss is built (:func:`check_built`)."""
+    from mlmm.distill.prepare import file_sha1
+
     precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
-    return {"config": json.loads(json.dumps(cfg.to_dict(), default=str)),
-            "shards": shards_fingerprint(cfg.data.train_shards), "tokenizer": tokenizer_fingerprint(tokenizer),
-            "precision": precision, "zero_stage": int(ds_config.get("zero_optimization", {}).get("stage", 0))}
+    jsonl = cfg.data.parallel_jsonl
+    try:
+        shards = shards_fingerprint(cfg.data)
+    except FileNotFoundError:
+        if not jsonl:
+            raise
+        shards = None
+    return {"config": json.loads(json.dumps(cfg.to_dict(), default=str)), "shards": shards,
+            "parallel_jsonl": file_sha1(jsonl) if jsonl and Path(jsonl).is_file() else None,
+            "tokenizer": tokenizer_fingerprint(tokenizer), "precision": precision,
+            "zero_stage": int(ds_config.get("zero_optimization", {}).get("stage", 0))}
+
+
+def check_built(saved: Optional[dict[str, Any]], current: dict[str, Any], cfg: RunConfig, loss) -> list[str]:
+    """Complete `current` with what exists only once the loss is built (the teachers' weight fingerprints; shards
+    prepared from ``data.parallel_jsonl``) -> the differences from the resumed checkpoint's record `saved`."""
+    from mlmm.distill.prepare import loss_teachers
+
+    current["teachers"] = sorted(t.fingerprint for t in loss_teachers(loss))
+    if current["shards"] is None:
+        current["shards"] = shards_fingerprint(cfg.data)
+    if saved is None:
+        return []
+    out = []
+    if saved.get("teachers") != current["teachers"]:
+        out.append(f"loss teacher weights: {saved.get('teachers')} -> {current['teachers']}")
+    if saved.get("shards") != current["shards"]:
+        out.append(f"data.train_shards (as prepared from data.parallel_jsonl): {_shards(saved.get('shards'))} -> "
+                   f"{_shards(current['shards'])}")
+    return out
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -171,6 +208,8 @@ def compare(saved: dict[str, Any], current: dict[str, Any], cfg: RunConfig, *, s
                 detail = f"{_shards(a)} -> {_shards(b)}"
             elif content == "tokenizer":
                 detail = "another vocabulary"
+            elif content == "parallel_jsonl":
+                detail = "another file content (sha1)"
             else:
                 detail = f"{_short(a)} -> {_short(b)}"
             refused.append(f"{key}: {detail}")

@@ -26,6 +26,7 @@ from mlmm.distill.prepare import prepare_train_data
 from mlmm.registry import LOSSES
 from mlmm.sources import is_hub_id
 from mlmm.training import checkpoint, distributed, finetune, resume, run_identity, runlock, schedule
+from mlmm.training.errors import ResumeMismatch
 from mlmm.training.guards import LanguageCoverage, out_of_memory_error
 from mlmm.training.engine import (TrainModule, build_ds_config, compile_towers, compute_dtype, full_state_dict,
                                   initialize)
@@ -144,6 +145,7 @@ class Trainer:
         loss_entry = LOSSES.get(cfg.loss.name, key="loss.name")
         self.loss = loss_entry.cls(cfg.loss, self.model.modalities)
         prepare_train_data(cfg.data, self.loss, self.is_main)  # data.parallel_jsonl: shards made on first use
+        self._check_built_identity()
         module = TrainModule(self.model, self.loss)
         if cfg.train.init_from:  # fine-tuning hooks (generic; see mlmm.training.finetune)
             finetune.load_init(self.model, cfg.train.init_from, cfg.train.trainable)
@@ -176,6 +178,18 @@ class Trainer:
                                          state=data_state)
         self.writer = self._tensorboard()
         return self
+
+    def _check_built_identity(self) -> None:
+        """The teachers' weights and prepared shards exist only now: a resumed run refuses if they changed."""
+        saved = self.plan.state.get("run") if self.plan.tag is not None else None
+        changed = run_identity.check_built(saved if isinstance(saved, dict) else None, self.run_record, self.cfg,
+                                           self.loss)
+        if changed and self.cfg.train.resume != "force":
+            raise ResumeMismatch(f"{self.out / 'checkpoints' / self.plan.tag} belongs to another run: "
+                                 f"{'; '.join(changed)}. Revert them, use another output_dir, or set "
+                                 "train.resume=force to resume anyway")
+        if changed and self.is_main:
+            log.warning("train.resume=force: resuming although %s", "; ".join(changed))
 
     def _tensorboard(self):
         if not (self.cfg.train.tensorboard and self.is_main):
