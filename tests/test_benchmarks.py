@@ -17,3 +17,19 @@ def test_throughput_benchmark_times_both_frameworks_and_writes_its_ratio(tmp_pat
     assert run["ratio_mlmm_over_open_clip"] == run["frameworks"]["mlmm"]["samples_per_s"] / \
         run["frameworks"]["open_clip"]["samples_per_s"]
     assert result["best_ratio"] > 0 and "best_ratio_vs_open_clip_foreach" in result
+
+
+def test_eval_throughput_benchmark_runs_both_loops_with_equal_metrics(tmp_path):
+    """A 2-layer 32-px open_clip ViT on 30 images: both loops run, the metrics agree, the ratio is written."""
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "mlmm-tiny-vit.json").write_text(json.dumps({
+        "embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}))
+    bench = import_benchmark("eval_throughput")
+    out = tmp_path / "et.json"
+    assert bench.main(["--n", "30", "--size", "48", "--arch", "mlmm-tiny-vit", "--config", str(cfg), "--batch", "8",
+                       "--workers", "0", "--reps", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["max_metric_gap"] <= 1e-5 and result["ratio_mlmm_over_clip_benchmark"] > 0
+    assert {r["run"] for r in result["rows"]} == {"clip_benchmark/w0", "mlmm/w0"}
