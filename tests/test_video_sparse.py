@@ -95,9 +95,17 @@ def test_sparse_declines_what_it_cannot_prove_exact():
     mpeg4 = indexed_clip(20, codec="mpeg4")
     assert sample_frames_sparse(mpeg4, lambda n: sample_indices(n, 4)) is None  # not H.264: decode everything
     assert sample_frames_sparse(b"not a video", lambda n: [0]) is None
-    # Annex B H.264 (MPEG-TS): start codes instead of lengths; still exact
+    # MPEG-TS stores no frame count: declined (the decode-all path handles it) ...
     ts = indexed_clip(30, fmt="mpegts", x264="keyint=10:min-keyint=10:scenecut=0:bframes=2")
-    check_exact(ts, counts=(4,))
+    assert sample_frames_sparse(ts, lambda n: sample_indices(n, 4)) is None
+    # ... but its Annex B packets (start codes instead of lengths) parse: an IDR first, a slice in every packet
+    from mlmm.data.video import _nal_headers
+
+    with av.open(io.BytesIO(ts)) as c:
+        heads = [_nal_headers(bytes(p), None) for p in c.demux(c.streams.video[0]) if p.size]
+    assert len(heads) == 30 and 5 in [h & 0x1F for h in heads[0]]
+    assert all({1, 5} & {h & 0x1F for h in hs} for hs in heads)
+    assert _nal_headers(b"\x00\x00\x00\x09\x65", 4) is None  # a length past the packet's end
 
 
 def test_transcode_keeps_the_documented_source_frames_and_size():
@@ -120,3 +128,30 @@ def test_transcode_keeps_the_documented_source_frames_and_size():
         transcode_video(data, fps=0)
     with pytest.raises(ValueError, match="cannot decode|no video"):
         transcode_video(b"garbage", fps=3)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_decode_video_takes_the_sparse_path_and_gives_the_decode_all_tensors(monkeypatch, normalize):
+    """decode_video (what the loader and the evaluator call) = its decode-all path, crops and rng draws included."""
+    import random
+
+    import torch
+
+    import mlmm.data.video as video
+    from mlmm.data.transforms import decode_video
+
+    clips = [indexed_clip(40, x264="keyint=9:min-keyint=9:scenecut=0:bframes=3", w=176, h=128)]
+    if SHARED_VIDEO.is_dir():
+        clips.append((SHARED_VIDEO / "video9462.mp4").read_bytes())
+    calls = []
+    real = video.sample_frames_sparse
+    monkeypatch.setattr(video, "sample_frames_sparse", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for data in clips:
+        for train in (False, True):
+            fast = decode_video(data, 8, 64, train=train, rng=random.Random(3), normalize=normalize)
+            with monkeypatch.context() as m:
+                m.setattr(video, "sample_frames_sparse", lambda *a, **k: None)  # force the decode-all path
+                plain = decode_video(data, 8, 64, train=train, rng=random.Random(3), normalize=normalize)
+            assert fast.shape == (8, 3, 64, 64) and fast.dtype == (torch.float32 if normalize else torch.uint8)
+            assert torch.equal(fast, plain)
+    assert len(calls) == 2 * len(clips)

@@ -165,11 +165,22 @@ def decode_video(
     """Encoded video bytes (mp4, avi, ...) -> Float[T=num_frames, 3, size, size] (uint8 with ``normalize=False``).
 
     Frames are sampled uniformly over the whole clip (np.linspace); a clip with fewer frames than
-    ``num_frames`` repeats frames. One crop box is used for every frame of a clip. When the
-    container reports its frame count only the selected frames are converted; otherwise every frame
-    is kept, downscaled, until the count is known.
+    ``num_frames`` repeats frames. One crop box is used for every frame of a clip. H.264 clips whose
+    container reports its frame count decode only what the sampled frames need
+    (:func:`mlmm.data.video.sample_frames_sparse`: the same frames, bit for bit); other clips decode every
+    frame and convert the selected ones, or, without a frame count, keep every frame, downscaled, until
+    the count is known.
     """
     import av  # local: PyAV is only needed when videos are decoded
+
+    from mlmm.data.video import sample_frames_sparse
+
+    sparse = sample_frames_sparse(data, lambda n: sample_indices(n, num_frames))
+    if sparse is not None:
+        rgb = sparse[0]  # RGB uint8 [H, W, 3] per sampled frame
+        box = crop_box(rgb[0].shape[1], rgb[0].shape[0], train, rng)
+        clip = torch.stack([resize_uint8(f, box, size) for f in rgb])  # [T, 3, size, size] uint8
+        return clip.float().mul_(_SCALE).sub_(_SHIFT) if normalize else clip
 
     try:
         container = av.open(io.BytesIO(data))

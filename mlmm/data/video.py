@@ -18,8 +18,8 @@ Every frame that is decoded sees exactly the reference frames it sees in a full 
 bit-identical to the decode-all path's, and so are their indices: frame ``i`` is the i-th frame in presentation
 (pts) order of the stream's packets, as in the decode-all path when every frame decodes. Anything that would make
 this unprovable returns None and the caller decodes everything: another codec than H.264, a first packet that is
-not an IDR frame, a missing or repeated pts, a packet count that disagrees with the container's frame count, an
-unparsable packet, or a sampled frame that did not come out of the decoder. ``tests/test_video_sparse.py`` checks
+not an IDR frame, a missing or repeated pts, a container without a frame count or with one that disagrees with its
+packets, an unparsable packet, or a sampled frame that did not come out of the decoder. ``tests/test_video_sparse.py`` checks
 the frames against the decode-all path on the real MSR-VTT / MSVD clips and on generated ones.
 """
 from __future__ import annotations
@@ -110,7 +110,7 @@ def sample_frames_sparse(data: bytes, indices_for, thread_type: str = "AUTO"
         except (av.error.FFmpegError, OSError, ValueError):
             return None
         n = len(packets)
-        if n == 0 or (stream.frames and int(stream.frames) != n):
+        if n == 0 or int(stream.frames or 0) != n:  # no frame count (or a wrong one): the decode-all path
             return None
         pts = [p.pts for p in packets]
         if any(t is None for t in pts) or len(set(pts)) != n:
