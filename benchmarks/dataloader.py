@@ -1,7 +1,7 @@
 """Data-loader throughput: mlmm's training stream vs a plain webdataset + PIL + torchvision pipeline.
 
-    python benchmarks/dataloader.py                         # 2 shards x 1000 512-px JPEGs, workers 1 and 2
-    python benchmarks/dataloader.py --n 400 --workers 1     # quick look
+    python -m benchmarks.dataloader                         # 2 shards x 1000 512-px JPEGs, workers 1 and 2
+    python -m benchmarks.dataloader --n 400 --workers 1     # quick look
 
 Both read the same shards (512-px JPEG + json with captions) and yield batches of 224-px float tensors,
 normalised with the CLIP mean/std, with a train-time random crop:
@@ -35,10 +35,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.bench_common import write_result
 
-from bench_common import write_result  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PHOTOS = REPO.parent / "shared" / "data" / "images_vi"
 CAPTIONS = {"en": ["a photo"], "de": ["ein Foto"], "fr": ["une photo"]}

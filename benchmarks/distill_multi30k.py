@@ -1,8 +1,8 @@
 """Multi30K cross-lingual retrieval: the distilled student vs its English teacher (MiniLM) used as is.
 
-    python benchmarks/distill_multi30k.py --train runs/m30k [OVERRIDES ...]   # the recipe's one command, timed
-    python benchmarks/distill_multi30k.py --export runs/m30k/export             # evaluate an existing export
-    python benchmarks/distill_multi30k.py --train runs/dev --dev 300 [OVERRIDES ...]  # choose levers off test
+    python -m benchmarks.distill_multi30k --train runs/m30k [OVERRIDES ...]   # the recipe's one command, timed
+    python -m benchmarks.distill_multi30k --export runs/m30k/export             # evaluate an existing export
+    python -m benchmarks.distill_multi30k --train runs/dev --dev 300 [OVERRIDES ...]  # choose levers off test
 
 ``--train DIR`` runs ``python recipes/train.py --config recipes/configs/multi30k_distill_text.yaml
 output_dir=DIR OVERRIDES`` in a subprocess (wall time and load average before / after recorded), then evaluates
@@ -26,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.bench_common import write_result
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_common import write_result  # noqa: E402
 
 RECIPE = REPO / "recipes" / "configs" / "multi30k_distill_text.yaml"
 DATA = REPO.parent / "shared" / "data" / "multi30k"

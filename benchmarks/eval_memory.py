@@ -1,6 +1,6 @@
 """Evaluation memory: the streamed reader keeps embeddings, the in-memory loader kept every decoded test item.
 
-    python benchmarks/eval_memory.py [--items 1000,10000] [--size 64] [--work runs/bench_eval_memory]
+    python -m benchmarks.eval_memory [--items 1000,10000] [--size 64] [--work runs/bench_eval_memory]
 
 Generates N labelled images (``mlmm.data.generate``, en/de/fr captions) into shards, then, each in a fresh process
 with 1 thread and no loader workers (so all memory is in the measured process):
@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def vm_rss_mb() -> float:
@@ -77,8 +76,7 @@ def main(argv=None) -> int:
     from mlmm.hub import save_pretrained
     from mlmm.models.model import MultimodalModel
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_common import write_result
+    from benchmarks.bench_common import write_result
 
     work = Path(args.work)
     sizes = [int(x) for x in args.items.split(",")]
@@ -99,8 +97,8 @@ def main(argv=None) -> int:
                                     for r in rows[:n]))
         write_shards(manifest, work / f"shards_{n}", shard_size=1000, progress=False)
         for mode in ("streamed", "in_memory"):
-            out = subprocess.run([sys.executable, __file__, "--child", mode, str(work / f"shards_{n}"),
-                                  str(model_dir)], capture_output=True, text=True, check=True,
+            out = subprocess.run([sys.executable, "-m", "benchmarks.eval_memory", "--child", mode,
+                                  str(work / f"shards_{n}"), str(model_dir)], capture_output=True, text=True, check=True,
                                  env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
             run = json.loads(out.stdout.strip().splitlines()[-1])
             run["embeddings_mb"] = round(n * 64 * 4 / 2**20, 2)  # [N, E=64] float32

@@ -1,6 +1,6 @@
 """Spoken-digit (FSDD) audio <-> text retrieval per language with a tiny model trained from scratch.
 
-    python benchmarks/fsdd_audio_retrieval.py [--steps 600] [--held-out-speaker theo] [--shared ../shared/data]
+    python -m benchmarks.fsdd_audio_retrieval [--steps 600] [--held-out-speaker theo] [--shared ../shared/data]
 
 Data: ``../shared/data/audio_fsdd`` (300 recordings: 6 speakers x 10 digits x 5, captions en/de/fr/es
 "the spoken digit seven", ...). **Split: every recording of one speaker (default ``theo``, 50 clips,
@@ -66,8 +66,7 @@ def main(argv=None) -> int:
     from mlmm.evaluation import markdown_table
     from mlmm.evaluation.runner import evaluate_retrieval
     from mlmm.hub import from_pretrained
-    sys.path.insert(0, str(Path(__file__).parent))
-    from cached_training import export, train_cached
+    from benchmarks.cached_training import export, train_cached
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

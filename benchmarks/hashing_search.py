@@ -1,9 +1,9 @@
 """Hamming search vs float search: speed at 1M items, and recall on a trained tiny hashing model.
 
-    python benchmarks/hashing_search.py --export runs/tiny_hashing/export        # ~3-5 min on 2 cores
-    python benchmarks/hashing_search.py --n 100000 --queries 200                  # quick look
+    python -m benchmarks.hashing_search --export runs/tiny_hashing/export        # ~3-5 min on 2 cores
+    python -m benchmarks.hashing_search --n 100000 --queries 200                  # quick look
 
-    python benchmarks/hashing_search.py --reps 3 --max-load 1.5                   # the figures in docs/hashing.md
+    python -m benchmarks.hashing_search --reps 3 --max-load 1.5                   # the figures in docs/hashing.md
 
 Part 1 (speed): N database items as 64-bit codes (packed, 8 bytes each) vs as 512-d float32 embeddings
 (2 KB each), Q queries, top-10:
@@ -40,12 +40,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench_common import machine_info, wait_quiet  # noqa: E402
-from mlmm.search import (FloatIndex, HammingIndex, cosine_topk, faiss_available, hamming_topk,  # noqa: E402
+from benchmarks.bench_common import machine_info, wait_quiet
+from mlmm.search import (FloatIndex, HammingIndex, cosine_topk, faiss_available, hamming_topk,
                          native_available, native_status, pack_codes, recall_at_k, rerank)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def timed(fn, *args, **kwargs):

@@ -1,7 +1,7 @@
 """Reader throughput over http (a local server) and pipe:cat vs local files: the same shards, samples/s.
 
-    python benchmarks/remote_reader.py                      # 4 shards x 500 512-px JPEGs, 3 interleaved reps
-    python benchmarks/remote_reader.py --n 400 --reps 3     # quick look
+    python -m benchmarks.remote_reader                      # 4 shards x 500 512-px JPEGs, 3 interleaved reps
+    python -m benchmarks.remote_reader --n 400 --reps 3     # quick look
 
 Two levels, each timed on the same shards (benchmarks/dataloader.py's 512-px JPEG + json samples) read as
   * ``local``: the shard files (``shards/bench-{000000..000003}.tar``);
@@ -31,11 +31,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.bench_common import write_result
+from benchmarks.dataloader import mlmm_loader, write_bench_shards
 
-from bench_common import write_result  # noqa: E402
-from dataloader import mlmm_loader, write_bench_shards  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:

@@ -1,8 +1,8 @@
 """Training-step throughput: mlmm's image–text contrastive step vs open_clip's, same shapes, one process.
 
-    python benchmarks/throughput.py                                   # CPU: ViT-B/32 shape, batch 16, fp32 + bf16
-    python benchmarks/throughput.py --shape s32 --steps 3 --reps 2    # quick look (narrow towers)
-    python benchmarks/throughput.py --batch 256 1024 --precision bf16 # CUDA (H100 anchor: open_clip 4241/s at 1024)
+    python -m benchmarks.throughput                                   # CPU: ViT-B/32 shape, batch 16, fp32 + bf16
+    python -m benchmarks.throughput --shape s32 --steps 3 --reps 2    # quick look (narrow towers)
+    python -m benchmarks.throughput --batch 256 1024 --precision bf16 # CUDA (H100 anchor: open_clip 4241/s at 1024)
 
 Both sides build the same towers from scratch (random init, random data):
   * open_clip: ``open_clip.model.CLIP`` (ViT image tower, causal 12-layer text transformer), ``ClipLoss``,
@@ -38,10 +38,9 @@ from typing import Callable
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.bench_common import write_result
 
-from bench_common import write_result  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # ViT-B/32 and B/16 as open_clip defines them; s32 = a narrow shape for quick looks
 SHAPES = {
@@ -177,12 +176,12 @@ def sync(device: torch.device) -> None:
 
 def child_peak_rss(args: argparse.Namespace, framework: str, precision: str, batch: int) -> float:
     """Peak RSS (GiB) of a child process that builds `framework` and runs 3 steps (CPU memory figure)."""
-    cmd = [sys.executable, __file__, "--shape", args.shape, "--batch", str(batch), "--precision", precision,
-           "--zero-stage", str(args.zero_stage), "--text", args.text, "--text-arch", args.text_arch,
+    cmd = [sys.executable, "-m", "benchmarks.throughput", "--shape", args.shape, "--batch", str(batch),
+           "--precision", precision, "--zero-stage", str(args.zero_stage), "--text", args.text, "--text-arch", args.text_arch,
            "--_child", framework]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                             "MASTER_PORT")}  # the child is its own 1-process world
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if out.returncode:
         raise RuntimeError(f"memory child for {framework} failed:\n{out.stderr[-2000:]}")
     return float(out.stdout.strip().splitlines()[-1])
@@ -335,7 +334,8 @@ def main(argv=None) -> int:
     if (argv is None and not cuda and not args.default_malloc
             and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items())):
         sys.stdout.flush()  # malloc reads its environment at start-up: re-run this script (not a caller) with it
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **MALLOC_ENV})
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.throughput", *sys.argv[1:]],
+                  {**os.environ, **MALLOC_ENV})
     device = torch.device("cuda" if cuda else "cpu")
     runs, skipped = [], []
     for precision in args.precision:

@@ -1,6 +1,6 @@
 """Re-ranking gain of the DI-vTR interaction head on a generated video set with known answers.
 
-    OMP_NUM_THREADS=1 python benchmarks/video_rerank.py [--steps 1000] [--topk 10] [--train-repeats 6]
+    OMP_NUM_THREADS=1 python -m benchmarks.video_rerank [--steps 1000] [--topk 10] [--train-repeats 6]
 
 Data (:func:`mlmm.data.generate_av.generate_order`): every clip shows one object (colour x shape) and
 then another; captions say them in order ("a red circle, then a blue square"; en, de, fr, two phrasings
@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def build_data(work: Path, repeats: int, size: int) -> dict:
@@ -62,7 +61,7 @@ def caption_rows(shards, pre) -> list[dict]:
 
 def train(cfg, log_every: int = 100):
     """-> (model in eval mode, loss history). Random batches of caption rows, the registered loss, AdamW."""
-    from cached_training import train_cached
+    from benchmarks.cached_training import train_cached
 
     return train_cached(cfg, log_every=log_every, decode=caption_rows)
 
@@ -104,7 +103,7 @@ def main(argv=None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench_common import write_result
+    from benchmarks.bench_common import write_result
 
     from mlmm.config import load_config
     from mlmm.evaluation.runner import evaluate_retrieval

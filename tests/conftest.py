@@ -13,17 +13,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def import_benchmark(name):
-    """The module ``benchmarks/<name>.py`` (benchmarks import their siblings, so their folder goes on the path)."""
+    """The module ``benchmarks/<name>.py`` (a package: the repo root is on pytest's ``pythonpath``)."""
     import importlib
-    import sys
-    from pathlib import Path
 
-    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    sys.path.insert(0, bench)
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(bench)
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def build_tiny_data(root, *, n_images, n_videos, n_audio, shard_size, seed, vocab_size=300):

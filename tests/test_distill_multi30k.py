@@ -228,13 +228,7 @@ def test_multi30k_recipe_runs_in_one_command_from_a_fresh_checkout(tmp_path, mon
     assert "preparing" in log and "step 2 " in log and "mclip_anchor_loss" in log
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
 
-    import sys
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import distill_multi30k
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    from benchmarks import distill_multi30k
     out = tmp_path / "bench.json"
     assert distill_multi30k.main(["--export", str(tmp_path / "run" / "export"), "--test", str(jsonl),
                                   "--out", str(out)]) == 0

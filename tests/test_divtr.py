@@ -333,10 +333,7 @@ def test_reranking_gains_on_generated_order_set(tmp_path):
     language and direction, while the R@1 gain swings by about ±6 points with the seed and with float rounding (seed
     0 went from +9..+10 to -2..+3 t2v). Only the robust property is asserted, on seed 0."""
     import json
-    import sys
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from video_rerank import main
+    from benchmarks.video_rerank import main
 
     out = tmp_path / "video_rerank.json"
     assert main(["--work", str(tmp_path / "work"), "--out", str(out)]) == 0

@@ -4,8 +4,8 @@
   order (README.md first, then docs/*.md by name), in one scratch folder that sees the repo's recipes/, eval/,
   benchmarks/ and tokenizers/ as the repo root does; a failing block fails the test, naming its file and line.
   The README's first command (the demo) is not run again here: tests/test_demo.py runs it end to end.
-* Every command in every bash block (runnable or not) names a script or module that exists, uses only flags its
-  argparse parser declares, and, for recipes/train.py, a config that loads with its dotted overrides.
+* Every command in every bash block (runnable or not) names a script, module or console command that exists, uses
+  only flags its argparse parser declares, and, for recipes/train.py, a config that loads with its dotted overrides.
 * Every relative link resolves (file and #anchor), and every repo path, config name, test file and ``mlmm.*`` name
   written in backticks exists.
 """
@@ -19,6 +19,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,8 +126,14 @@ def commands(code: str) -> list[list[str]]:
     return out
 
 
+CONSOLE = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+
+
 def target(cmd: list[str]) -> tuple[str, str, list[str]] | None:
-    """("module" | "script", name, its arguments) for python / deepspeed commands, else None."""
+    """("module" | "script", name, its arguments) for python / deepspeed / console (``mlmm-*``) commands, else
+    None; a console command is read as the module of its ``main``."""
+    if cmd[0] in CONSOLE:
+        return "module", CONSOLE[cmd[0]].partition(":")[0], cmd[1:]
     if cmd[0] == "python" and len(cmd) > 2 and cmd[1] == "-m":
         return "module", cmd[2], cmd[3:]
     if cmd[0] in ("python", "deepspeed"):
@@ -138,9 +145,10 @@ def target(cmd: list[str]) -> tuple[str, str, list[str]] | None:
     return None
 
 
-def declared_flags(source: Path, follow: bool = True) -> set[str]:
-    """Every ``--flag`` string given to an ``add_argument`` call in a file, and (one level) in the mlmm modules it
-    imports, so that a thin entry point whose parser lives in the library is read right."""
+def declared_flags(source: Path, follow: int = 2) -> set[str]:
+    """Every ``--flag`` string given to an ``add_argument`` call in a file, and (``follow`` levels) in the mlmm
+    modules it imports, so that a thin entry point whose parser lives in the library (``eval/run_suite.py`` ->
+    ``mlmm.cli.eval_suite`` -> ``mlmm.evaluation.cli``) is read right."""
     flags, imported = set(), []
     for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
@@ -153,7 +161,7 @@ def declared_flags(source: Path, follow: bool = True) -> set[str]:
         base = REPO.joinpath(*name.split("."))
         for file in (base.with_suffix(".py"), base / "__init__.py"):
             if file.is_file():
-                flags |= declared_flags(file, follow=False)
+                flags |= declared_flags(file, follow - 1)
     return flags
 
 

@@ -2,7 +2,6 @@
 embeddings (and so the figures) of each library's own encode functions, to 1e-5; broken or missing checkpoints are
 one-line errors naming the path (issue 21 part 1, issue 18 part 6)."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import eval_zoo  # noqa: E402
+import eval_zoo  # tests/ is on sys.path under pytest (its default "prepend" import mode)
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-5

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import eval_zoo  # noqa: E402
+import eval_zoo  # tests/ is on sys.path under pytest (its default "prepend" import mode)
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_SKIPS = {"undecodable image": 1, "bad json": 1, "no image": 1, "truncated shard": 1}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import build_tiny_data
 from shard_server import ShardServer
-from test_reliability import REPO, TINY, overrides, run_in_process, run_killed
+from test_reliability import TINY, overrides, run_in_process, run_killed
 
 from mlmm.config import load_config
 from mlmm.data.pipeline import Preprocessor, iter_samples, load_eval_items, resolve_shards

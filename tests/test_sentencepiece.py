@@ -1,5 +1,5 @@
-"""tokenizers/train_sentencepiece.py: language-balanced sampling, training, HF round trip, fertility, use in a tower."""
-import importlib.util
+"""mlmm.data.sentencepiece (mlmm-sentencepiece, tokenizers/train_sentencepiece.py): language-balanced sampling,
+training, HF round trip, fertility, use in a tower."""
 import json
 from pathlib import Path
 
@@ -12,10 +12,9 @@ SHARED = REPO.parent / "shared" / "data" / "multi30k" / "train_5k.jsonl"
 
 @pytest.fixture(scope="module")
 def sp():
-    spec = importlib.util.spec_from_file_location("train_sentencepiece", REPO / "tokenizers" / "train_sentencepiece.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from mlmm.data import sentencepiece
+
+    return sentencepiece
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 from YAML users extend, generated shapes (image) and FSDD spoken digits (audio, held-out speaker) with tiny models
 trained here."""
 import json
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -10,8 +9,7 @@ import pytest
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import eval_zoo  # noqa: E402
+import eval_zoo  # tests/ is on sys.path under pytest (its default "prepend" import mode)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -31,11 +29,7 @@ def one_thread():
 def train_tiny(cfg_dict, regroup=None):
     """benchmarks/cached_training.train_cached on a RunConfig built from ``cfg_dict``; ``regroup(row) -> key``
     replaces each row's key (rows sharing a key are never each other's negatives)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from cached_training import decode_rows, train_cached
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    from benchmarks.cached_training import decode_rows, train_cached
     from mlmm.config import build_config
 
     def decode(shards, pre):

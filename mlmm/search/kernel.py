@@ -2,7 +2,7 @@
 
     from mlmm.search.kernel import native_hamming_topk, native_status
     dist, ids = native_hamming_topk(q_packed, db_packed, k=10)     # exact, ordered by (distance, index)
-    python -m mlmm.search.kernel                                     # build now and print the status
+    mlmm-hamming-kernel  (python -m mlmm.search.kernel)              # build now and print the status
 
 Nothing is built at ``pip install``: the first call compiles ``_hamming.c`` (about a second, with the C compiler
 in ``$CC``, default ``cc``) into ``$MLMM_CACHE`` (default ``~/.cache/mlmm``)/kernels, atomically, so concurrent
@@ -248,6 +248,14 @@ def native_hamming_topk(queries: Tensor, database: Tensor, k: int, threads: Opti
     return torch.from_numpy(d), torch.from_numpy(i)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """Build the kernel now (if it is not in the cache) and print its status; exit code 1 when it cannot be used."""
+    import argparse
+
+    argparse.ArgumentParser(description=main.__doc__).parse_args(argv)
     print(f"mlmm native Hamming kernel: {native_status()}")
-    sys.exit(0 if native_available() else 1)
+    return 0 if native_available() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
