@@ -69,8 +69,8 @@ def wait_quiet(max_load: float | None, poll_s: float = 20.0, label: str = "") ->
     waited = 0.0
     while max_load is not None and load >= max_load:
         if waited == 0.0:
-            print(f"  [{label or 'timing'}] load {load:.2f} >= {max_load}: waiting for a quiet box ...", file=sys.stderr,
-                  flush=True)
+            print(f"  [{label or 'timing'}] load {load:.2f} >= {max_load}: waiting for a quiet box ...",
+                  file=sys.stderr, flush=True)
         time.sleep(poll_s)
         waited += poll_s
         load = load_1m()

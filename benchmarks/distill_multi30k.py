@@ -127,11 +127,13 @@ def main(argv=None) -> int:
     config = json.loads((export / "config.json").read_text(encoding="utf-8")).get("train_config")
     result = {"eval_set": str(test), "summary": table,
               "target_met": all(v["margin_mean_R@1"] >= 3.0 for v in table.values()),
-              "student": student, "teacher_as_is": baseline, "train": run, "eval_seconds_student": round(eval_seconds, 1),
+              "student": student, "teacher_as_is": baseline, "train": run,
+              "eval_seconds_student": round(eval_seconds, 1),
               "export": str(export), "overrides": overrides, "config": config}
     path = write_result(args.name, result, args.out)
     rows = [{"task": "text-text R@1, student vs teacher as is", "dataset": dataset, "language": k,
-             "n": next(r["n"] for r in student if r["language"].startswith(k + "-")), "metrics": {"student L→en": v["student"]["L2en_R@1"], "student en→L": v["student"]["en2L_R@1"],
+             "n": next(r["n"] for r in student if r["language"].startswith(k + "-")),
+             "metrics": {"student L→en": v["student"]["L2en_R@1"], "student en→L": v["student"]["en2L_R@1"],
                                         "student mean": v["student"]["mean_R@1"],
                                         "teacher L→en": v["teacher_as_is"]["L2en_R@1"],
                                         "teacher en→L": v["teacher_as_is"]["en2L_R@1"],

@@ -98,7 +98,8 @@ def main(argv=None) -> int:
         write_shards(manifest, work / f"shards_{n}", shard_size=1000, progress=False)
         for mode in ("streamed", "in_memory"):
             out = subprocess.run([sys.executable, "-m", "benchmarks.eval_memory", "--child", mode,
-                                  str(work / f"shards_{n}"), str(model_dir)], capture_output=True, text=True, check=True,
+                                  str(work / f"shards_{n}"), str(model_dir)],
+                                 capture_output=True, text=True, check=True,
                                  env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
             run = json.loads(out.stdout.strip().splitlines()[-1])
             run["embeddings_mb"] = round(n * 64 * 4 / 2**20, 2)  # [N, E=64] float32

@@ -30,7 +30,8 @@ def build_data(shared: Path, work: Path, held_out: str) -> dict[str, Path]:
     from mlmm.data.tokenization import train_tokenizer
     from mlmm.data.write_shards import read_manifest, shared_data_manifest, write_shards
 
-    rows = [r for r in read_manifest(shared_data_manifest(shared, work / "shared.jsonl")) if r.get("source") == "audio_fsdd"]
+    rows = [r for r in read_manifest(shared_data_manifest(shared, work / "shared.jsonl"))
+            if r.get("source") == "audio_fsdd"]
     if not rows:
         raise FileNotFoundError(f"{shared}/audio_fsdd: no FSDD recordings found")
     train = [r for r in rows if r.get("speaker") != held_out]
@@ -82,8 +83,8 @@ def main(argv=None) -> int:
     cfg_path.write_text(yaml.safe_dump(raw))
     run = work / f"run_seed{args.seed}"
     cfg = load_config(cfg_path, [f"data.train_shards={data['train']}", f"model.text.tokenizer={data['tok']}",
-                                 f"output_dir={run}", f"train.ds_config={REPO / 'ds_config.json'}", "train.resume=never",
-                                 "train.progress=false"])
+                                 f"output_dir={run}", f"train.ds_config={REPO / 'ds_config.json'}",
+                                 "train.resume=never", "train.progress=false"])
     t0 = time.time()
     model, history = train_cached(cfg, log_every=100)
     exported = export(model, cfg, run / "export")

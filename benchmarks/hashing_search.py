@@ -103,7 +103,7 @@ def speed(n: int, queries: int, bits: int, dim: int, k: int, torch_queries: int,
     def inputs(kind, nq):
         return (q_emb if kind == "float" else q_codes)[:nq]
 
-    for name, (kind, _, nq, fn) in methods.items():  # warm-up (page-in, thread pools), not timed
+    for kind, _, nq, fn in methods.values():  # warm-up (page-in, thread pools), not timed
         fn(inputs(kind, min(nq, 8)))
     times: dict[str, list] = {name: [] for name in methods}
     loads: dict[str, list] = {name: [] for name in methods}
@@ -237,8 +237,10 @@ def quality(export: str, n_items: int, queries: int, k: int, candidates: int, se
             f"{key.split('_', 1)[1]} {v:.3f}" for key, v in row.items() if key.startswith("knn")), flush=True)
     print(f"  k-recall@{k} vs float top-{k}: Hamming {out['knn_recall@10_hamming']:.3f}, "
           f"Hamming top-{candidates} + re-rank {out['knn_recall@10_hamming_rerank']:.3f}")
-    print(f"  P@{k} (same class): float {p_float:.3f}, Hamming {p_ham:.3f} ({out['P@10_ratio_hamming_vs_float']:.2f}x), "
-          f"re-rank {p_rr:.3f} ({out['P@10_ratio_rerank_vs_float']:.2f}x), chance {out['P@10_chance']:.3f}", flush=True)
+    print(f"  P@{k} (same class): float {p_float:.3f}, Hamming {p_ham:.3f} "
+          f"({out['P@10_ratio_hamming_vs_float']:.2f}x), re-rank {p_rr:.3f} "
+          f"({out['P@10_ratio_rerank_vs_float']:.2f}x), "
+          f"chance {out['P@10_chance']:.3f}", flush=True)
     return out
 
 

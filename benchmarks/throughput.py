@@ -177,8 +177,8 @@ def sync(device: torch.device) -> None:
 def child_peak_rss(args: argparse.Namespace, framework: str, precision: str, batch: int) -> float:
     """Peak RSS (GiB) of a child process that builds `framework` and runs 3 steps (CPU memory figure)."""
     cmd = [sys.executable, "-m", "benchmarks.throughput", "--shape", args.shape, "--batch", str(batch),
-           "--precision", precision, "--zero-stage", str(args.zero_stage), "--text", args.text, "--text-arch", args.text_arch,
-           "--_child", framework]
+           "--precision", precision, "--zero-stage", str(args.zero_stage), "--text", args.text,
+           "--text-arch", args.text_arch, "--_child", framework]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                             "MASTER_PORT")}  # the child is its own 1-process world
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
@@ -303,7 +303,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="b32")
     parser.add_argument("--batch", type=int, nargs="+", default=[256, 1024] if cuda else [16])
-    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["bf16"] if cuda else ["fp32", "bf16"])
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"],
+                        default=["bf16"] if cuda else ["fp32", "bf16"])
     parser.add_argument("--zero-stage", type=int, default=None,
                         help="mlmm's ZeRO stage; default 0 on one process (nothing to partition: ZeRO-2's gradient "
                              "buckets cost ~25%% of a CPU step there), 2 under a multi-process launcher")

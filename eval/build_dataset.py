@@ -1,4 +1,6 @@
-"""Build mlmm eval shards from a standard benchmark's files: the ``mlmm-build-dataset`` command (:mod:`mlmm.cli.build_dataset`; ``--help`` for usage)."""
+"""Build mlmm eval shards from a standard benchmark's files: the ``mlmm-build-dataset`` command
+(:mod:`mlmm.cli.build_dataset`; ``--help`` for usage).
+"""
 import sys
 
 from mlmm.cli.build_dataset import main

@@ -1,4 +1,6 @@
-"""Merge results files into one markdown table and one plot: the ``mlmm-compare`` command (:mod:`mlmm.cli.compare`; ``--help`` for usage)."""
+"""Merge results files into one markdown table and one plot: the ``mlmm-compare`` command (:mod:`mlmm.cli.compare`;
+``--help`` for usage).
+"""
 import sys
 
 from mlmm.cli.compare import main

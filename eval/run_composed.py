@@ -1,4 +1,6 @@
-"""Composed image retrieval per language: the ``mlmm-eval-composed`` command (:mod:`mlmm.cli.eval_composed`; ``--help`` for usage)."""
+"""Composed image retrieval per language: the ``mlmm-eval-composed`` command (:mod:`mlmm.cli.eval_composed`; ``--help``
+for usage).
+"""
 import sys
 
 from mlmm.cli.eval_composed import main

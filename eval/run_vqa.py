@@ -1,4 +1,6 @@
-"""VQA evaluation of an export with a vqa head: the ``mlmm-eval-vqa`` command (:mod:`mlmm.cli.eval_vqa`; ``--help`` for usage)."""
+"""VQA evaluation of an export with a vqa head: the ``mlmm-eval-vqa`` command (:mod:`mlmm.cli.eval_vqa`; ``--help`` for
+usage).
+"""
 import sys
 
 from mlmm.cli.eval_vqa import main

@@ -1,4 +1,6 @@
-"""Zero-shot classification per language of any model: the ``mlmm-eval-zeroshot`` command (:mod:`mlmm.cli.eval_zeroshot`; ``--help`` for usage)."""
+"""Zero-shot classification per language of any model: the ``mlmm-eval-zeroshot`` command
+(:mod:`mlmm.cli.eval_zeroshot`; ``--help`` for usage).
+"""
 import sys
 
 from mlmm.cli.eval_zeroshot import main

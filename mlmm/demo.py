@@ -71,7 +71,8 @@ def make_data(work: Path, shared: Optional[Path], seed: int = 0) -> dict[str, Pa
         manifest = write_manifest(rows, work / f"{name}.jsonl")
         write_shards(manifest, work / "shards" / name, shard_size=100, progress=False)
         paths[name] = work / "shards" / name
-    captions = [c for r in train for caps in r["captions"].values() for c in ([caps] if isinstance(caps, str) else caps)]
+    captions = [c for r in train for caps in r["captions"].values()
+                for c in ([caps] if isinstance(caps, str) else caps)]
     train_tokenizer(captions, work / "tokenizer", vocab_size=2000)
     paths["tokenizer"] = work / "tokenizer"
     return paths
@@ -79,7 +80,8 @@ def make_data(work: Path, shared: Optional[Path], seed: int = 0) -> dict[str, Pa
 
 def summary_table(records: list[dict]) -> str:
     """One line per (dataset, task, language): R@1 and R@10 both ways next to chance."""
-    lines = ["| dataset | task | lang | n | t2x R@1 (chance) | t2x R@10 (chance) | x2t R@1 (chance) | x2t R@10 (chance) |",
+    lines = ["| dataset | task | lang | n | t2x R@1 (chance) | t2x R@10 (chance) | x2t R@1 (chance) "
+             "| x2t R@10 (chance) |",
              "|:--|:--|:--|--:|--:|--:|--:|--:|"]
     for r in records:
         x = {"image": "i", "video": "v", "audio": "a"}[r["task"].split("-")[0]]

@@ -75,14 +75,16 @@ def test_head_config_errors_name_the_key():
 def test_local_attention_matches_reference_and_ignores_padding():
     g = torch.Generator().manual_seed(0)
     P, N, L, d, lam = 3, 5, 4, 6, 7.0
-    v, w = F.normalize(torch.randn(P, N, d, generator=g), dim=-1), F.normalize(torch.randn(P, L, d, generator=g), dim=-1)
+    v = F.normalize(torch.randn(P, N, d, generator=g), dim=-1)
+    w = F.normalize(torch.randn(P, L, d, generator=g), dim=-1)
     vm = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
     wm = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
     out = attention_alignment(v, vm, w, wm, lam)
     for p in range(P):
         vv, ww = v[p][vm[p]], w[p][wm[p]]
         s = ww @ vv.T  # [l, n]
-        t2v = torch.stack([F.cosine_similarity(ww[i], torch.softmax(lam * s[i], 0) @ vv, dim=0) for i in range(len(ww))])
+        t2v = torch.stack([F.cosine_similarity(ww[i], torch.softmax(lam * s[i], 0) @ vv, dim=0)
+                           for i in range(len(ww))])
         v2t = torch.stack([F.cosine_similarity(vv[j], torch.softmax(lam * s[:, j], 0) @ ww, dim=0)
                            for j in range(len(vv))])
         assert out[p].item() == pytest.approx(0.5 * (t2v.mean() + v2t.mean()).item(), abs=1e-5)
@@ -95,7 +97,8 @@ def test_fused_matrix_equals_pairs_and_mixes_global_and_local():
     torch.manual_seed(0)
     fusion = HierarchicalFusion(12, 10, 8, skip_first=True, init_gate=0.3)
     m, t = torch.randn(3, 6, 12), torch.randn(4, 5, 10)
-    mm, tm = torch.ones(3, 6, dtype=torch.bool), torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] * 4 + [0], [1] * 5]).bool()
+    mm = torch.ones(3, 6, dtype=torch.bool)
+    tm = torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] * 4 + [0], [1] * 5]).bool()
     glob = torch.randn(3, 4)
     S = fusion.score_matrix(m, mm, t, tm, glob)
     mi, ti = torch.arange(3).repeat_interleave(4), torch.arange(4).repeat(3)

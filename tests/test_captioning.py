@@ -155,7 +155,7 @@ def test_caption_decoder_overfits_8_captions(caption_data):
     params = [p for n, p in model.named_parameters() if not n.startswith(("towers.text", "proj"))]
     opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
     model.train()
-    for step in range(200):
+    for _ in range(200):
         loss = loss_fn(model(batch), batch)["loss"]
         opt.zero_grad()
         loss.backward()
@@ -205,8 +205,8 @@ def test_images_vi_captioning_benchmark(tmp_path):
     trainer.train()
     export = trainer.export()
     trainer.cleanup()
-    records = evaluate_captioning(from_pretrained(export), str(tmp_path / "test"), languages=["vi"], dataset="images_vi",
-                                  method="beam", beam_size=3, progress=False)
+    records = evaluate_captioning(from_pretrained(export), str(tmp_path / "test"), languages=["vi"],
+                                  dataset="images_vi", method="beam", beam_size=3, progress=False)
     m = records[0]["metrics"]
     print("images_vi (40 held-out photos, 5 refs each):", {k: round(v, 2) for k, v in m.items()},
           records[0]["info"]["examples"])

@@ -37,7 +37,8 @@ def test_mixer_fuse_then_separate_keeps_each_modality_in_order():
     # the mixer really mixes: changing the audio changes the video tokens; padded audio never matters
     a2 = a.clone()
     a2[1, 4:] = 1e3
-    torch.testing.assert_close(mixer({"video": (v, vm), "audio": (a2, am)})["video"], out["video"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixer({"video": (v, vm), "audio": (a2, am)})["video"], out["video"],
+                               rtol=1e-5, atol=1e-5)
     a2[1, 0] += torch.randn(16)  # (not a constant: LayerNorm removes constant shifts)
     assert not torch.allclose(mixer({"video": (v, vm), "audio": (a2, am)})["video"][1], out["video"][1])
 
@@ -124,13 +125,14 @@ def av_batch(tok, present_video, present_audio, keys=None):
     enc = tok(["a red circle"] * B, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
     return Batch(keys=keys or [f"k{i}" for i in range(B)], video=torch.randn(B, 4, 3, 32, 32),
                  video_mask=torch.tensor(present_video), audio=torch.randn(B, 1, 32, 51),
-                 audio_mask=torch.tensor(present_audio), text_ids=enc["input_ids"], text_attention=enc["attention_mask"],
-                 text_mask=torch.ones(B, dtype=torch.bool))
+                 audio_mask=torch.tensor(present_audio), text_ids=enc["input_ids"],
+                 text_attention=enc["attention_mask"], text_mask=torch.ones(B, dtype=torch.bool))
 
 
 def test_cmmae_head_and_loss(tiny):
     cfg, model, tok = tiny
-    batch = av_batch(tok, [True, True, False, True, True], [True, False, True, True, True], keys=["a", "b", "c", "d", "a"])
+    batch = av_batch(tok, [True, True, False, True, True], [True, False, True, True, True],
+                     keys=["a", "b", "c", "d", "a"])
     out = model(batch)
     n = 3  # rows 0, 3, 4 have both
     head = model.heads["cmmae"]

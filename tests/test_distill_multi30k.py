@@ -21,8 +21,10 @@ ROWS = [  # a tiny parallel corpus (en/de/fr/cs), Multi30K-like
     ("a dog runs on the beach", "ein hund rennt am strand", "un chien court sur la plage", "pes běží po pláži"),
     ("two men play football", "zwei männer spielen fußball", "deux hommes jouent au football", "dva muži hrají fotbal"),
     ("a woman reads a book", "eine frau liest ein buch", "une femme lit un livre", "žena čte knihu"),
-    ("children swim in a lake", "kinder schwimmen in einem see", "des enfants nagent dans un lac", "děti plavou v jezeře"),
-    ("a man rides a red bike", "ein mann fährt ein rotes fahrrad", "un homme conduit un vélo rouge", "muž jede na kole"),
+    ("children swim in a lake", "kinder schwimmen in einem see", "des enfants nagent dans un lac",
+     "děti plavou v jezeře"),
+    ("a man rides a red bike", "ein mann fährt ein rotes fahrrad", "un homme conduit un vélo rouge",
+     "muž jede na kole"),
     ("a girl eats an apple", "ein mädchen isst einen apfel", "une fille mange une pomme", "dívka jí jablko"),
     ("people walk in the city", "leute gehen in der stadt", "des gens marchent en ville", "lidé chodí po městě"),
     ("a cat sleeps on a sofa", "eine katze schläft auf dem sofa", "un chat dort sur un canapé", "kočka spí na pohovce"),
@@ -32,7 +34,8 @@ ROWS = [  # a tiny parallel corpus (en/de/fr/cs), Multi30K-like
 def write_jsonl(path, rows=ROWS):
     with open(path, "w", encoding="utf-8") as f:
         for i, r in enumerate(rows):
-            f.write(json.dumps({"idx": i, "captions": dict(zip(("en", "de", "fr", "cs"), r))}, ensure_ascii=False) + "\n")
+            row = {"idx": i, "captions": dict(zip(("en", "de", "fr", "cs"), r))}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
 
 

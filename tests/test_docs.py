@@ -97,7 +97,8 @@ def test_runnable_blocks_run(tmp_path):
         else:
             pytest.fail(f"{block.where}: runnable blocks are bash or python, not {block.lang!r}")
         res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, f"{block.where} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        assert res.returncode == 0, \
+            f"{block.where} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
 
 
 # --------------------------------------------------------------------------------- commands in blocks

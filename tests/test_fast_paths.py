@@ -180,7 +180,8 @@ def test_compiled_towers_match_eager():
 
 
 def test_bf16_weights_track_the_fp32_path():
-    """DeepSpeed's bf16 mode runs the model in bf16 (fp32 master weights in the optimizer): same loss to bf16 precision."""
+    """DeepSpeed's bf16 mode runs the model in bf16 (fp32 master weights in the optimizer): same loss to bf16
+    precision."""
     fp32, b = tiny(), batch()
     bf16 = tiny().to(torch.bfloat16)
     b16 = Batch(**{**b.__dict__, "image": b.image.to(torch.bfloat16)})

@@ -52,7 +52,8 @@ def test_export_of_a_pretrained_text_tower_reloads(tmp_path):
     hf = BertModel(BertConfig(vocab_size=len(tok), hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
                               intermediate_size=48, max_position_embeddings=40))
     hf.save_pretrained(tmp_path / "hf")
-    cfg = ModelConfig(embed_dim=16, text=TextTowerConfig(tokenizer=str(tmp_path / "tok"), pretrained=str(tmp_path / "hf")))
+    cfg = ModelConfig(embed_dim=16, text=TextTowerConfig(tokenizer=str(tmp_path / "tok"),
+                                                         pretrained=str(tmp_path / "hf")))
     model = MultimodalModel(cfg, tok).eval()
     out = save_pretrained(model, tmp_path / "export")
     import shutil
@@ -210,7 +211,8 @@ b = t(texts, padding=True, return_tensors="pt")
 h = enc(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
 m = b["attention_mask"].unsqueeze(-1).float()
 out["tf_text"] = torch.nn.functional.normalize(((h * m).sum(1) / m.sum(1)) @ W.T, dim=-1)
-card = open(hf_hub_download("org/tiny", "README.md"), encoding="utf-8").read()  # the model card's open_clip snippet, as is
+# the model card's open_clip snippet, as is
+card = open(hf_hub_download("org/tiny", "README.md"), encoding="utf-8").read()
 snippet = next(b for b in re.findall(r"```python\n(.*?)```", card, re.S) if "import open_clip" in b)
 ns = {}
 exec(snippet, ns)

@@ -27,7 +27,8 @@ def test_rotation_lowers_the_quantisation_error():
 
 def test_hamming_candidates_rerank_recover_the_float_neighbours():
     db, queries = clustered(3000, 64, 30, seed=1), clustered(200, 64, 30, seed=1)[:200]
-    queries = F.normalize(queries + 0.1 * torch.randn(queries.shape, generator=torch.Generator().manual_seed(2)), dim=-1)
+    noise = torch.randn(queries.shape, generator=torch.Generator().manual_seed(2))
+    queries = F.normalize(queries + 0.1 * noise, dim=-1)
     _, truth = cosine_topk(queries, db, 10)
     itq = ITQ(bits=64).fit(db)
     index = HammingIndex(64).add(pack_codes(itq.encode(db)))

@@ -45,7 +45,8 @@ def random_rounds(world, seed, n_rounds=3, steps_per_round=4, rows=5):
         for _ in range(steps_per_round):
             step += 1
             for r in range(world):
-                per_rank[r] += [(rng.choice(keys), float(torch.tensor(rng.random()).float()), step) for _ in range(rows)]
+                per_rank[r] += [(rng.choice(keys), float(torch.tensor(rng.random()).float()), step)
+                                for _ in range(rows)]
         rounds.append(per_rank)
     return rounds, keys
 

@@ -56,7 +56,8 @@ def test_mvsen_loss_equals_reference():
     lm, lt = torch.randn(B, C, generator=g), torch.randn(B, C, generator=g)
     ym, yt = (torch.rand(B, C, generator=g) > 0.5).float(), (torch.rand(B, C, generator=g) > 0.5).float()
     vm, vt = torch.tensor([1, 1, 0, 1]).bool(), torch.tensor([1, 1, 1, 1]).bool()
-    out = {"image": img, "text": txt, "mvsen_t2m_logits": t2m, "mvsen_m2t_logits": m2t, "mvsen_weight": torch.tensor(1.),
+    out = {"image": img, "text": txt, "mvsen_t2m_logits": t2m, "mvsen_m2t_logits": m2t,
+           "mvsen_weight": torch.tensor(1.),
            "mvsen_label_logits_media": lm, "mvsen_label_logits_text": lt, "mvsen_label_targets_media": ym,
            "mvsen_label_targets_text": yt, "mvsen_label_valid_media": vm, "mvsen_label_valid_text": vt,
            "mvsen_sibling": sib, "mvsen_sibling_rows": torch.tensor([0, 1, 3])}
@@ -121,7 +122,8 @@ def test_head_targets_siblings_and_gradients(data, tmp_path):
     out = model(batch)
     labels = head.cfg.labels
     for i in range(len(batch)):
-        # media targets: every colour and shape of the scene (sample json "labels"); text targets: what the caption names
+        # media targets: every colour and shape of the scene (sample json "labels");
+        # text targets: what the caption names
         want = set(batch.meta[i]["labels"]) & set(labels)
         assert {labels[j] for j in torch.nonzero(out["mvsen_label_targets_media"][i]).flatten()} == want
         named = {labels[j] for j in torch.nonzero(out["mvsen_label_targets_text"][i]).flatten()}

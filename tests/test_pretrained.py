@@ -163,7 +163,8 @@ def test_teacherless_distillation_is_refused_at_config_load(recipe, tmp_path):
     with pytest.raises(ConfigError, match=r"^loss\.terms\.kd\.teacher\.checkpoint / loss\.terms\.kd\.teacher\."
                                           r"pretrained: the ViT-B-32 teacher has no weights"):
         build_config({"model": {"embed_dim": 32, "text": {"tokenizer": "x"}, "image": {}},
-                      "loss": {"name": "multi", "terms": {"kd": {"name": "logit_kd", "teacher": {"arch": "ViT-B-32"}}}}})
+                      "loss": {"name": "multi",
+                               "terms": {"kd": {"name": "logit_kd", "teacher": {"arch": "ViT-B-32"}}}}})
     with pytest.raises(ConfigError, match=r"loss\.teacher\.checkpoint: /no/such/teacher\.safetensors not found"):
         load_config(CONFIGS / f"{recipe}.yaml", [*base, "loss.teacher.checkpoint=/no/such/teacher.safetensors"])
 
@@ -239,8 +240,8 @@ trainer.cleanup(destroy_process_group=True)
 def test_zero3_holds_the_pretrained_weights_at_step_0(standins, hub, tmp_path):
     """2 gloo processes, ZeRO-3, text tower + tokenizer and image tower by Hub id from the cache: before the first
     step the gathered parameters equal the single-process model's exactly (the pretrained ones the saved stand-ins'),
-    and so do the embeddings of the training forward. mlmm loads before partitioning: every rank builds the full model, from_pretrained /
-    open_clip fill it, then deepspeed.initialize partitions it (rank 0's values broadcast)."""
+    and so do the embeddings of the training forward. mlmm loads before partitioning: every rank builds the full
+    model, from_pretrained / open_clip fill it, then deepspeed.initialize partitions it (rank 0's values broadcast)."""
     import os
     import socket
     import subprocess

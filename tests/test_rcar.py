@@ -147,7 +147,7 @@ def test_rcar_before_first_fit_is_plain_infonce_and_memory_refit_schedule():
     assert set(loss.memory.pending[0][0].tolist()) == set(key_hashes(["s0", "s1", "s2", "s4"]).tolist())
     assert loss.fits == 0 and len(loss.memory) == 0  # rows wait for the first refit
     fits_at = []
-    for step in range(2, 10):
+    for _ in range(2, 10):
         loss({"image": a, "text": b}, batch)
         fits_at.append(loss.fits)
     assert fits_at == [0, 0, 1, 1, 2, 2, 3, 3]  # refit at steps 4, 6, 8 (after warmup_steps=3, every 2)

@@ -42,7 +42,8 @@ def random_case(seed: int, n_q: int = 37, n_g: int = 23, dim: int = 8, discrete:
     """Random queries/gallery (float64) and 1-4 distinct positives per query."""
     rng = np.random.default_rng(seed)
     if discrete:  # small integers -> many exactly tied scores
-        query, gallery = rng.integers(-1, 2, (n_q, dim)).astype(np.float64), rng.integers(-1, 2, (n_g, dim)).astype(np.float64)
+        query = rng.integers(-1, 2, (n_q, dim)).astype(np.float64)
+        gallery = rng.integers(-1, 2, (n_g, dim)).astype(np.float64)
     else:
         query, gallery = rng.standard_normal((n_q, dim)), rng.standard_normal((n_g, dim))
     positives = [sorted(rng.choice(n_g, size=rng.integers(1, 5), replace=False).tolist()) for _ in range(n_q)]
@@ -77,7 +78,8 @@ def test_chunked_equals_unchunked(chunk_size: int) -> None:
     q, g = torch.from_numpy(query).float(), torch.from_numpy(gallery).float()
     full = first_positive_ranks(q, g, positives, chunk_size=len(query))
     assert torch.equal(first_positive_ranks(q, g, positives, chunk_size=chunk_size), full)
-    assert retrieval_metrics(q, g, positives, chunk_size=chunk_size) == retrieval_metrics(q, g, positives, chunk_size=50)
+    assert retrieval_metrics(q, g, positives, chunk_size=chunk_size) == \
+        retrieval_metrics(q, g, positives, chunk_size=50)
 
 
 def test_single_positive_index_tensor_equals_lists() -> None:
@@ -167,7 +169,8 @@ def test_bidirectional_matches_reference_and_rsum() -> None:
                                 x_name="video", chunk_size=4)
     t2v = reference_metrics(t, x, [[int(i)] for i in text_to_item], (1, 5, 10))
     with_text = sorted(set(text_to_item.tolist()))  # x2t queries: only items that have texts
-    v2t = reference_metrics(x[with_text], t, [np.flatnonzero(text_to_item == i).tolist() for i in with_text], (1, 5, 10))
+    v2t = reference_metrics(x[with_text], t, [np.flatnonzero(text_to_item == i).tolist() for i in with_text],
+                            (1, 5, 10))
     for key, value in t2v.items():
         assert m[f"t2v_{key}"] == pytest.approx(value)
     for key, value in v2t.items():

@@ -151,7 +151,8 @@ def test_cosine_topk_rerank_and_recall():
     cand = torch.cat([ri[:, :5], torch.full((20, 3), -1)], 1)  # padding ids are never returned
     _, i3 = rerank(q, db, cand, 8)
     assert (i3[:, :5] == ri[:, :5]).all() and (i3[:, 5:] == -1).all()
-    assert recall_at_k(torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[3, 2, 9], [7, 8, 9]])) == pytest.approx(2 / 6)
+    found, truth = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[3, 2, 9], [7, 8, 9]])
+    assert recall_at_k(found, truth) == pytest.approx(2 / 6)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("faiss", marks=needs_faiss)])

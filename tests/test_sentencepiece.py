@@ -61,7 +61,8 @@ def test_train_roundtrip_fertility(sp, corpus_file, tmp_path, model_type):
     tok = AutoTokenizer.from_pretrained(str(out))  # a plain transformers folder
     proc = sentencepiece.SentencePieceProcessor(model_file=str(out / "spm.model"))
     assert len(tok) == proc.get_piece_size()
-    assert [tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.mask_token_id] == [0, 1, 2, 3, 4]
+    ids = [tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.mask_token_id]
+    assert ids == [0, 1, 2, 3, 4]
     corpus = sp.read_corpus([corpus_file])
     texts = [t for lang in corpus for t in corpus[lang][:100]] + ["Ünïcödé  spaces  ✓ 123", "x"]
     for text in texts:

@@ -95,7 +95,9 @@ def test_attention_matches_reference_softmax():
     attn = Attention(D, heads=4)
     x = torch.randn(B, 7, D)
     q, k, v = torch.nn.functional.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    split = lambda t: t.view(B, 7, 4, D // 4).transpose(1, 2)  # [B, H, T, d]
+    def split(t):
+        return t.view(B, 7, 4, D // 4).transpose(1, 2)  # [B, T, D] -> [B, H, T, d]
+
     q, k, v = split(q), split(k), split(v)
     weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // 4), dim=-1)
     ref = attn.out_proj((weights @ v).transpose(1, 2).reshape(B, 7, D))

@@ -138,7 +138,8 @@ def test_deepspeed_launcher_tiny_divtr_and_eval_cli_rerank(av_data, tmp_path):
            "--config", str(CONFIGS / "tiny_divtr.yaml"), f"data.train_shards={av_data / 'shards'}",
            f"model.text.tokenizer={av_data / 'tok'}", f"output_dir={tmp_path / 'run'}", "train.max_steps=2",
            "data.batch_size=8"]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=clean_env(PYTHONPATH=str(REPO)))
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env=clean_env(PYTHONPATH=str(REPO)))
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
     export = tmp_path / "run" / "export"
     assert (export / "model.safetensors").is_file()

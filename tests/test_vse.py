@@ -42,7 +42,8 @@ def test_gpo_pool_spans_max_and_mean_and_ignores_padding():
 # ------------------------------------------------------------------------------------------- alignment
 def test_maxsim_alignment_equals_reference_in_every_direction():
     g = torch.Generator().manual_seed(1)
-    v, w = F.normalize(torch.randn(3, 5, 6, generator=g), dim=-1), F.normalize(torch.randn(3, 4, 6, generator=g), dim=-1)
+    v = F.normalize(torch.randn(3, 5, 6, generator=g), dim=-1)
+    w = F.normalize(torch.randn(3, 4, 6, generator=g), dim=-1)
     vm = torch.tensor([[1, 1, 1, 0, 0], [1] * 5, [1, 0, 0, 0, 0]], dtype=torch.bool)
     wm = torch.tensor([[1, 1, 0, 0], [1] * 4, [1, 1, 1, 0]], dtype=torch.bool)
     for p in range(3):

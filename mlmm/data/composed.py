@@ -54,7 +54,8 @@ def color_modification(shape: str, new_color: str) -> dict[str, list[str]]:
     de_adj, fr_adj = COLORS[new_color][1], COLORS[new_color][2]
     return {
         "en": [f"make the {shape} {new_color}", f"change the {shape} to {new_color}"],
-        "de": [f"mach {_de_article(shape, 'acc')} {de_noun} {de_adj}", f"färbe {_de_article(shape, 'acc')} {de_noun} {de_adj}"],
+        "de": [f"mach {_de_article(shape, 'acc')} {de_noun} {de_adj}",
+               f"färbe {_de_article(shape, 'acc')} {de_noun} {de_adj}"],
         "fr": [f"rends le {fr_noun} {fr_adj}", f"colore le {fr_noun} en {fr_adj}"],
     }
 

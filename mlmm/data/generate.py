@@ -146,7 +146,8 @@ def _write_mp4(path: Path, frames: list[np.ndarray], fps: int = 8) -> None:
             container.mux(packet)
 
 
-def tone(rng: np.random.Generator, pitch: str, pattern: str, sr: int = AUDIO_SR, seconds: float = AUDIO_SECONDS) -> np.ndarray:
+def tone(rng: np.random.Generator, pitch: str, pattern: str, sr: int = AUDIO_SR,
+         seconds: float = AUDIO_SECONDS) -> np.ndarray:
     """A float32 waveform of a tone with a little noise."""
     t = np.arange(int(sr * seconds)) / sr
     f0 = PITCHES[pitch][0] * rng.uniform(0.95, 1.05)

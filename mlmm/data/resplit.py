@@ -159,7 +159,7 @@ def build_source(shards: Sequence[str], *, seed: int, slot: int, n_slots: int,
     """The raw-sample source of `slot`, honouring a re-split record from a layout change."""
     if not resplit:
         return SlotSource(shards, seed=seed, slot=slot, n_slots=n_slots, reader=reader)
-    items, epoch0 = remainder(shards, resplit["from"], seed=int(resplit["seed"]), buffer_size=int(resplit["buffer_size"]),
-                              reader=reader)
+    items, epoch0 = remainder(shards, resplit["from"], seed=int(resplit["seed"]),
+                              buffer_size=int(resplit["buffer_size"]), reader=reader)
     return SlotSource(shards, seed=seed, slot=slot, n_slots=n_slots, prefix=items[slot::n_slots], epoch0=epoch0,
                       reader=reader)

@@ -20,7 +20,8 @@ from mlmm.data.shardio import ShardReader, check_url, is_local, local_path, reda
 
 
 def _split_spec(spec: str) -> list[str]:
-    """"a.tar,b-{000..009}.tar" -> parts, with webdataset/open_clip brace ranges expanded (commas inside braces kept)."""
+    """"a.tar,b-{000..009}.tar" -> parts, with webdataset/open_clip brace ranges expanded (commas inside braces
+    kept)."""
     from braceexpand import braceexpand  # a webdataset dependency
 
     parts, depth, cur = [], 0, ""

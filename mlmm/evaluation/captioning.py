@@ -79,7 +79,8 @@ def tokenize_corpus(texts: Mapping[str, Sequence[str]], method: str) -> dict[str
 
 
 def coco_scores(gts: Mapping[str, list[str]], res: Mapping[str, list[str]], meteor: bool = True) -> dict[str, float]:
-    """pycocoevalcap scorers on already tokenised ``gts`` {id: [refs]} / ``res`` {id: [hyp]}; raw (0..1, CIDEr 0..10)."""
+    """pycocoevalcap scorers on already tokenised ``gts`` {id: [refs]} / ``res`` {id: [hyp]}; raw (0..1, CIDEr
+    0..10)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge

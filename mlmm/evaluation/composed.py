@@ -70,7 +70,8 @@ def load_composed_items(shards: str | Sequence[str], preprocessor, reference: st
 
 
 def target_ranks(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
-    """scores [Q, G], target / exclude Long[Q] (gallery index of the target / of the reference; -1 = none) -> ranks [Q]."""
+    """scores [Q, G], target / exclude Long[Q] (gallery index of the target / of the reference; -1 = none)
+    -> ranks [Q]."""
     scores = scores.float().clone()
     rows = torch.arange(scores.shape[0])
     has = exclude >= 0
@@ -148,6 +149,6 @@ def markdown_table(records: list[dict], modes: Sequence[str] = MODES, ks: Sequen
     for r in records:
         m = r["metrics"]
         for mode in [x for x in modes if f"{x}_R@{ks[0]}" in m] + ["chance"]:
-            lines.append(f"| {r['language']} | {mode} | {r['n']} | " + " | ".join(f"{m[f'{mode}_R@{k}']:.1f}" for k in ks)
-                         + " |")
+            cells = " | ".join(f"{m[f'{mode}_R@{k}']:.1f}" for k in ks)
+            lines.append(f"| {r['language']} | {mode} | {r['n']} | {cells} |")
     return "\n".join(lines)

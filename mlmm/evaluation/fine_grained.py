@@ -13,8 +13,9 @@ For every (image, language) the candidates are the true caption and its distract
 * ``<type>_acc`` — percent of (image, distractor of that type) pairs where the true caption scores higher;
 * ``chance_R@1`` — the same R@1 for a random scorer (mean of 1 / #candidates).
 
-``types`` restricts the distractors to those types. With ``head`` (an object with ``.interaction.score_pairs`` like the DI-vTR / ASCL / VSE / MVSEN heads), pairs are
-scored by the head from the towers' tokens with the global cosine passed in; otherwise by the global cosine.
+``types`` restricts the distractors to those types. With ``head`` (an object with ``.interaction.score_pairs``
+like the DI-vTR / ASCL / VSE / MVSEN heads), pairs are scored by the head from the towers' tokens with the global
+cosine passed in; otherwise by the global cosine.
 """
 from __future__ import annotations
 

@@ -291,8 +291,8 @@ def evaluate_hashing(model, shards, *, head: Optional[str] = None, languages: Op
             if relevance == "identity":
                 rel = positives
             else:
-                t_labels = [sorted({lab for r in torch.nonzero(positives[j]).flatten().tolist() for lab in item_labels[r]})
-                            for j in range(len(texts))]
+                t_labels = [sorted({lab for r in torch.nonzero(positives[j]).flatten().tolist()
+                                    for lab in item_labels[r]}) for j in range(len(texts))]
                 rel = relevance_from_labels(t_labels, item_labels, "any" if relevance == "labels" else "all")
             metrics = bidirectional_hash_metrics(
                 x_codes, t_codes, rel, SHORT.get(m, m[0]), ks, radius, map_at,

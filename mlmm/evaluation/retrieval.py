@@ -69,11 +69,13 @@ def _normalise_positives(positives: Union[Positives, _CSR], n_queries: int, n_ga
         pos: Union[Tensor, _CSR] = positives
     elif isinstance(positives, Tensor) and positives.dim() == 2:
         if tuple(positives.shape) != (n_queries, n_gallery):
-            raise ValueError(f"positives mask has shape {tuple(positives.shape)}, expected [Q, G] = [{n_queries}, {n_gallery}]")
+            raise ValueError(f"positives mask has shape {tuple(positives.shape)}, "
+                             f"expected [Q, G] = [{n_queries}, {n_gallery}]")
         pos = positives if positives.dtype == torch.bool else positives != 0
     elif isinstance(positives, Tensor):
         if positives.dim() != 1 or positives.is_floating_point() or positives.dtype == torch.bool:
-            raise ValueError("a positives tensor must be a Bool[Q, G] mask or an integer [Q] index (one positive per query)")
+            raise ValueError("a positives tensor must be a Bool[Q, G] mask or an integer [Q] index "
+                             "(one positive per query)")
         if positives.numel() != n_queries:
             raise ValueError(f"positives index has {positives.numel()} entries, expected Q = {n_queries}")
         pos = _CSR(torch.arange(n_queries + 1), positives.detach().long().cpu())
@@ -84,7 +86,8 @@ def _normalise_positives(positives: Union[Positives, _CSR], n_queries: int, n_ga
 
     if isinstance(pos, _CSR):
         if pos.cols.numel() and (int(pos.cols.min()) < 0 or int(pos.cols.max()) >= n_gallery):
-            raise ValueError(f"positive indices must be in [0, {n_gallery}), got [{int(pos.cols.min())}, {int(pos.cols.max())}]")
+            raise ValueError(f"positive indices must be in [0, {n_gallery}), "
+                             f"got [{int(pos.cols.min())}, {int(pos.cols.max())}]")
         has_pos = pos.offsets[1:] > pos.offsets[:-1]  # [Q]
     else:
         has_pos = pos.any(dim=1).cpu()  # [Q]
@@ -99,11 +102,13 @@ def _normalise_positives(positives: Union[Positives, _CSR], n_queries: int, n_ga
 
 def _check_embeddings(query_emb: Tensor, gallery_emb: Tensor) -> None:
     if query_emb.dim() != 2 or gallery_emb.dim() != 2:
-        raise ValueError(f"embeddings must be 2-D, got query {tuple(query_emb.shape)} and gallery {tuple(gallery_emb.shape)}")
+        raise ValueError(f"embeddings must be 2-D, got query {tuple(query_emb.shape)} "
+                         f"and gallery {tuple(gallery_emb.shape)}")
     if query_emb.shape[1] != gallery_emb.shape[1]:
         raise ValueError(f"embedding dims differ: query D={query_emb.shape[1]}, gallery D={gallery_emb.shape[1]}")
     if query_emb.shape[0] == 0 or gallery_emb.shape[0] == 0:
-        raise ValueError(f"need at least one query and one gallery item, got Q={query_emb.shape[0]}, G={gallery_emb.shape[0]}")
+        raise ValueError(f"need at least one query and one gallery item, "
+                         f"got Q={query_emb.shape[0]}, G={gallery_emb.shape[0]}")
     for name, emb in (("query", query_emb), ("gallery", gallery_emb)):
         if not bool(torch.isfinite(emb).all()):
             raise ValueError(f"{name} embeddings contain NaN or inf")
@@ -203,7 +208,8 @@ def retrieval_metrics(
 def _short_name(x_name: str, x_short: Optional[str]) -> str:
     short = x_short if x_short is not None else x_name[:1].lower()
     if not short or short == TEXT_SHORT:
-        raise ValueError(f"short name {short!r} for modality {x_name!r} is empty or clashes with text ('t'); pass x_short=")
+        raise ValueError(f"short name {short!r} for modality {x_name!r} is empty or clashes with text ('t'); "
+                         "pass x_short=")
     return short
 
 
@@ -254,7 +260,8 @@ def bidirectional_retrieval(
         rel_text, rel_item = torch.arange(n_texts), item_of_text  # [P], [P]
     else:
         if tuple(text_positives.shape) != (n_texts, n_items):
-            raise ValueError(f"text_positives has shape {tuple(text_positives.shape)}, expected [M, N] = [{n_texts}, {n_items}]")
+            raise ValueError(f"text_positives has shape {tuple(text_positives.shape)}, "
+                             f"expected [M, N] = [{n_texts}, {n_items}]")
         rel = (text_positives if text_positives.dtype == torch.bool else text_positives != 0).cpu()  # [M, N]
         if not bool(rel[torch.arange(n_texts), item_of_text].all()):
             raise ValueError("text_positives must mark each text's own item (text_to_item) as positive")

@@ -176,7 +176,8 @@ def results_plot(records: Sequence[Mapping[str, Any]], path: str | Path, title: 
         for g, name in enumerate(groups):
             vals = []
             for lang in langs:
-                hit = [headline(r)[1] for r in recs if f"{r['task']} ({r['dataset']})" == name and r["language"] == lang]
+                hit = [headline(r)[1] for r in recs
+                       if f"{r['task']} ({r['dataset']})" == name and r["language"] == lang]
                 vals.append(hit[0] if hit else 0.0)
             ax.bar([i + g * width - 0.4 + width / 2 for i in range(len(langs))], vals, width, label=name)
         ax.set_xticks(range(len(langs)))

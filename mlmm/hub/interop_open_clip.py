@@ -129,8 +129,8 @@ def export_open_clip(model, out_dir: str | Path, *, hf_model_name: Optional[str]
 
     problems = open_clip_problems(model)
     if problems:
-        raise NotOpenClipCompatible("cannot export to open_clip: " + "; ".join(problems) +
-                                    " (see docs/hub-interop.md: 'Using mlmm checkpoints from open_clip / transformers')")
+        raise NotOpenClipCompatible("cannot export to open_clip: " + "; ".join(problems) + " (see docs/hub-interop.md:"
+                                    " 'Using mlmm checkpoints from open_clip / transformers')")
     dropped = [m for m in model.modalities if m not in ("image", "text")] + [f"head {h}" for h in model.heads]
     if dropped:
         log.warning("open_clip export keeps the image and text towers only; left out: %s", dropped)

@@ -45,7 +45,8 @@ class LogitKDLossConfig:
 
     def validate(self, where: str) -> None:
         if len(self.student) != 2 or len(self.teacher_pair) != 2:
-            raise ConfigError(f"{where}.student / teacher_pair: two names each, got {self.student} / {self.teacher_pair}")
+            raise ConfigError(f"{where}.student / teacher_pair: two names each, "
+                              f"got {self.student} / {self.teacher_pair}")
         for i, t in enumerate(self.teacher_pair):
             if t not in TEACHER_SIDES:
                 raise ConfigError(f"{where}.teacher_pair[{i}]: must be one of {TEACHER_SIDES}, got {t!r}")

@@ -29,7 +29,8 @@ class MultimodalModel(nn.Module):
         if cfg.image is not None:
             towers["image"] = ImageTower(cfg.image)
         if cfg.video is not None:
-            towers["video"] = VideoTower(cfg.video, frame_encoder=towers["image"] if cfg.video.share_image_tower else None)
+            frames = towers["image"] if cfg.video.share_image_tower else None
+            towers["video"] = VideoTower(cfg.video, frame_encoder=frames)
         if cfg.audio is not None:
             towers["audio"] = AudioTower(cfg.audio)
         if cfg.text is not None:

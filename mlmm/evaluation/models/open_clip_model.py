@@ -8,9 +8,9 @@
 
 Weights are resolved by :func:`mlmm.hub.pretrained.resolve_open_clip` (open_clip's own download functions and
 caches; offline with ``HF_HUB_OFFLINE=1``; a missing one is a one-line error with the command that fetches it).
-Embeddings are ``model.encode_image`` / ``encode_text`` after ``model.eval()`` on the inputs of open_clip's eval ``preprocess`` and
-tokenizer; videos are embedded frame by frame and averaged. Random weights are refused: an architecture needs
-``pretrained=TAG|FILE`` (``pretrained=random`` to evaluate an untrained network on purpose).
+Embeddings are ``model.encode_image`` / ``encode_text`` after ``model.eval()`` on the inputs of open_clip's eval
+``preprocess`` and tokenizer; videos are embedded frame by frame and averaged. Random weights are refused: an
+architecture needs ``pretrained=TAG|FILE`` (``pretrained=random`` to evaluate an untrained network on purpose).
 """
 from __future__ import annotations
 

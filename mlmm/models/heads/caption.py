@@ -163,7 +163,7 @@ class CaptionHead(nn.Module):
         scores[:, 0] = 0.0  # only the first beam is alive at the start
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
         done = [False] * B
-        for step in range(max_new):
+        for _ in range(max_new):
             logp = self._step_logprobs(lang_k, words, ctx_k, mask_k)  # [B*K, V]
             V = logp.shape[1]
             cand = (scores.view(B * K, 1) + logp).view(B, K * V)

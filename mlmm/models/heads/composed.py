@@ -12,7 +12,8 @@ stored as ``ref.jpg`` in the shard sample):
 1. the reference goes through the model's own image tower + projection (Siamese with the target):
    ``r`` [n, E] (L2-normalised) and patch tokens [n, P, D_img];
 2. **local fusion**: the modification's word tokens cross-attend to the reference patches
-   (:class:`~mlmm.models.fusion.cross_attention.CrossAttentionFusion`, ``layers`` layers; 0 = off), masked mean -> [n, W];
+   (:class:`~mlmm.models.fusion.cross_attention.CrossAttentionFusion`, ``layers`` layers; 0 = off), masked mean
+   -> [n, W];
 3. **fused global** ``f = MLP([W_r r; W_t t; local])`` [n, W] (t = the text embedding);
 4. **gated residual composition** (TIRG): ``q = normalise(sigmoid(G f) * r + R f)`` [n, E] — the gate keeps
    what the text leaves unchanged in the reference, the residual adds what it changes.

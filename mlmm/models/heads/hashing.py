@@ -74,7 +74,8 @@ class HashHeadConfig:
 
     def validate(self, where: str) -> None:
         if self.bits < 8 or self.bits % 8:
-            raise ConfigError(f"{where}.bits: must be a positive multiple of 8 (codes are packed into bytes), got {self.bits}")
+            raise ConfigError(f"{where}.bits: must be a positive multiple of 8 (codes are packed into bytes), "
+                              f"got {self.bits}")
         if not self.modalities or any(m not in MODALITIES for m in self.modalities):
             raise ConfigError(f"{where}.modalities: expected a non-empty list of {MODALITIES}, got {self.modalities}")
         if len(set(self.modalities)) != len(self.modalities):

@@ -11,9 +11,11 @@ For the rows with both the media and text (n of them) the head outputs, for the 
 * ``vse_align_scores`` [n, n]: alignment score (each word to its best patch and back) of media i with text j;
 * ``vse_t2m_logits`` / ``vse_m2t_logits`` [n, 1 + k]: the full pair score
   ``exp(a) * cos + exp(b) * align + fusion`` of each query with its positive (column 0) and its k hardest in-batch
-  negatives by ``cos + align`` (``hard_negatives: 0``: every other row; ``-inf`` on invalid slots); cos and align enter detached, so this term trains the
-  fusion encoder and the combination weights while the matrices train through their own terms;
-* ``vse_exclude`` Bool[n, n] media x text, like the alignment scores (same sample / identical caption / media owning the caption: never negatives), ``vse_weight`` [] (0 = no row).
+  negatives by ``cos + align`` (``hard_negatives: 0``: every other row; ``-inf`` on invalid slots); cos and align
+  enter detached, so this term trains the fusion encoder and the combination weights while the matrices train
+  through their own terms;
+* ``vse_exclude`` Bool[n, n] media x text, like the alignment scores (same sample / identical caption / media owning
+  the caption: never negatives), ``vse_weight`` [] (0 = no row).
 
 At retrieval time ``head.interaction.score_pairs`` re-ranks the global top-k (``evaluate_retrieval(rerank_topk=K)``).
 """
@@ -88,7 +90,8 @@ class VSEHead(nn.Module):
             scores = full[cand.m_idx, cand.t_idx]
         else:
             fusion = inter.fusion_pairs(m_tok, m_mask, t_tok, t_mask, cand.m_idx, cand.t_idx)  # [2 n (1+k)]
-            scores = inter.combine(glob.detach()[cand.m_idx, cand.t_idx], align.detach()[cand.m_idx, cand.t_idx], fusion)
+            pick = (cand.m_idx, cand.t_idx)
+            scores = inter.combine(glob.detach()[pick], align.detach()[pick], fusion)
         t2m, m2t = cand.split(scores)  # [n, 1+k] each, -inf on invalid slots
         return {"vse_align_scores": align, "vse_t2m_logits": t2m, "vse_m2t_logits": m2t, "vse_exclude": exclude.t(),
                 "vse_weight": torch.tensor(float(any_valid), device=device)}

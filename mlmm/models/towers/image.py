@@ -54,7 +54,8 @@ class ViT(nn.Module):
 
     @property
     def pools_first_token(self) -> bool:
-        """True when :meth:`pool` reads the CLS token only (then :meth:`forward` skips the last block's other tokens)."""
+        """True when :meth:`pool` reads the CLS token only (then :meth:`forward` skips the last block's other
+        tokens)."""
         return True
 
     def pool(self, tokens: torch.Tensor, attention: Optional[torch.Tensor] = None) -> torch.Tensor:
