@@ -1,7 +1,7 @@
 """Evaluation encode throughput: mlmm's zero-shot evaluator vs CLIP_benchmark's loop, same open_clip model, fp32.
 
-    python benchmarks/eval_throughput.py --reps 3 --max-load 1.5          # the figures in docs/performance.md
-    python benchmarks/eval_throughput.py --n 128 --reps 1 --arch ViT-S-32  # quick look
+    python -m benchmarks.eval_throughput --reps 3 --max-load 1.5          # the figures in docs/performance.md
+    python -m benchmarks.eval_throughput --n 128 --reps 1 --arch ViT-S-32  # quick look
 
 Test set: ``--n`` (1000) JPEGs of ``--size`` px (512) in an ImageFolder layout with 10 classes: the photos of
 ../shared/data/images_vi with film grain (``benchmarks/dataloader.py``'s ``source_images``), or generated pictures
@@ -34,11 +34,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.bench_common import wait_quiet, write_result
+from benchmarks.dataloader import source_images
 
-from bench_common import wait_quiet, write_result  # noqa: E402
-from dataloader import source_images  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 CLASSES = 10
 

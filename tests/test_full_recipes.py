@@ -81,9 +81,7 @@ def check_teacher_identity(export: Path, teacher_dir: Path) -> None:
 
 def run_mclip(world, tmp_path, monkeypatch, xlmr_size):
     """precompute (mlmm.distill.parallel) -> train -> eval (student text -> teacher image) -> publish --dry-run."""
-    sys.path.insert(0, str(REPO / "eval"))
-    import run_retrieval
-
+    from mlmm.cli import eval_retrieval as run_retrieval  # eval/run_retrieval.py
     from mlmm.distill import parallel
     from mlmm.hub.publish import main as publish_main
 

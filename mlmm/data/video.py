@@ -19,8 +19,9 @@ bit-identical to the decode-all path's, and so are their indices: frame ``i`` is
 (pts) order of the stream's packets, as in the decode-all path when every frame decodes. Anything that would make
 this unprovable returns None and the caller decodes everything: another codec than H.264, a first packet that is
 not an IDR frame, a missing or repeated pts, a container without a frame count or with one that disagrees with its
-packets, an unparsable packet, or a sampled frame that did not come out of the decoder. ``tests/test_video_sparse.py`` checks
-the frames against the decode-all path on the real MSR-VTT / MSVD clips and on generated ones.
+packets, an unparsable packet, or a sampled frame that did not come out of the decoder.
+``tests/test_video_sparse.py`` checks the frames against the decode-all path on the real MSR-VTT / MSVD clips and on
+generated ones.
 """
 from __future__ import annotations
 
