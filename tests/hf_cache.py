@@ -142,10 +142,11 @@ TINY_OPEN_CLIP = {  # an open_clip model config (embed 32, 32-px ViT, 1-layer te
 }
 
 
-def save_open_clip(out: Path, model_cfg: Optional[dict] = None, arch: Optional[str] = None, seed: int = 0):
+def save_open_clip(out: Path, model_cfg: Optional[dict] = None, arch: Optional[str] = None, seed: int = 0,
+                   mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
     """A random open_clip model saved as a Hub repo holds it: ``open_clip_model.safetensors`` +
     ``open_clip_config.json`` ({"model_cfg", "preprocess_cfg"}). ``arch``: a built-in config (e.g. ViT-B-32)
-    instead of ``model_cfg``. -> the model."""
+    instead of ``model_cfg``; ``mean`` / ``std``: its image normalisation (default CLIP's). -> the model."""
     import open_clip
     import torch
     from safetensors.torch import save_file
@@ -154,8 +155,8 @@ def save_open_clip(out: Path, model_cfg: Optional[dict] = None, arch: Optional[s
     out.mkdir(parents=True, exist_ok=True)
     cfg = open_clip.get_model_config(arch) if arch else dict(model_cfg or TINY_OPEN_CLIP)
     size = cfg["vision_cfg"]["image_size"]
-    preprocess = {"size": size, "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
-                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    preprocess = {"size": size, "mean": list(mean or open_clip.OPENAI_DATASET_MEAN),
+                  "std": list(std or open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
     (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}))
     torch.manual_seed(seed)
     model = open_clip.create_model(f"local-dir:{out}")  # config only: random weights

@@ -145,6 +145,65 @@ def test_open_clip_image_tower_and_teacher_by_hub_id_offline(standins, hub, tmp_
         build_teacher(TeacherConfig(arch="ViT-B-32", pretrained="laion2b_s34b_b79k"), cache=False)
 
 
+def _renormalised(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """Images normalised with CLIP's mean/std (mlmm's transforms) -> normalised with ``mean`` / ``std``."""
+    import open_clip
+
+    m0, s0 = (torch.tensor(v).view(3, 1, 1) for v in (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD))
+    m, s = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    return (x * s0 + m0 - m) / s
+
+
+def test_open_clip_teacher_gets_its_own_preprocessing_and_activation(hub, tmp_path, monkeypatch, caplog):
+    """A teacher whose weights were trained on other image statistics (SigLIP-style mean = std = 0.5) sees mlmm's
+    CLIP-normalised images re-normalised to them; a pretrained TAG is built through open_clip's tag path with the
+    tag's QuickGELU forced (from the bare weights file, open_clip would use plain GELU and CLIP statistics, and from
+    the tag alone it would only warn about the activation: a silently different teacher). An image tower
+    initialised from such weights warns."""
+    import json
+
+    import open_clip
+    from open_clip import pretrained as oc_pretrained
+
+    from mlmm.distill.teacher import TeacherConfig, build_teacher
+    from mlmm.hub.pretrained import init_image_tower
+    from mlmm.models.model import MultimodalModel
+    from mlmm.training.trainer import load_tokenizer
+
+    half = [0.5, 0.5, 0.5]
+    clip = save_open_clip(tmp_path / "half", mean=half, std=half, seed=3).eval()
+    put_in_hf_cache(hub, "test-org/tiny-clip-half", tmp_path / "half")
+    x = torch.randn(2, 3, 32, 32)
+    teacher = build_teacher(TeacherConfig(arch="hf-hub:test-org/tiny-clip-half"), cache=False)
+    with torch.no_grad():
+        want = clip.encode_image(_renormalised(x, half, half), normalize=True)
+        torch.testing.assert_close(teacher.encode_image(x), want, rtol=0, atol=1e-5)
+        assert (teacher.encode_image(x) - clip.encode_image(x, normalize=True)).abs().max() > 1e-2
+
+    # a pretrained tag of a registered architecture, whose pretrained config asks for QuickGELU and 0.5 statistics
+    (tmp_path / "tiny-tagged.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(tmp_path / "tiny-tagged.json")
+    monkeypatch.setitem(oc_pretrained._PRETRAINED, "tiny-tagged", {"halftag": oc_pretrained._pcfg(
+        hf_hub="test-org/tiny-clip-half/open_clip_model.safetensors", quick_gelu=True, mean=half, std=half)})
+    # open_clip's own reading of the tag (it only warns about QuickGELU unless forced)
+    reference = open_clip.create_model("tiny-tagged", pretrained="halftag", force_quick_gelu=True).eval()
+    assert isinstance(reference.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    teacher = build_teacher(TeacherConfig(arch="tiny-tagged", pretrained="halftag"), cache=False)
+    assert isinstance(teacher.model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    with torch.no_grad():
+        want = reference.encode_image(_renormalised(x, half, half), normalize=True)
+        torch.testing.assert_close(teacher.encode_image(x), want, rtol=0, atol=1e-5)
+
+    image = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2}
+    cfg = text_run_config({"pretrained": "tiny-bert"}, image=image)
+    for source in ("hf-hub:test-org/tiny-clip-half", "tiny-tagged:halftag"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mlmm"):
+            init_image_tower(MultimodalModel(cfg.model, load_tokenizer(cfg)), source)
+        assert "normalised with mean [0.5, 0.5, 0.5]" in caplog.text, source
+    assert "QuickGELU" in caplog.text  # the tag's activation reaches the check too
+
+
 # ------------------------------------------------------------------------------------------------ fail closed
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 

@@ -114,6 +114,7 @@ class Teacher:
                 self.dim = int(self.model.encode_text(self.tokenizer(["x"])).shape[-1])
             size = getattr(self.model.visual, "image_size", 224)
             self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+            self._renorm = _renormalization(self.model)
             self.logit_scale = float(self.model.logit_scale.detach().exp())
         else:
             from transformers import AutoModel, AutoTokenizer
@@ -203,10 +204,16 @@ class Teacher:
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] CLIP-normalised images -> [B, D] L2-normalised (resized to the teacher's size)."""
+        """[B, 3, H, W] images normalised as mlmm's transforms do (CLIP mean/std) -> [B, D] L2-normalised.
+
+        Re-normalised to the teacher's own preprocessing mean/std when its tag or config says another (SigLIP-style
+        0.5 / 0.5), then resized to the teacher's input size."""
         if not self.has_image:
             raise ValueError(f"teacher kind {self.cfg.kind!r} has no image tower")
         self.to(images.device, images.dtype if images.is_floating_point() else None)
+        if self._renorm is not None:  # mlmm's CLIP normalisation -> the teacher's own mean/std
+            scale, shift = (t.to(images.device, images.dtype) for t in self._renorm)
+            images = images * scale + shift
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bicubic",
                                    align_corners=False)
@@ -221,6 +228,24 @@ class Teacher:
         b, t = frames.shape[:2]
         z = self.encode_image(frames.flatten(0, 1)).view(b, t, -1)  # [B, T, D]
         return F.normalize(z.float().mean(1), dim=-1).to(frames.dtype)
+
+
+def _renormalization(model) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(scale, shift) [3, 1, 1] that turn images normalised with mlmm's CLIP mean/std into images normalised with
+    the open_clip model's own preprocessing mean/std (e.g. 0.5 / 0.5 for SigLIP tags); None when they agree."""
+    import open_clip
+
+    from mlmm.data.transforms import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    mean = torch.tensor(cfg.get("mean", OPENAI_DATASET_MEAN), dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(cfg.get("std", OPENAI_DATASET_STD), dtype=torch.float64).view(3, 1, 1)
+    ours_mean = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float64).view(3, 1, 1)
+    ours_std = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float64).view(3, 1, 1)
+    if torch.allclose(mean, ours_mean) and torch.allclose(std, ours_std):
+        return None
+    # x = (p - m0) / s0  ->  (p - m) / s = x * s0 / s + (m0 - m) / s
+    return (ours_std / std).float(), ((ours_mean - mean) / std).float()
 
 
 def _build_open_clip(cfg: TeacherConfig):

@@ -35,6 +35,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from mlmm.data.transforms import OPENAI_DATASET_MEAN as OPENAI_MEAN, OPENAI_DATASET_STD as OPENAI_STD
 from mlmm.hub.export import CONFIG_NAME, MLMM_CONFIG_KEYS, text_hf_config
 
 log = logging.getLogger("mlmm")
@@ -49,8 +50,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _MLMM_VIT_DEFAULTS = {"ls_init_value": None, "attentional_pool": False, "no_ln_pre": False,
                       "final_ln_after_pool": False, "pool_type": "tok", "pos_embed_type": "learnable",
                       "timm_model_name": None, "patch_dropout": 0.0, "act_kwargs": None, "norm_kwargs": None}
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class NotOpenClipCompatible(ValueError):
@@ -170,6 +169,15 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return open_clip_load(str(path), weights_only=True)
 
 
+def _model_cfg(raw: dict) -> Optional[dict]:
+    """The model config of an ``open_clip_config.json`` ({"model_cfg", "preprocess_cfg"}) or of a bare model config,
+    with the image mean/std the weights were trained with under ``preprocess_cfg`` when the file gives them."""
+    model_cfg = raw.get("model_cfg", raw)
+    if model_cfg is not None and raw.get("preprocess_cfg"):
+        model_cfg = {**model_cfg, "preprocess_cfg": raw["preprocess_cfg"]}
+    return model_cfg
+
+
 def read_open_clip_source(source: str | Path) -> tuple[dict[str, torch.Tensor], Optional[dict], str]:
     """(state dict, open_clip model_cfg or None, a name for messages) of a file or folder."""
     s = str(source)
@@ -179,7 +187,7 @@ def read_open_clip_source(source: str | Path) -> tuple[dict[str, torch.Tensor], 
         cfg_file = path / OPEN_CLIP_CONFIG
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path}: no {OPEN_CLIP_CONFIG} (not an open_clip folder)")
-        model_cfg = json.loads(cfg_file.read_text(encoding="utf-8")).get("model_cfg")
+        model_cfg = _model_cfg(json.loads(cfg_file.read_text(encoding="utf-8")))
         weights = next((path / n for n in _WEIGHT_FILES if (path / n).is_file()), None)
         if weights is None:
             raise FileNotFoundError(f"{path}: no open_clip weights ({', '.join(_WEIGHT_FILES)})")
@@ -188,7 +196,7 @@ def read_open_clip_source(source: str | Path) -> tuple[dict[str, torch.Tensor], 
         for cand in (path.with_suffix(".json"), path.parent / OPEN_CLIP_CONFIG):
             if cand.is_file():
                 raw = json.loads(cand.read_text(encoding="utf-8"))
-                model_cfg = raw.get("model_cfg", raw) if isinstance(raw, dict) else None
+                model_cfg = _model_cfg(raw) if isinstance(raw, dict) else None
                 if model_cfg and "vision_cfg" in model_cfg:
                     break
                 model_cfg = None
@@ -197,8 +205,10 @@ def read_open_clip_source(source: str | Path) -> tuple[dict[str, torch.Tensor], 
     return _read_weights(weights), model_cfg, str(weights)
 
 
-def _check_vision_cfg(cfg, vision: dict, quick_gelu: bool, where: str) -> None:
-    """The open_clip vision_cfg describes the same network as mlmm's ImageTowerConfig ``cfg``."""
+def _check_vision_cfg(cfg, vision: dict, quick_gelu: bool, where: str, preprocess: Optional[dict] = None) -> None:
+    """The open_clip vision_cfg describes the same network as mlmm's ImageTowerConfig ``cfg``; warns when the
+    weights expect QuickGELU or another image normalisation (``preprocess``: open_clip's mean / std)."""
+    preprocess = preprocess or {}
     want = {"image_size": cfg.image_size, "patch_size": cfg.patch_size, "width": cfg.width, "layers": cfg.layers,
             "heads": cfg.heads, "mlp_ratio": cfg.mlp_ratio}
     have = {"image_size": vision.get("image_size", 224), "patch_size": vision.get("patch_size", 16),
@@ -213,6 +223,16 @@ def _check_vision_cfg(cfg, vision: dict, quick_gelu: bool, where: str) -> None:
     if quick_gelu:
         log.warning("%s: the open_clip model uses QuickGELU, mlmm's towers use exact GELU: the loaded image tower "
                     "is a close initialisation, not the same function", where)
+    mean, std = preprocess.get("mean"), preprocess.get("std")
+    if (mean is not None and not _close(mean, OPENAI_MEAN)) or (std is not None and not _close(std, OPENAI_STD)):
+        log.warning("%s: the open_clip weights were trained on images normalised with mean %s / std %s; mlmm's image "
+                    "transforms use CLIP's %s / %s: the loaded image tower sees shifted inputs (a close "
+                    "initialisation, not the same function)", where, list(mean or OPENAI_MEAN),
+                    list(std or OPENAI_STD), list(OPENAI_MEAN), list(OPENAI_STD))
+
+
+def _close(a, b) -> bool:
+    return len(a) == len(b) and all(abs(float(x) - float(y)) < 1e-6 for x, y in zip(a, b))
 
 
 def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
@@ -243,16 +263,16 @@ def load_open_clip_into(model, source: str | Path, towers: tuple[str, ...] = ("i
                         model_cfg: Optional[dict] = None) -> list[str]:
     """Initialise ``model``'s image / text towers (+ projections) from an open_clip checkpoint; only ``towers``.
 
-    ``model_cfg``: the open_clip model config when none is next to the weights (e.g. a pretrained tag's built-in
-    config). Returns the model state-dict keys left as they were (towers the checkpoint does not provide)."""
+    ``model_cfg``: the open_clip model config to check the weights against (a pretrained tag's built-in config
+    with what the tag says beside it), else the one next to the weights. Returns the model state-dict keys left as they were (towers the checkpoint does not provide)."""
     sd, found_cfg, where = read_open_clip_source(source)
-    model_cfg = found_cfg or model_cfg
+    model_cfg = model_cfg or found_cfg  # a tag's config (its QuickGELU, mean/std) over the one beside its file
     loaded: list[str] = []
     if "image" in model.towers and "image" in towers and any(k.startswith("visual.") for k in sd):
         vis = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
         if model_cfg is not None:
             _check_vision_cfg(model.cfg.image, model_cfg.get("vision_cfg", {}), bool(model_cfg.get("quick_gelu")),
-                              where)
+                              where, model_cfg.get("preprocess_cfg"))
         else:
             log.warning("%s: no open_clip model config next to the weights: head count not verified", where)
         proj = vis.pop("proj", None)  # [W, E]

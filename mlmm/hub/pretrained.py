@@ -100,15 +100,24 @@ class OpenClipSource:
     weights: Optional[str]
     identity: dict = field(default_factory=dict)
     tokenizer_name: Optional[str] = None  # open_clip.get_tokenizer argument, default model_name
+    tag: Optional[str] = None  # an open_clip pretrained tag of model_name (its weights file is ``weights``)
 
     def create(self):
-        """The open_clip model with exactly these weights (``require_pretrained``: never silently random)."""
+        """The open_clip model with exactly these weights (``require_pretrained``: never silently random).
+
+        A tag is passed to open_clip as the tag, not as its (cached) weights file, so that open_clip applies the
+        image mean/std and resize of the tag's preprocessing (given the bare file, it would use the architecture's
+        defaults); a tag trained with QuickGELU (OpenAI's weights under a plain arch name) gets QuickGELU, where
+        open_clip would only warn and build exact GELU: a different function than the weights were trained as."""
         import open_clip
+        from open_clip.pretrained import get_pretrained_cfg
 
         local_dir = self.model_name.startswith("local-dir:")
-        pretrained = None if local_dir else self.weights
+        pretrained = None if local_dir else (self.tag or self.weights)
+        quick_gelu = bool(self.tag and get_pretrained_cfg(self.model_name, self.tag).get("quick_gelu"))
         return open_clip.create_model(self.model_name, pretrained=pretrained, load_weights=True,
-                                      require_pretrained=self.weights is not None or local_dir)
+                                      require_pretrained=self.weights is not None or local_dir,
+                                      force_quick_gelu=quick_gelu)
 
     def tokenizer(self):
         import open_clip
@@ -193,7 +202,7 @@ def _resolve_tag(arch: str, tag: str, where: str) -> OpenClipSource:
     identity = {"arch": arch, "pretrained": tag, "file": Path(weights).name}
     if hf_hub:
         identity["hub"] = os.path.split(hf_hub)[0]
-    return OpenClipSource(arch, weights, identity)
+    return OpenClipSource(arch, weights, identity, tag=tag)
 
 
 def resolve_open_clip(arch: str, pretrained: Optional[str] = None, *, where: str,
@@ -245,8 +254,14 @@ def open_clip_weights(value: str, where: str) -> Optional[tuple[str, Optional[di
         return _resolve_hf_hub(arch[len("hf-hub:"):], where).model_name, None
     if tag is not None and not Path(value).exists():
         import open_clip
+        from open_clip.pretrained import get_pretrained_cfg
 
-        return _resolve_tag(arch, tag, where).weights, open_clip.get_model_config(arch)
+        weights = _resolve_tag(arch, tag, where).weights
+        model_cfg = dict(open_clip.get_model_config(arch) or {})
+        tag_cfg = get_pretrained_cfg(arch, tag)  # what the tag says beside the weights (as open_clip applies it)
+        model_cfg["quick_gelu"] = bool(model_cfg.get("quick_gelu") or tag_cfg.get("quick_gelu"))
+        model_cfg["preprocess_cfg"] = {k: tag_cfg[k] for k in ("mean", "std") if tag_cfg.get(k) is not None}
+        return weights, model_cfg
     return None
 
 
