@@ -156,7 +156,8 @@ def save_open_clip(out: Path, model_cfg: Optional[dict] = None, arch: Optional[s
     cfg = open_clip.get_model_config(arch) if arch else dict(model_cfg or TINY_OPEN_CLIP)
     size = cfg["vision_cfg"]["image_size"]
     preprocess = {"size": size, "mean": list(mean or open_clip.OPENAI_DATASET_MEAN),
-                  "std": list(std or open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
+                  "std": list(std or open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic",
+                  "resize_mode": "shortest"}
     (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}))
     torch.manual_seed(seed)
     model = open_clip.create_model(f"local-dir:{out}")  # config only: random weights

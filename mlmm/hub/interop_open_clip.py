@@ -264,7 +264,8 @@ def load_open_clip_into(model, source: str | Path, towers: tuple[str, ...] = ("i
     """Initialise ``model``'s image / text towers (+ projections) from an open_clip checkpoint; only ``towers``.
 
     ``model_cfg``: the open_clip model config to check the weights against (a pretrained tag's built-in config
-    with what the tag says beside it), else the one next to the weights. Returns the model state-dict keys left as they were (towers the checkpoint does not provide)."""
+    with what the tag says beside it), else the one next to the weights. Returns the model state-dict keys left as
+    they were (towers the checkpoint does not provide)."""
     sd, found_cfg, where = read_open_clip_source(source)
     model_cfg = model_cfg or found_cfg  # a tag's config (its QuickGELU, mean/std) over the one beside its file
     loaded: list[str] = []
