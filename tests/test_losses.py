@@ -2,6 +2,7 @@ import math
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -92,11 +93,13 @@ def _worker(rank, world, port, a, b, valid, scale, out_q):
     dist.destroy_process_group()
 
 
-def test_two_rank_gather_with_grad_matches_single_process():
-    """local_loss on 2 ranks: average of rank losses and the sum of rank gradients equal the global loss's."""
+@pytest.mark.parametrize("valid", [[1, 1, 0, 1, 1, 1, 1, 0], [0, 1, 0, 0, 1, 1, 1, 1]], ids=["3+3", "1+4"])
+def test_two_rank_gather_with_grad_matches_single_process(valid):
+    """local_loss on 2 ranks: average of rank losses and the sum of rank gradients equal the global loss's, also
+    when the ranks hold different numbers of valid rows (each rank returns its share of the global mean)."""
     world, B = 2, 4
     a, b = normed(world * B, 8, seed=8), normed(world * B, 8, seed=9)
-    valid = torch.tensor([1, 1, 0, 1, 1, 1, 1, 0], dtype=torch.bool)
+    valid = torch.tensor(valid, dtype=torch.bool)
     scale = torch.tensor(7.0)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -110,7 +113,6 @@ def test_two_rank_gather_with_grad_matches_single_process():
     ag, bg = a.clone().requires_grad_(), b.clone().requires_grad_()
     ref = reference_clip_loss(ag[valid], bg[valid], scale)
     ref.backward()
-    # ranks hold 3 valid rows each: the global mean is the mean of the two per-rank means
     torch.testing.assert_close(torch.tensor(sum(r[1] for r in results) / world), ref.detach())
     # DeepSpeed averages gradients over ranks; all_gather's backward sums them: together, the reference
     grad_a = torch.cat([torch.from_numpy(r[2]) for r in results]) / world
@@ -134,3 +136,14 @@ def test_rows_of_the_same_sample_are_not_negatives():
         total += -(sim[i, i] - torch.logsumexp(sim[i, allowed], 0))
         total += -(sim[i, i] - torch.logsumexp(sim[allowed, i], 0))
     torch.testing.assert_close(got, total / 10)
+
+
+def test_bf16_embeddings_give_fp32_logits_and_loss():
+    """Under bf16 the similarities, the scale and the cross-entropy are computed in fp32 (as open_clip under
+    autocast): the loss of bf16 embeddings equals the fp64 loss of the same (bf16-rounded) values."""
+    a, b = normed(16, 32, seed=20).bfloat16(), normed(16, 32, seed=21).bfloat16()
+    scale = torch.tensor(100.0)  # logits up to 100: bf16 steps of 0.5 there
+    got = masked_info_nce(a, b, torch.ones(16, dtype=torch.bool), scale)
+    assert got.dtype == torch.float32
+    want = reference_clip_loss(a.double(), b.double(), scale.double())
+    assert abs(got.item() - want.item()) < 1e-5 * max(1.0, want.item())

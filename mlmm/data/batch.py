@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+MASKED = ("image", "video", "audio", "text")  # the modalities with a ``<m>_mask``
+
 
 @dataclass
 class Batch:
@@ -34,24 +36,66 @@ class Batch:
     # Long[B, 4]. Those rows of ``image`` are zeros until :meth:`decode_images`
     image_jpeg: list = field(default_factory=list)
     image_box: Optional[torch.Tensor] = None
+    # per modality, the rows that carry it, built on the CPU by collate: ``present`` host ints (read without a
+    # device sync) and ``row_index`` Long[n_m] tensors that travel with the batch (:meth:`to`, :meth:`pin_memory`)
+    present: dict = field(default_factory=dict)
+    row_index: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "Batch":
-        """Move tensors to `device`; floating tensors are cast to `dtype` when given."""
+        """Move tensors to `device` (asynchronously from pinned memory); floating tensors are cast to `dtype` when
+        given. The host row lists (``present``) are filled in first, from the CPU masks, so that reading them later
+        never waits for the device."""
+        present = {m: self.rows(m) for m in MASKED}
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, torch.Tensor) and f.name != "image_box":  # crop boxes stay on the host (decoder)
                 v = v.to(device, non_blocking=True)
                 if dtype is not None and v.is_floating_point():
                     v = v.to(dtype)
-            elif f.name == "extras":
-                v = {k: t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)
-                     for k, t in v.items()}
+            elif f.name in ("extras", "row_index"):
+                v = {k: t.to(device, dtype, non_blocking=True) if dtype is not None and t.is_floating_point()
+                     else t.to(device, non_blocking=True) for k, t in v.items()}
+            elif f.name == "present":
+                v = present
             out[f.name] = v
         return Batch(**out)
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies of every tensor (``DataLoader(pin_memory=True)`` calls this in its pinning thread), so
+        that :meth:`to` with ``non_blocking=True`` really overlaps the copy with compute."""
+        def pin(v):
+            if isinstance(v, torch.Tensor):
+                return v.pin_memory()
+            if isinstance(v, dict):
+                return {k: pin(t) for k, t in v.items()}
+            if isinstance(v, list):
+                return [pin(t) for t in v]
+            return v
+
+        return Batch(**{f.name: pin(getattr(self, f.name)) if f.name not in ("keys", "lang", "meta", "captions",
+                                                                             "data_state", "present")
+                        else getattr(self, f.name) for f in fields(self)})
+
+    def rows(self, modality: str) -> tuple[int, ...]:
+        """The rows that carry `modality`, as host ints (from collate: no device read)."""
+        if modality in self.present:
+            return tuple(self.present[modality])
+        mask = getattr(self, f"{modality}_mask", None)
+        if mask is None:
+            return ()
+        return tuple(torch.nonzero(mask.cpu()).flatten().tolist())  # a batch not made by collate
+
+    def index(self, modality: str, device: Optional[torch.device] = None) -> torch.Tensor:
+        """Long[n] rows that carry `modality`, on `device` (default: where the batch's tensors are); ``numel()`` is
+        known on the host."""
+        idx = self.row_index.get(modality)
+        if idx is None:
+            idx = torch.tensor(self.rows(modality), dtype=torch.long)
+        return idx if device is None else idx.to(device, non_blocking=True)
 
     def decode_images(self) -> "Batch":
         """``data.decode_on_device``: decode the rows' JPEG bytes where ``image`` lives (nvJPEG on CUDA) into its
@@ -67,7 +111,7 @@ class Batch:
         image = self.image.clone()
         decoded = decode_jpegs([self.image_jpeg[i] for i in rows], self.image_box[rows].cpu(), image.shape[-1],
                                image.device)  # [n, 3, S, S]
-        image[torch.tensor(rows, device=image.device)] = decoded
+        image[torch.tensor(rows).to(image.device, non_blocking=True)] = decoded
         return replace(self, image=image, image_jpeg=[], image_box=None)
 
     def normalize_images(self, dtype: Optional[torch.dtype] = None) -> "Batch":
@@ -79,19 +123,18 @@ class Batch:
         def fix(t):  # uint8 [..., 3, H, W]: images and frames (extras: only image-shaped [B, 3, H, W] ones)
             return normalize_uint8(t, dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.uint8 else t
 
-        def media(t, mask):  # rows without the modality stay zeros, as the loader's float batches have them
+        def media(m):  # rows without the modality stay zeros, as the loader's float batches have them
+            t, mask = getattr(self, m), getattr(self, f"{m}_mask")
             out = fix(t)
-            if out is not t and mask is not None and not bool(mask.all()):
+            if out is not t and mask is not None and len(self.rows(m)) < out.shape[0]:
                 out = out.masked_fill(~mask.to(out.device).view(-1, *([1] * (out.dim() - 1))), 0.0)
             return out
 
         extras = {k: fix(v) if v.dim() == 4 and v.shape[1] == 3 else v for k, v in self.extras.items()}
-        return replace(self, image=media(self.image, self.image_mask), video=media(self.video, self.video_mask),
-                       extras=extras)
+        return replace(self, image=media("image"), video=media("video"), extras=extras)
 
     def has(self, modality: str) -> bool:
-        mask = getattr(self, f"{modality}_mask")
-        return mask is not None and bool(mask.any())
+        return len(self.rows(modality)) > 0
 
     def mask(self, modality: str) -> torch.Tensor:
         mask = getattr(self, f"{modality}_mask")

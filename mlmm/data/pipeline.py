@@ -260,9 +260,13 @@ def collate(samples: Sequence[dict[str, Any]], *, shapes: Optional[dict[str, tup
         keep = min(length, max(8, -(-longest // 8) * 8))
         ids, att = ids[:, :keep].contiguous(), att[:, :keep].contiguous()  # [B, L'] with L' <= L
         fields.update(text_ids=ids, text_attention=att, text_mask=torch.tensor(have, dtype=torch.bool))
+    # which rows carry each modality, built here on the CPU: the model and losses read them without a device sync
+    present = {m: tuple(i for i, h in enumerate(fields[f"{m}_mask"].tolist()) if h)
+               for m in (*MEDIA, "text") if f"{m}_mask" in fields}
     return Batch(keys=[s["key"] for s in samples], lang=[s.get("lang", "") for s in samples],
                  meta=[s.get("meta", {}) for s in samples], captions=[s.get("caption", "") for s in samples],
-                 extras=collate_extras(samples), **fields)
+                 extras=collate_extras(samples), present=present,
+                 row_index={m: torch.tensor(rows, dtype=torch.long) for m, rows in present.items()}, **fields)
 
 
 def decode_extras(raw: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -72,7 +72,46 @@ def key_groups(keys: list[str], device: torch.device) -> torch.Tensor:
     """Stable int64 id per sample key: [B]. Rows sharing a key (one sample, several languages) match."""
     import zlib
 
-    return torch.tensor([zlib.crc32(k.encode("utf-8")) for k in keys], dtype=torch.long, device=device)
+    ids = torch.tensor([zlib.crc32(k.encode("utf-8")) for k in keys], dtype=torch.long)
+    return ids.to(device, non_blocking=True)  # (torch.tensor(..., device=cuda) would wait for the GPU)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 -> fp32 (the loss math of a bf16 run); fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def local_vs_global(valid_local: torch.Tensor, groups_local: Optional[torch.Tensor] = None,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a loss that scores this rank's rows against the gathered global batch needs, with no data-dependent
+    shape or branch: every rank runs the same collectives and builds the same autograd graph whatever its rows hold
+    (a rank that skipped the gather's backward would leave the others waiting forever).
+
+    valid_local: Bool[B] rows taking part; groups_local: optional Long[B] ids (rows of one group are not each
+    other's negatives). Returns ``labels`` Long[B] (my rows' positions in the global batch), ``allowed``
+    Bool[B, W*B] (the columns each of my rows is scored against: valid rows outside its group, and always its own
+    positive, which keeps every row finite), ``weight`` [B] (1 on my valid rows) and ``norm`` = W / max(N, 1)
+    with N the global number of valid rows: ``norm * (weight * row_loss).sum()`` is this rank's share of the
+    global-batch mean, so the data-parallel mean of the gradients (DeepSpeed averages them) and the mean over ranks
+    of the values equal a single process over the global batch.
+    """
+    rank, world = rank_and_world()
+    B, device = valid_local.shape[0], valid_local.device
+    valid_all = gather_no_grad(valid_local)  # [W*B]
+    labels = torch.arange(B, device=device) + rank * B  # [B]
+    allowed = valid_all.unsqueeze(0).expand(B, -1).clone()  # [B, W*B]
+    if groups_local is not None:
+        groups = gather_no_grad(groups_local)  # [W*B]
+        allowed &= groups[labels].unsqueeze(1) != groups.unsqueeze(0)
+    allowed[torch.arange(B, device=device), labels] = True
+    norm = world / valid_all.sum().to(dtype).clamp(min=1)  # (in the loss's dtype: fp64 stays exact)
+    return labels, allowed, valid_local.to(dtype), norm
 
 
 def masked_info_nce(a_local: torch.Tensor, b_local: torch.Tensor, valid_local: torch.Tensor,
@@ -82,29 +121,18 @@ def masked_info_nce(a_local: torch.Tensor, b_local: torch.Tensor, valid_local: t
     a_local, b_local: [B, D] this rank's embeddings; valid_local: [B] bool (both modalities present).
     groups_local: optional [B] ids; other rows of the same group are not used as negatives (the
     `all_languages` policy puts one sample in a batch once per language).
-    Returns the mean loss over this rank's valid rows (0 with a grad path when it has none).
+    Returns this rank's share of the mean loss over the global batch's valid rows (:func:`local_vs_global`; 0
+    when fewer than two rows are valid). Similarities, scale and cross-entropy are fp32 whatever the embeddings'
+    dtype: in bf16, logits of 32-128 would round in steps of 0.25-0.5.
     """
-    a_all, b_all = gather_with_grad(a_local), gather_with_grad(b_local)  # [W*B, D]
-    valid_all = gather_no_grad(valid_local)  # [W*B]
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    B = a_local.shape[0]
-    global_index = torch.arange(valid_all.numel(), device=valid_all.device)
-    keep = global_index[valid_all]  # global rows taking part
-    mine = (keep >= rank * B) & (keep < (rank + 1) * B)  # which of them are this rank's
-    if keep.numel() < 2 or not bool(mine.any()):
-        return 0.0 * (a_local.sum() + b_local.sum())
-    a_g, b_g = a_all[keep], b_all[keep]  # [N, D]
-    labels = torch.nonzero(mine).squeeze(1)  # positions of my rows inside the kept set
-    logits_ab = logit_scale * a_g[labels] @ b_g.t()  # [n_mine, N]
-    logits_ba = logit_scale * b_g[labels] @ a_g.t()  # [n_mine, N]
-    if groups_local is not None:
-        groups = gather_no_grad(groups_local)[keep]  # [N]
-        same = groups[labels].unsqueeze(1) == groups.unsqueeze(0)  # [n_mine, N]
-        same[torch.arange(labels.numel(), device=same.device), labels] = False  # keep the positive
-        if bool(same.any()):
-            logits_ab = logits_ab.masked_fill(same, float("-inf"))
-            logits_ba = logits_ba.masked_fill(same, float("-inf"))
-    return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
+    a_all, b_all = at_least_fp32(gather_with_grad(a_local)), at_least_fp32(gather_with_grad(b_local))  # [W*B, D]
+    labels, allowed, weight, norm = local_vs_global(valid_local, groups_local, a_all.dtype)
+    scale = at_least_fp32(logit_scale)
+    logits_ab = (scale * a_all[labels] @ b_all.t()).masked_fill(~allowed, float("-inf"))  # [B, W*B]
+    logits_ba = (scale * b_all[labels] @ a_all.t()).masked_fill(~allowed, float("-inf"))  # [B, W*B]
+    per_row = 0.5 * (F.cross_entropy(logits_ab, labels, reduction="none")
+                     + F.cross_entropy(logits_ba, labels, reduction="none"))  # [B]
+    return norm * (weight * per_row).sum()
 
 
 def covered_pairs(pairs: list[list[str]], modalities: list[str]) -> list[tuple[str, str]]:
@@ -135,7 +163,7 @@ class ContrastiveLoss(nn.Module):
         for a, b in self.pairs:
             name = pair_name(a, b)
             valid = batch.mask(a).to(outputs[a].device) & batch.mask(b).to(outputs[a].device)
-            scale = self.logit_scale[name].clamp(max=self.cfg.max_logit_scale).exp().squeeze(0)
+            scale = at_least_fp32(self.logit_scale[name]).clamp(max=self.cfg.max_logit_scale).exp().squeeze(0)
             loss = masked_info_nce(outputs[a], outputs[b], valid, scale, groups)
             terms[f"{name}_loss"] = loss
             total = loss * self.cfg.weights.get(name, 1.0) + (0 if total is None else total)

@@ -20,12 +20,11 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from mlmm.config import ConfigError
 from mlmm.data.batch import Batch
 from mlmm.distill.teacher import TeacherConfig
-from mlmm.losses.contrastive import gather_no_grad, gather_with_grad
+from mlmm.losses.contrastive import at_least_fp32, gather_no_grad, gather_with_grad, local_vs_global
 from mlmm.losses.distill import TeacherLoss
 from mlmm.registry import LOSSES
 
@@ -101,23 +100,25 @@ class LogitKDLoss(TeacherLoss):
             teacher.append(z)
             valid &= ok
         loss = distill_clip_loss(student[0], student[1], self._scale("student"), teacher[0], teacher[1],
-                                 torch.tensor(self.teacher.logit_scale, device=device, dtype=dtype), valid)
+                                 torch.tensor(self.teacher.logit_scale, dtype=torch.float32).to(device, non_blocking=True), valid)
         return {"loss": loss, "logit_kd_loss": loss}
 
 
 def distill_clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, ta: torch.Tensor, tb: torch.Tensor,
                       teacher_scale: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """KD over the global batch's valid rows; this rank's rows are the queries. All inputs [B, D] / [B]."""
-    a_all, b_all = gather_with_grad(a), gather_with_grad(b)  # [W*B, D]
-    ta_all, tb_all, valid_all = gather_no_grad(ta), gather_no_grad(tb), gather_no_grad(valid)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    n_local = a.shape[0]
-    keep = torch.nonzero(valid_all).flatten()
-    mine = (keep >= rank * n_local) & (keep < (rank + 1) * n_local)
-    if keep.numel() < 2 or not bool(mine.any()):
-        return 0.0 * (a.sum() + b.sum())
-    rows = torch.nonzero(mine).flatten()
-    a_g, b_g, ta_g, tb_g = a_all[keep], b_all[keep], ta_all[keep], tb_all[keep]
-    s_ab, s_ba = scale * a_g[rows] @ b_g.t(), scale * b_g[rows] @ a_g.t()  # [n_mine, N]
-    t_ab, t_ba = teacher_scale * ta_g[rows] @ tb_g.t(), teacher_scale * tb_g[rows] @ ta_g.t()
-    return 0.5 * (kd_cross_entropy(t_ab, s_ab) + kd_cross_entropy(t_ba, s_ba))
+    """KD over the global batch's valid rows; this rank's rows are the queries. All inputs [B, D] / [B].
+
+    Returns this rank's share of the global mean (:func:`~mlmm.losses.contrastive.local_vs_global`), in fp32."""
+    a_all, b_all = at_least_fp32(gather_with_grad(a)), at_least_fp32(gather_with_grad(b))  # [W*B, D]
+    ta_all, tb_all = gather_no_grad(ta).to(a_all.dtype), gather_no_grad(tb).to(a_all.dtype)
+    rows, allowed, weight, norm = local_vs_global(valid, dtype=a_all.dtype)
+    scale, teacher_scale = scale.to(a_all.dtype), teacher_scale.to(a_all.dtype)
+
+    def kd(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:  # [B, W*B] each -> [B]
+        p_t = t_logits.masked_fill(~allowed, float("-inf")).softmax(dim=1)
+        logp_s = s_logits.masked_fill(~allowed, float("-inf")).log_softmax(dim=1).masked_fill(~allowed, 0.0)
+        return -(p_t * logp_s).sum(dim=1)
+
+    s_ab, s_ba = scale * a_all[rows] @ b_all.t(), scale * b_all[rows] @ a_all.t()  # [B, W*B]
+    t_ab, t_ba = teacher_scale * ta_all[rows] @ tb_all.t(), teacher_scale * tb_all[rows] @ ta_all.t()
+    return norm * (weight * 0.5 * (kd(t_ab, s_ab) + kd(t_ba, s_ba))).sum()

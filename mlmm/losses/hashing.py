@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import MODALITIES, ConfigError
-from mlmm.losses.contrastive import covered_pairs, gather_no_grad, gather_with_grad
+from mlmm.losses.contrastive import at_least_fp32, covered_pairs, gather_no_grad, gather_with_grad, rank_and_world
 from mlmm.registry import LOSSES
 
 SIMILARITIES = ("auto", "labels", "class", "identity")
@@ -109,48 +108,62 @@ def token_similarity(x: torch.Tensor, xm: torch.Tensor, y: torch.Tensor, ym: tor
     return 0.5 * (x2y + y2x)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _gather_objects(obj: list) -> list:
-    rank, world = _world()
+    """Concatenate every rank's list (host data: keys, labels) over the host process group: no device sync."""
+    rank, world = rank_and_world()
     if world == 1:
         return obj
+    from mlmm.training.distributed import host_group
+
     out: list = [None] * world
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=host_group())
     return [x for part in out for x in part]
 
 
 def similarity_matrix(labels_a: list, labels_b: list, keys_a: list[str], keys_b: list[str], mode: str,
                       device: torch.device) -> torch.Tensor:
-    """S [N, M] in {0, 1}. labels_*: per-row label lists (or None); keys_*: per-row sample keys."""
+    """S [N, M] in {0, 1}. labels_*: per-row label lists (or None); keys_*: per-row sample keys.
+
+    Built on the host from host data and copied to `device` without waiting for it."""
     if mode == "auto":
         mode = "labels" if all(labels_a) and all(labels_b) else "identity"
     if mode == "identity":
-        ia = torch.tensor([zlib.crc32(k.encode("utf-8")) for k in keys_a], dtype=torch.long, device=device)
-        ib = torch.tensor([zlib.crc32(k.encode("utf-8")) for k in keys_b], dtype=torch.long, device=device)
-        return (ia[:, None] == ib[None, :]).float()
-    if not (all(labels_a) and all(labels_b)):
+        ia = torch.tensor([zlib.crc32(k.encode("utf-8")) for k in keys_a], dtype=torch.long)
+        ib = torch.tensor([zlib.crc32(k.encode("utf-8")) for k in keys_b], dtype=torch.long)
+        s = (ia[:, None] == ib[None, :]).float()
+    elif not (all(labels_a) and all(labels_b)):
         raise ValueError(f"hashing loss: similarity={mode!r} needs meta['labels'] on every row "
                          "(use similarity: identity or auto)")
-    if mode == "class":
+    elif mode == "class":
         ids: dict[frozenset, int] = {}
-        ia = torch.tensor([ids.setdefault(frozenset(x), len(ids)) for x in labels_a], device=device)
-        ib = torch.tensor([ids.setdefault(frozenset(x), len(ids)) for x in labels_b], device=device)
-        return (ia[:, None] == ib[None, :]).float()
-    vocab: dict[str, int] = {}
-    for row in (*labels_a, *labels_b):
-        for label in row:
-            vocab.setdefault(str(label), len(vocab))
-    ma = torch.zeros(len(labels_a), len(vocab), device=device)
-    mb = torch.zeros(len(labels_b), len(vocab), device=device)
-    for mat, rows in ((ma, labels_a), (mb, labels_b)):
-        for i, row in enumerate(rows):
-            mat[i, [vocab[str(x)] for x in row]] = 1.0
-    return ((ma @ mb.t()) > 0).float()
+        ia = torch.tensor([ids.setdefault(frozenset(x), len(ids)) for x in labels_a])
+        ib = torch.tensor([ids.setdefault(frozenset(x), len(ids)) for x in labels_b])
+        s = (ia[:, None] == ib[None, :]).float()
+    else:
+        vocab: dict[str, int] = {}
+        for row in (*labels_a, *labels_b):
+            for label in row:
+                vocab.setdefault(str(label), len(vocab))
+        ma, mb = torch.zeros(len(labels_a), len(vocab)), torch.zeros(len(labels_b), len(vocab))
+        for mat, rows in ((ma, labels_a), (mb, labels_b)):
+            for i, row in enumerate(rows):
+                mat[i, [vocab[str(x)] for x in row]] = 1.0
+        s = ((ma @ mb.t()) > 0).float()
+    return s.to(device, non_blocking=True)
+
+
+def _share(weighted_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a global mean: world * sum / count (see ``local_vs_global``), 0 when count is 0."""
+    return rank_and_world()[1] * weighted_sum / count.clamp(min=1)
+
+
+def _mean_present(terms: list[tuple[torch.Tensor, torch.Tensor]], zero: torch.Tensor) -> torch.Tensor:
+    """Mean of the terms whose flag (a device bool: the term has rows) is set; no host read."""
+    if not terms:
+        return zero
+    values = torch.stack([t for t, _ in terms])
+    flags = torch.stack([f for _, f in terms]).to(values.dtype)
+    return values @ flags / flags.sum().clamp(min=1) + zero
 
 
 @LOSSES.register("hashing", config=HashingLossConfig)
@@ -163,92 +176,74 @@ class HashingLoss(nn.Module):
         self.pairs = covered_pairs(cfg.pairs, modalities)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
+        """Every rank gathers and scores the same tensors whatever rows it holds (absent rows are weighted 0): the
+        collectives and the autograd graph never depend on the data, and nothing is read back from the device."""
         cfg = self.cfg
-        rank, world = _world()
+        rank, world = rank_and_world()
         keys = list(batch.keys)
         labels = [list(m.get("labels") or []) if isinstance(m, dict) else [] for m in (batch.meta or [{}] * len(keys))]
         all_keys, all_labels = _gather_objects(keys), _gather_objects(labels)
         B = len(keys)
-        terms: dict[str, torch.Tensor] = {}
-        zero = None
-        pair_terms, quant_terms, bal_terms, intra_terms, tok_terms = [], [], [], [], []
         hashed = sorted({m for p in self.pairs for m in p})
-        codes_local, valid_local, codes_all, valid_all = {}, {}, {}, {}
+        codes_all, valid_all, w_mine = {}, {}, {}
         for m in hashed:
             k = f"{cfg.codes}_{m}"
             if k not in outputs:
                 raise KeyError(f"hashing loss: output {k!r} missing; add a hash head for {m} "
                                f"(model.heads: {{{cfg.codes}: {{name: hash, modalities: [...]}}}})")
-            h = outputs[k]
-            zero = h.sum() * 0.0 if zero is None else zero + h.sum() * 0.0
-            v = batch.mask(m).to(h.device)
-            codes_local[m], valid_local[m] = h, v
-            codes_all[m], valid_all[m] = gather_with_grad(h), gather_no_grad(v)
-        for m in hashed:  # quantisation + balance over this rank's present rows
-            h, v = codes_local[m], valid_local[m]
-            if bool(v.any()):
-                quant_terms.append(quantization_loss(h[v]))
-            va = valid_all[m]
-            if int(va.sum()) > 1:
-                bal_terms.append(balance_loss(codes_all[m][va]))
+            h = at_least_fp32(outputs[k])  # [B, K]
+            w_mine[m] = batch.mask(m).to(h.device, h.dtype)  # [B]
+            codes_all[m], valid_all[m] = gather_with_grad(h), gather_no_grad(w_mine[m])  # [W*B, K], [W*B]
+        zero = sum(codes_all[m].sum() * 0.0 for m in hashed)  # every gathered tensor stays in the graph
+        counts = {m: valid_all[m].sum() for m in hashed}  # global rows per modality (device)
+        device = zero.device
+        quant, bal = [], []
+        for m in hashed:  # quantisation over the global batch's present rows, balance over all of them
+            h = codes_all[m][rank * B:(rank + 1) * B]  # my rows (through the gather: one graph on every rank)
+            per_row = (torch.where(h.detach() >= 0, 1.0, -1.0) - h).pow(2).mean(dim=1)  # [B]
+            quant.append((_share((w_mine[m] * per_row).sum(), counts[m]), counts[m] > 0))
+            mean = (valid_all[m][:, None] * codes_all[m]).sum(0) / counts[m].clamp(min=1)  # [K]
+            bal.append((mean.pow(2).mean(), counts[m] > 1))
+        mine_labels, mine_keys = all_labels[rank * B:(rank + 1) * B], all_keys[rank * B:(rank + 1) * B]
+        sim = similarity_matrix(mine_labels, all_labels, mine_keys, all_keys, cfg.similarity, device)  # [B, W*B]
 
-        mine = torch.zeros(B * world, dtype=torch.bool, device=zero.device)
-        mine[rank * B:(rank + 1) * B] = True
+        def score(a: str, b: str) -> tuple[torch.Tensor, torch.Tensor]:
+            """My rows of a against every row of b: this rank's share of the mean over all (a, b) pairs present."""
+            theta = cfg.theta_scale * codes_all[a][rank * B:(rank + 1) * B] @ codes_all[b].t()  # [B, W*B]
+            nll = F.softplus(theta) - sim * theta
+            pair_w = w_mine[a][:, None] * valid_all[b][None, :]
+            return _share((pair_w * nll).sum(), counts[a] * counts[b]), (counts[a] > 0) & (counts[b] > 0)
 
-        def score(a: str, b: str) -> Optional[torch.Tensor]:
-            """My valid rows of a against every valid row of b (global batch)."""
-            rows_a = torch.nonzero(mine & valid_all[a]).squeeze(1)
-            rows_b = torch.nonzero(valid_all[b]).squeeze(1)
-            if rows_a.numel() == 0 or rows_b.numel() == 0:
-                return None
-            ha, hb = codes_all[a][rows_a], codes_all[b][rows_b]
-            s = similarity_matrix([all_labels[i] for i in rows_a.tolist()], [all_labels[i] for i in rows_b.tolist()],
-                                  [all_keys[i] for i in rows_a.tolist()], [all_keys[i] for i in rows_b.tolist()],
-                                  cfg.similarity, ha.device)
-            return pairwise_likelihood(ha, hb, s, cfg.theta_scale)
-
+        pair_terms, intra_terms, tok_terms = [], [], []
         for a, b in self.pairs:
-            for x, y in ((a, b), (b, a)):  # both directions: my rows of each modality as anchors
-                t = score(x, y)
-                if t is not None:
-                    pair_terms.append(t)
+            pair_terms += [score(a, b), score(b, a)]  # both directions: my rows of each modality as anchors
             if cfg.intra_weight > 0:
-                for x in (a, b):
-                    t = score(x, x)
-                    if t is not None:
-                        intra_terms.append(t)
+                intra_terms += [score(a, a), score(b, b)]
             if cfg.token_weight > 0:
-                t = self._token_term(outputs, batch, a, b, labels, keys)
-                if t is not None:
-                    tok_terms.append(t)
-
-        def mean(ts: list) -> torch.Tensor:
-            return torch.stack(ts).mean() if ts else zero
-
-        terms["pairwise_loss"] = mean(pair_terms)
-        terms["quantization_loss"] = mean(quant_terms)
-        terms["balance_loss"] = mean(bal_terms)
+                tok_terms.append(self._token_term(outputs, batch, a, b, labels, keys))
+        terms = {"pairwise_loss": _mean_present(pair_terms, zero), "quantization_loss": _mean_present(quant, zero),
+                 "balance_loss": _mean_present(bal, zero)}
         total = (cfg.pairwise_weight * terms["pairwise_loss"] + cfg.quantization_weight * terms["quantization_loss"]
                  + cfg.balance_weight * terms["balance_loss"])
         if cfg.intra_weight > 0:
-            terms["intra_loss"] = mean(intra_terms)
+            terms["intra_loss"] = _mean_present(intra_terms, zero)
             total = total + cfg.intra_weight * terms["intra_loss"]
         if cfg.token_weight > 0:
-            terms["token_loss"] = mean(tok_terms)
+            terms["token_loss"] = _mean_present(tok_terms, zero)
             total = total + cfg.token_weight * terms["token_loss"]
         return {"loss": total, **terms}
 
-    def _token_term(self, outputs, batch, a: str, b: str, labels: list, keys: list) -> Optional[torch.Tensor]:
+    def _token_term(self, outputs, batch, a: str, b: str, labels: list, keys: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local rows only (no collective): every local row is scored, absent ones weighted 0."""
         cfg = self.cfg
         ka, kb = f"{cfg.codes}_{a}_tok", f"{cfg.codes}_{b}_tok"
         if ka not in outputs or kb not in outputs:
             raise KeyError(f"hashing loss: token_weight > 0 needs {ka!r} and {kb!r}; set the hash head's source: tokens")
-        va, vb = batch.mask(a).to(outputs[ka].device), batch.mask(b).to(outputs[kb].device)
-        if not bool(va.any()) or not bool(vb.any()):
-            return None
-        ia, ib = torch.nonzero(va).squeeze(1), torch.nonzero(vb).squeeze(1)
-        s_tok = token_similarity(outputs[ka][ia], outputs[f"{ka}_mask"][ia], outputs[kb][ib], outputs[f"{kb}_mask"][ib])
-        s = similarity_matrix([labels[i] for i in ia.tolist()], [labels[i] for i in ib.tolist()],
-                              [keys[i] for i in ia.tolist()], [keys[i] for i in ib.tolist()], cfg.similarity,
-                              s_tok.device)
-        return likelihood_from_logits(cfg.token_scale * s_tok, s)
+        x = at_least_fp32(outputs[ka])
+        va, vb = batch.mask(a).to(x.device, x.dtype), batch.mask(b).to(x.device, x.dtype)  # [B]
+        s_tok = token_similarity(x, outputs[f"{ka}_mask"], outputs[kb].to(x.dtype), outputs[f"{kb}_mask"])  # [B, B]
+        s = similarity_matrix(labels, labels, keys, keys, cfg.similarity, s_tok.device).to(s_tok.dtype)
+        theta = cfg.token_scale * s_tok
+        n = len(batch.rows(a)) * len(batch.rows(b))  # host counts: no sync
+        nll = (va[:, None] * vb[None, :] * (F.softplus(theta) - s * theta)).sum() / max(n, 1)
+        return nll, torch.full((), n > 0, dtype=torch.bool, device=x.device)

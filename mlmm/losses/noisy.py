@@ -47,14 +47,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import MODALITIES, ConfigError
 from mlmm.data.batch import Batch
 from mlmm.losses.bmm import BetaMixture, normalise_losses
-from mlmm.losses.contrastive import gather_no_grad, gather_with_grad, key_groups
+from mlmm.losses.contrastive import at_least_fp32, gather_with_grad, key_groups, local_vs_global
 from mlmm.losses.loss_memory import LossMemory, key_hashes
 from mlmm.registry import LOSSES
 
@@ -202,41 +201,31 @@ class RCARLoss(nn.Module):
             if self.steps > self.cfg.warmup_steps and (self.steps - self.cfg.warmup_steps - 1) % self.cfg.refit_every == 0:
                 self.refit()
         valid_local = batch.mask(self.a).to(device) & batch.mask(self.b).to(device)  # [B]
-        scale = self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp().squeeze(0)
-        a_all, b_all = gather_with_grad(a_local), gather_with_grad(b_local)  # [W*B, E]
-        valid_all = gather_no_grad(valid_local)
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        keep = torch.nonzero(valid_all).squeeze(1)  # global rows taking part: [N]
-        mine = (keep >= rank * B) & (keep < (rank + 1) * B)
-        zero = 0.0 * (a_local.sum() + b_local.sum() + self.logit_scale.sum())
-        if keep.numel() < 2 or not bool(mine.any()):
-            return {"loss": zero, "rcar_loss": zero, "complementary_loss": zero, "clean_weight": zero.detach() + 1}
-        a_g, b_g = a_all[keep], b_all[keep]  # [N, E]
-        labels = torch.nonzero(mine).squeeze(1)  # [n] my rows inside the kept set
-        local_rows = (keep[labels] - rank * B).tolist()
-        keys = [batch.keys[r] for r in local_rows] if batch.keys else [str(r) for r in local_rows]
-        allowed = torch.ones((labels.numel(), keep.numel()), dtype=torch.bool, device=device)  # [n, N]
-        if batch.keys:  # other rows of the same sample (all_languages) are never negatives
-            groups = gather_no_grad(key_groups(batch.keys, device))[keep]
-            allowed = groups[labels].unsqueeze(1) != groups.unsqueeze(0)
-            allowed[torch.arange(labels.numel(), device=device), labels] = True
-        logits = {"ab": scale * a_g[labels] @ b_g.t(), "ba": scale * b_g[labels] @ a_g.t()}  # [n, N] each
-
-        per_sample = 0.5 * sum(soft_cross_entropy(l.detach(), F.one_hot(labels, keep.numel()).to(l.dtype), allowed)
-                               for l in logits.values())  # [n] plain InfoNCE per row
-        if training:
-            self.record(keys, per_sample)
-        w = self.weights_for(keys, device, a_local.dtype)  # [n]
+        scale = at_least_fp32(self.logit_scale).clamp(max=self.cfg.max_logit_scale).exp().squeeze(0)
+        a_all, b_all = at_least_fp32(gather_with_grad(a_local)), at_least_fp32(gather_with_grad(b_local))  # [W*B, E]
+        # every rank scores all its B rows (invalid ones weighted 0): the same collectives and graph on every rank
+        groups = key_groups(batch.keys, device) if batch.keys else None  # same-sample rows are never negatives
+        labels, allowed, valid_w, norm = local_vs_global(valid_local, groups, a_all.dtype)  # [B], [B, W*B], [B], []
+        logits = {"ab": scale * a_all[labels] @ b_all.t(), "ba": scale * b_all[labels] @ a_all.t()}  # [B, W*B] each
+        n_all = allowed.shape[1]
+        per_sample = 0.5 * sum(soft_cross_entropy(l.detach(), F.one_hot(labels, n_all).to(l.dtype), allowed)
+                               for l in logits.values())  # [B] plain InfoNCE per row
+        keys = list(batch.keys) if batch.keys else [str(r) for r in range(B)]
+        rows = sorted(set(batch.rows(self.a)) & set(batch.rows(self.b)))  # my valid rows (host ints, no sync)
+        if training and rows:
+            self.record([keys[r] for r in rows], per_sample[torch.tensor(rows).to(device, non_blocking=True)])
+        w = self.weights_for(keys, device, per_sample.dtype)  # [B]
         w = torch.where(w >= self.cfg.clean_threshold, torch.ones_like(w), w)  # the clean split keeps its labels
         target = soft_targets(allowed, labels, w if self.cfg.soft_labels else torch.ones_like(w))
-        soft = 0.5 * sum(soft_cross_entropy(l, target, allowed) for l in logits.values())  # [n]
+        soft = 0.5 * sum(soft_cross_entropy(l, target, allowed) for l in logits.values())  # [B]
         d = w if self.cfg.downweight else torch.ones_like(w)
-        comp = 0.5 * sum(complementary_loss(l, allowed, labels) for l in logits.values())  # [n]
+        comp = 0.5 * sum(complementary_loss(l, allowed, labels) for l in logits.values())  # [B]
         c = torch.ones_like(w) if self.cfg.complementary_on == "all" else 1 - w
-        soft_term, comp_term = (d * soft).mean(), (c * comp).mean()
+        # this rank's shares of the means over the global batch's valid rows (local_vs_global)
+        soft_term, comp_term = norm * (valid_w * d * soft).sum(), norm * (valid_w * c * comp).sum()
         total = soft_term + self.cfg.complementary_weight * comp_term
         return {"loss": total, "rcar_loss": soft_term, "complementary_loss": comp_term,
-                "clean_weight": w.mean().detach()}
+                "clean_weight": ((valid_w * w).sum() / max(len(rows), 1)).detach() if rows else w.new_ones(())}
 
     def temperatures(self) -> dict[str, float]:
         return {f"{self.a}_{self.b}_logit_scale": float(self.logit_scale.detach().exp().squeeze(0))}

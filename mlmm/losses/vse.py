@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import MODALITIES, ConfigError
-from mlmm.losses.contrastive import covered_pairs, gather_no_grad, gather_with_grad, key_groups, pair_name
+from mlmm.losses.contrastive import (at_least_fp32, covered_pairs, gather_with_grad, key_groups, local_vs_global,
+                                    pair_name, rank_and_world)
 from mlmm.losses.divtr import interaction_ce
 from mlmm.registry import LOSSES
 
@@ -56,32 +56,27 @@ def triplet_loss(scores: torch.Tensor, margin: float, max_violation: bool = True
 def triplet_local(a_local: torch.Tensor, b_local: torch.Tensor, valid_local: torch.Tensor, margin: float,
                   max_violation: bool, groups_local: Optional[torch.Tensor] = None,
                   reduction: str = "mean") -> torch.Tensor:
-    """:func:`triplet_loss` of the global batch (gathered with gradient), for this rank's valid rows."""
-    a_all, b_all = gather_with_grad(a_local), gather_with_grad(b_local)  # [W*B, D]
-    valid_all = gather_no_grad(valid_local)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    B = a_local.shape[0]
-    keep = torch.arange(valid_all.numel(), device=valid_all.device)[valid_all]
-    mine = (keep >= rank * B) & (keep < (rank + 1) * B)
-    if keep.numel() < 2 or not bool(mine.any()):
-        return 0.0 * (a_local.sum() + b_local.sum())
-    a_g, b_g = a_all[keep], b_all[keep]  # [N, D]
-    rows = torch.nonzero(mine).squeeze(1)  # my rows inside the kept set
-    s_m = a_g[rows] @ b_g.t()  # [n, N]: my media vs every text
-    s_t = b_g[rows] @ a_g.t()  # [n, N]: my texts vs every media
-    pos = s_m.gather(1, rows[:, None])  # [n, 1]
-    banned = torch.zeros_like(s_m, dtype=torch.bool)
-    banned[torch.arange(rows.numel(), device=rows.device), rows] = True
-    if groups_local is not None:
-        groups = gather_no_grad(groups_local)[keep]
-        banned |= groups[rows][:, None] == groups[None, :]
+    """:func:`triplet_loss` of the global batch (gathered with gradient), for this rank's valid rows.
+
+    Returns this rank's share (:func:`~mlmm.losses.contrastive.local_vs_global`): the mean over ranks is the mean
+    (``reduction: sum``: the sum) over the global batch's valid queries, as one process would compute it.
+    """
+    a_all, b_all = at_least_fp32(gather_with_grad(a_local)), at_least_fp32(gather_with_grad(b_local))  # [W*B, D]
+    labels, allowed, weight, norm = local_vs_global(valid_local, groups_local, a_all.dtype)
+    s_m = a_all[labels] @ b_all.t()  # [B, W*B]: my media vs every text
+    s_t = b_all[labels] @ a_all.t()  # [B, W*B]: my texts vs every media
+    pos = s_m.gather(1, labels[:, None])  # [B, 1]
+    banned = ~allowed  # invalid rows, same group ...
+    banned[torch.arange(labels.numel(), device=labels.device), labels] = True  # ... and the positive itself
     cost_m = (margin + s_m - pos).clamp(min=0).masked_fill(banned, 0.0)
     cost_t = (margin + s_t - pos).clamp(min=0).masked_fill(banned, 0.0)
     if max_violation:
-        per_query = cost_m.max(dim=1).values + cost_t.max(dim=1).values
+        per_query = cost_m.max(dim=1).values + cost_t.max(dim=1).values  # [B]
     else:
         per_query = cost_m.sum(dim=1) + cost_t.sum(dim=1)
-    return per_query.sum() if reduction == "sum" else per_query.mean()
+    if reduction == "sum":
+        return rank_and_world()[1] * (weight * per_query).sum()
+    return norm * (weight * per_query).sum()
 
 
 def _check(where: str, margin: float, reduction: str) -> None:
@@ -181,7 +176,7 @@ class VSELoss(nn.Module):
         else:
             from mlmm.losses.contrastive import masked_info_nce
 
-            scale = self.logit_scale["global"].clamp(max=c.max_logit_scale).exp().squeeze(0)
+            scale = at_least_fp32(self.logit_scale["global"]).clamp(max=c.max_logit_scale).exp().squeeze(0)
             glob = masked_info_nce(outputs[m], outputs["text"], valid, scale, groups)
         align = self._matrix_loss(outputs["vse_align_scores"], outputs["vse_exclude"], "align") * w
         fusion = 0.5 * (interaction_ce(outputs["vse_t2m_logits"]) + interaction_ce(outputs["vse_m2t_logits"])) * w

@@ -152,8 +152,9 @@ class MultimodalModel(nn.Module):
             if x is None:
                 continue
             attention = batch.text_attention if m == "text" else None
-            idx = torch.nonzero(batch.mask(m).to(x.device)).squeeze(1)
-            rows = idx if idx.numel() else idx.new_zeros(1)  # no row present: run on row 0, keep zero
+            idx = batch.index(m, x.device)  # Long[n] rows carrying m, built on the CPU by collate (no sync)
+            n = idx.numel()
+            rows = idx if n else idx.new_zeros(1)  # no row present: run on row 0, keep zero
             ctx = {k: v[rows] for k, v in self._audio_context(context, x).items()} if m == "video" else {}
             att = None if attention is None else attention[rows]
             feeds_video = m == "audio" and self.audio_context
@@ -162,21 +163,21 @@ class MultimodalModel(nn.Module):
             else:  # pooled only: towers skip work nobody reads (packed padding, CLS-only last block)
                 z, tokens, tmask = self.encode(m, x[rows], att), None, None
             if feeds_video:  # the video tower's context; nothing real on rows without audio
-                B, present = x.shape[0], tmask & bool(idx.numel())  # present Bool[n, Ta]
+                B, present = x.shape[0], tmask & (n > 0)  # present Bool[n, Ta]
                 zeros = tokens.new_zeros((B, *tokens.shape[1:]))  # [B, Ta, Da]
                 context["audio_tokens"] = zeros.index_copy(0, rows, tokens)
                 context["audio_mask"] = present.new_zeros((B, present.shape[1])).index_copy(0, rows, present)
-            results = {m: z * 0.0 if idx.numel() == 0 else z}
+            results = {m: z * 0.0 if n == 0 else z}
             if m in self.token_modalities:
-                if idx.numel() == 0:
+                if n == 0:
                     tokens, tmask = tokens * 0.0, tmask & False
                 results.update({f"{m}_tokens": tokens, f"{m}_token_mask": tmask})
             for k, v in results.items():
-                if idx.numel() == x.shape[0]:
+                if n == x.shape[0]:
                     out[k] = v
                 else:  # scatter the present rows into a [B, ...] tensor of zeros
                     full = v.new_zeros((x.shape[0], *v.shape[1:]))
-                    if idx.numel():
+                    if n:
                         out[k] = full.index_copy(0, idx, v)
                     else:  # keep the (zero) graph so every parameter still gets a gradient
                         out[k] = full + v.sum() * 0 if v.is_floating_point() else full
