@@ -11,8 +11,10 @@ Exit codes: 0 done; 2 a config error (one line naming the key and file); 3 refus
 naming the culprit, and nothing in the folder was changed).
 """
 import argparse
+import logging
 import os
 import sys
+import traceback
 
 from mlmm.config import ConfigError, load_config
 from mlmm.training import Trainer
@@ -31,20 +33,42 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    trainer = Trainer(cfg)
     try:
-        trainer = Trainer(cfg).setup()
+        trainer.setup()
     except (ConfigError, RunRefused) as e:  # raised on every rank alike: rank 0 says it
         if os.environ.get("RANK", "0") == "0":
             print(f"{'config error' if isinstance(e, ConfigError) else 'refused'}: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 3  # 3: the output folder's state forbids the run, left unchanged
+    except BaseException:
+        trainer.cleanup(failed=True)  # no barrier: see below
+        raise
     try:
         trainer.train()
         if not args.no_export:
             trainer.export()
-    finally:
-        trainer.cleanup(destroy_process_group=True)
+    except BaseException:
+        # no barrier on the way out: the other ranks may be inside a collective this process will never join;
+        # they stop when this process's connections close (or their launcher stops them)
+        trainer.cleanup(failed=True)
+        raise
+    trainer.cleanup(destroy_process_group=True)
     return 0
 
 
+def cli(argv=None) -> None:
+    """main() as a process: on an error, print it and leave at once with exit code 1, skipping the interpreter's
+    teardown, which can wait on collectives that will never complete (NCCL) and delays the other ranks noticing."""
+    try:
+        code = main(argv)
+    except Exception:
+        traceback.print_exc()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -130,12 +130,14 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 
 def build_train_loader(data_cfg: DataConfig, preprocessor: Preprocessor, *, rank: int, world_size: int,
-                       state: Optional[dict] = None) -> Iterable[Batch]:
+                       state: Optional[dict] = None, pin_memory: bool = False) -> Iterable[Batch]:
     """An infinite iterable of Batches of ``data_cfg.batch_size`` for ``rank`` of ``world_size``.
 
     A ``torch.utils.data.DataLoader`` over a :class:`TrainStream` (``loader.dataset``) with
     ``data_cfg.num_workers`` processes (0 = in this process); batching happens in the workers.
-    ``state`` (from :func:`loader_state`) resumes exactly where a previous run stopped.
+    ``state`` (from :func:`loader_state`) resumes exactly where a previous run stopped. ``pin_memory`` (the
+    trainer sets it on CUDA): batches arrive in page-locked memory (:meth:`Batch.pin_memory`), so their copy to the
+    GPU runs asynchronously.
     """
     data_cfg.validate("data")
     shards = resolve_shards(data_cfg.train_shards)
@@ -143,11 +145,18 @@ def build_train_loader(data_cfg: DataConfig, preprocessor: Preprocessor, *, rank
     ShardReader.from_config(data_cfg).counts(shards)
     stream = TrainStream(shards, data_cfg, preprocessor, rank=rank, world_size=world_size, state=state)
     workers = data_cfg.num_workers
+    slots = world_size * max(workers, 1)
+    if len(shards) < slots and rank == 0:
+        log.warning("%d shard(s) for %d rank(s) x %d loader slot(s) each = %d reader slots: with fewer shards than "
+                    "slots every slot reads every shard and keeps 1/%d of its samples (%dx the reading and "
+                    "decoding of tar headers); write at least %d shards (smaller shard_size in "
+                    "mlmm.data.write_shards), or lower data.num_workers", len(shards), world_size, max(workers, 1),
+                    slots, slots, slots, slots)
     # an own generator: creating the iterator must not draw from the global torch RNG (which the
     # checkpoint restores), or a resumed run's dropout masks would shift by one draw
     generator = torch.Generator().manual_seed(data_cfg.seed)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
-                                       prefetch_factor=2 if workers > 0 else None)
+                                       prefetch_factor=2 if workers > 0 else None, pin_memory=pin_memory)
 
 
 class LoaderState:

@@ -1,46 +1,34 @@
-"""Training checkpoints: DeepSpeed state + ``mlmm_state.json`` (step, data position, run record, file fingerprint).
+"""Training checkpoints: DeepSpeed state + ``mlmm_state.json`` (step, data position, run record, file fingerprint)
++ per-rank RNG state.
 
-Layout: ``<output_dir>/checkpoints/step_00000050/`` (DeepSpeed files + mlmm_state.json) and
-``<output_dir>/checkpoints/latest`` naming the newest complete checkpoint. Which checkpoint a run resumes, and
-whether it may, is decided by :mod:`mlmm.training.resume` before :func:`load` runs.
+Layout: ``<output_dir>/checkpoints/step_00000050/`` (DeepSpeed files, ``rng/rank_<r>.json`` per rank
+(:mod:`mlmm.training.rng`, JSON: no pickle) and mlmm_state.json) and ``<output_dir>/checkpoints/latest`` naming the
+newest complete checkpoint. Which checkpoint a run resumes, and whether it may, is decided by
+:mod:`mlmm.training.resume` before :func:`load` runs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-import torch
-
-from mlmm.training import fingerprint
+from mlmm.training import fingerprint, rng
 from mlmm.training.errors import CheckpointRefused
 
 STATE_NAME = fingerprint.STATE_NAME
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -76,12 +64,41 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _recording_writes(engine):
+    """The files DeepSpeed's checkpoint engine writes in this process during the block (a list of paths)."""
+    written: list[Path] = []
+    ckpt_engine = engine.checkpoint_engine
+    real_save = ckpt_engine.save
+
+    def save(state_dict, path, *args, **kwargs):
+        real_save(state_dict, path, *args, **kwargs)
+        written.append(Path(path))
+
+    ckpt_engine.save = save
+    try:
+        yield written
+    finally:
+        ckpt_engine.save = real_save
+
+
+def _fsync_files(paths) -> None:
+    """fsync files and then their folders (their directory entries)."""
+    for p in paths:
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    for d in sorted({Path(p).parent for p in paths}):
+        _fsync_dir(d)
+
+
 def save(engine, root: str | Path, step: int, state: dict[str, Any], keep: int = 2, is_main: bool = True) -> Path:
     """Save a checkpoint for `step` atomically; `state` (JSON-able) goes to mlmm_state.json. Collective call.
 
-    Every rank writes into ``<tag>.tmp``; rank 0 then fsyncs it, renames it to ``<tag>`` and only
-    then rewrites ``latest`` (itself via a temp file + rename). A crash at any point leaves the
-    previous checkpoint and ``latest`` intact; stale ``*.tmp`` folders are removed on the next save.
+    Every rank writes into ``<tag>.tmp`` (DeepSpeed's files and its own ``rng/rank_<r>.json``) and fsyncs the files
+    it wrote itself: on a shared filesystem only the node that wrote a file can flush it. After a barrier rank 0
+    writes mlmm_state.json, renames the folder to ``<tag>`` and only then rewrites ``latest`` (itself via a temp
+    file + rename). A crash at any point leaves the previous checkpoint and ``latest`` intact; stale ``*.tmp``
+    folders are removed on the next save.
     """
     import torch.distributed as dist
 
@@ -95,14 +112,19 @@ def save(engine, root: str | Path, step: int, state: dict[str, Any], keep: int =
             shutil.rmtree(stale, ignore_errors=True)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-    engine.save_checkpoint(str(root), tag=tmp, client_state={"rng": rng_state(), "mlmm": state}, save_latest=False)
+    with _recording_writes(engine) as written:
+        engine.save_checkpoint(str(root), tag=tmp, client_state={"mlmm": state}, save_latest=False)
+    written.append(rng.save(root / tmp, _rank()))
+    if is_main and (root / tmp / "zero_to_fp32.py").is_file():  # DeepSpeed's recovery script, copied by rank 0
+        written.append(root / tmp / "zero_to_fp32.py")
+    _fsync_files(written)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if is_main:
         _fault(f"after_weights:{step}")
         files = fingerprint.manifest(root / tmp)  # every file of the folder (all ranks wrote theirs by now)
         _write_atomic(root / tmp / STATE_NAME, json.dumps({"step": step, **state, "files": files}, indent=2))
-        _fsync_tree(root / tmp)
+        _fsync_dir(root / tmp)  # (each rank fsynced the files it wrote before the barrier)
         if (root / tag).exists():  # an incomplete folder of this step (no mlmm_state.json): not loadable
             shutil.rmtree(root / tag)
         os.replace(root / tmp, root / tag)
@@ -205,7 +227,7 @@ def load(engine, root: str | Path, tag: str, world_size: int = 1, is_main: bool 
         engine._config.load_universal_checkpoint = False
     if path is None:
         raise CheckpointRefused(f"{root / tag}: DeepSpeed could not load this checkpoint")
-    set_rng_state(client["rng"])
+    state["rng"] = rng.restore(root / tag, _rank(), state.get("seed", 0), state["step"], client.get("rng"))
     if universal:
         state["resharded_from"] = saved_world
     return state

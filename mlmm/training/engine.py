@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from torch import nn
 from mlmm.config import ConfigError, RunConfig
 from mlmm.data.batch import Batch
 from mlmm.training.schedule import build_scheduler
+
+log = logging.getLogger("mlmm")
 
 
 class TrainModule(nn.Module):
@@ -64,6 +67,12 @@ def build_ds_config(cfg: RunConfig, device: torch.device) -> dict:
         if key in ds:
             raise ConfigError(f"{path}: {key}: set it in the YAML run config (data/train sections), not in ds_config")
     precision = resolve_precision(cfg, ds, device)
+    # mlmm relies on DeepSpeed skipping an update whose gradients are not finite: it is the NaN guard, and how one
+    # failing rank stops every rank (its poisoned gradient makes every rank skip, then they decide together)
+    for key, where in (("check_grad_overflow", "bf16"), ("compute_grad_norm", "zero_optimization")):
+        if ds.get(where, {}).get(key) is False:
+            raise ConfigError(f"{path}: {where}.{key}: false turns off DeepSpeed's skip of non-finite updates, which "
+                              f"mlmm's NaN guard (train.nan_patience) and its collective abort rely on; remove it")
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
     zero = ds.setdefault("zero_optimization", {})
@@ -111,10 +120,44 @@ def initialize(cfg: RunConfig, module: nn.Module, device: torch.device):
                                   fused=True)
     scheduler = build_scheduler(optimizer, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
                                 min_lr_ratio=t.min_lr_ratio)
+    # the exact values of frozen parameters: a bf16 / fp16 engine keeps only rounded copies of them (no optimizer
+    # master), and the export should not round weights it never trained
+    frozen = {id(p): p.detach().float().cpu().clone() for p in module.parameters() if not p.requires_grad} \
+        if ds_cfg["bf16"]["enabled"] or ds_cfg["fp16"]["enabled"] else {}
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_cfg)
+    engine.mlmm_frozen_fp32 = frozen
     skip_single_replica_allreduce(engine)
+    guard_nonfinite_updates(engine)
     return engine, ds_cfg
+
+
+def guard_nonfinite_updates(engine) -> bool:
+    """Make the optimizer skip an update whose gradients are not finite where DeepSpeed itself does not.
+
+    DeepSpeed (>= 0.19.8) skips such updates in its ZeRO-1/2/3 and bf16 optimizers and reports it through
+    ``engine.was_step_applied()``; at ZeRO-0 in fp32 it hands the gradients straight to the torch optimizer. There
+    this wraps ``optimizer.step`` with the same check (one host read of the gradient norm's finiteness per update,
+    as DeepSpeed's own check does) and sets ``optimizer.overflow``, which DeepSpeed reads to skip the LR scheduler
+    and report the step as not applied. Returns whether the guard was installed.
+    """
+    opt = engine.optimizer
+    if hasattr(opt, "overflow") or not isinstance(opt, torch.optim.Optimizer):
+        return False
+    real_step = opt.step
+
+    def step(closure=None):
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()) if grads else True
+        opt.overflow = not finite
+        if finite:
+            return real_step(closure)
+        opt.zero_grad(set_to_none=True)
+        return None
+
+    opt.overflow = False
+    opt.step = step
+    return True
 
 
 def skip_single_replica_allreduce(engine) -> bool:
@@ -161,12 +204,40 @@ def compute_dtype(ds_cfg: dict) -> torch.dtype:
 
 
 def full_state_dict(engine, module: nn.Module) -> dict[str, torch.Tensor]:
-    """fp32 CPU copy of `module`'s parameters and buffers, gathering ZeRO-3 partitions (collective)."""
+    """fp32 CPU copy of `module`'s parameters and buffers, gathering ZeRO-3 partitions (collective).
+
+    In bf16 / fp16 the parameters come from the optimizer's fp32 master copy (ZeRO-1/2/3: DeepSpeed's
+    ``safe_get_full_fp32_param``, assembled from every rank's partition; ZeRO-0: its per-parameter fp32 copies), not
+    from the rounded working copy the forward pass uses; frozen parameters from their exact values before the
+    engine rounded them.
+    """
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
     params = list(module.parameters())
     stage3 = engine.zero_optimization_stage() == 3
     ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage3 else contextlib.nullcontext()
     with ctx:
-        return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
-                for k, v in module.state_dict().items()}
+        out = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+               for k, v in module.state_dict().items()}
+    if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        return out  # fp32: the parameters are the masters
+    frozen = getattr(engine, "mlmm_frozen_fp32", {})
+    opt = engine.optimizer  # ZeRO-0: DeepSpeed's unfused fp16/bf16 optimizer keeps one fp32 copy per parameter
+    whole = {id(lp): hp for lps, hps in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
+             if isinstance(hps, (list, tuple)) for lp, hp in zip(lps, hps)}
+    names: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for p in params:  # the same order on every rank: the gathers below are collectives
+        master = safe_get_full_fp32_param(p) if p.requires_grad else None
+        master = whole.get(id(p)) if master is None else master
+        if master is None and id(p) in frozen:
+            master = frozen[id(p)]
+        if master is None:
+            log.warning("export: %s has no fp32 master copy this exporter can read (%s): exported from its %s "
+                        "working copy", names[id(p)][0], type(opt).__name__, str(p.dtype).replace("torch.", ""))
+            continue
+        for name in names[id(p)]:
+            out[name] = master.detach().float().cpu().clone().reshape(out[name].shape)
+    return out

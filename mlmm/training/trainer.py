@@ -9,27 +9,28 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 import weakref
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from mlmm.config import RunConfig
+from mlmm.data.batch import Batch
 from mlmm.data.pipeline import resolve_shards
 from mlmm.data.shardio import ShardReader
 from mlmm.data.train_stream import LoaderState
 from mlmm.distill.prepare import prepare_train_data
 from mlmm.registry import LOSSES
 from mlmm.sources import is_hub_id
-from mlmm.training import checkpoint, distributed, finetune, resume, run_identity, runlock, schedule
-from mlmm.training.errors import ResumeMismatch
-from mlmm.training.guards import LanguageCoverage, out_of_memory_error
+from mlmm.training import checkpoint, distributed, finetune, resume, rng, run_identity, runlock, schedule
 from mlmm.training.engine import (TrainModule, build_ds_config, compile_towers, compute_dtype, full_state_dict,
                                   initialize)
+from mlmm.training.errors import ResumeMismatch
+from mlmm.training.failures import describe, raise_if_any_rank_failed
+from mlmm.training.guards import LanguageCoverage, out_of_memory_error
+from mlmm.training.prefetch import DevicePrefetcher
 
 log = logging.getLogger("mlmm")
 
@@ -59,12 +60,6 @@ def setup_logging(output_dir: Path, is_main: bool) -> None:
         logger.addHandler(handler)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def load_tokenizer(cfg: RunConfig):
     if cfg.model.text is None:
         return None
@@ -89,15 +84,21 @@ def load_tokenizer(cfg: RunConfig):
 
 
 class Trainer:
+    """``train.max_steps`` counts optimizer updates (DeepSpeed's ``global_steps``), each over ``train.grad_accum``
+    micro-batches of ``data.batch_size`` rows per rank: one update sees ``batch_size * grad_accum * world size``
+    samples. The LR schedule, logging (``log_every``), checkpoints (``save_every``) and resume count updates too."""
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.step = 0
+        self.step = 0  # optimizer updates done (applied or skipped)
         self.samples_seen = 0
         self.history: list[dict] = []  # one record per logged step
-        self.losses: list[float] = []  # the loss of every step run by this process
-        self.bad_steps = 0  # consecutive skipped (non-finite) steps
+        self.losses: list[float] = []  # the global-batch loss of every update run by this process
+        self.bad_steps = 0  # consecutive skipped (non-finite) updates
         self.skipped_steps = 0
+        self.failure: Optional[BaseException] = None  # this rank's error, stopping every rank at the next update
+        self._null: Optional[Batch] = None
 
     # ---------------------------------------------------------------------------- setup
     def setup(self) -> "Trainer":
@@ -107,7 +108,7 @@ class Trainer:
         self.is_main = self.rank == 0
         notes = [self._claim_output_dir()]  # before anything is written there
         try:
-            seed_everything(cfg.seed)
+            rng.seed_all(cfg.seed)  # the same initial weights on every rank
             self.tokenizer = load_tokenizer(cfg)
             self.run_record = run_identity.run_record(cfg, self.tokenizer, build_ds_config(cfg, self.device))
             self.plan = distributed.main_decides(
@@ -158,6 +159,7 @@ class Trainer:
             compile_towers(self.model)
         self.engine, self.ds_config = initialize(cfg, module, self.device)
         self.dtype = compute_dtype(self.ds_config)
+        rng.seed_rank(cfg.seed, self.rank)  # dropout, masks, caption edits: each rank its own (a resume restores)
         if self.is_main:
             n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())  # ZeRO-3: partitioned
             log.info("model: towers %s, %.2fM parameters; ZeRO stage %d, %s, world size %d, device %s",
@@ -166,16 +168,17 @@ class Trainer:
         self._resume()
         if self.is_main:  # once the checkpoint loaded: a refused resume leaves the run's config.json as it was
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
-        preprocessor = Preprocessor(cfg.model, self.tokenizer, train=True,
-                                    extra_shapes=finetune.loss_extra_inputs(self.loss),
-                                    uint8_images=cfg.data.normalize_on_device,
-                                    encoded_images=cfg.data.decode_on_device)
+        self.n_shards = len(resolve_shards(cfg.data.train_shards))  # once: not on every rank at every save
+        self.preprocessor = preprocessor = Preprocessor(cfg.model, self.tokenizer, train=True,
+                                                        extra_shapes=finetune.loss_extra_inputs(self.loss),
+                                                        uint8_images=cfg.data.normalize_on_device,
+                                                        encoded_images=cfg.data.decode_on_device)
         data_cfg, data_state = cfg.data, self._data_resume_state()
         if self.step and data_state is None:  # layout changed: a new, deterministic order from here
             data_cfg = type(data_cfg)(**{**data_cfg.__dict__, "seed": data_cfg.seed + self.step})
         self.loader_state = LoaderState(cfg.data.num_workers, data_state)
         self.loader = build_train_loader(data_cfg, preprocessor, rank=self.rank, world_size=self.world,
-                                         state=data_state)
+                                         state=data_state, pin_memory=self.device.type == "cuda")
         self.writer = self._tensorboard()
         return self
 
@@ -246,37 +249,72 @@ class Trainer:
         return {"slots": {}, "next_role": 0, "resplit": record}
 
     # ---------------------------------------------------------------------------- train
-    def train_step(self, batch) -> dict[str, float]:
-        """Forward/backward/step; a non-finite loss or grad norm skips the update (counted)."""
+    def prepare(self, batch: Batch) -> Batch:
+        """A loader batch -> on the device: the language check (on the host copy), then the copy."""
         if self.coverage is not None:
             self.coverage.check(batch)
-        # decode_on_device / normalize_on_device: JPEG rows decoded, uint8 images normalised here (no-ops otherwise)
-        batch = batch.to(self.device, self.dtype).decode_images().normalize_images(self.dtype)
+        return batch.to(self.device, self.dtype)
+
+    def null_batch(self) -> Batch:
+        """``data.batch_size`` rows without any modality: what a failed rank steps on (its loss is then NaN)."""
+        if self._null is None:
+            rows = [{"key": f"__null_{i}", "meta": {}, "lang": ""} for i in range(self.cfg.data.batch_size)]
+            self._null = self.preprocessor.collate(rows).to(self.device, self.dtype)
+        return self._null
+
+    def train_step(self, batch: Optional[Batch], *, failure: Optional[BaseException] = None,
+                   prepared: bool = False) -> dict[str, torch.Tensor]:
+        """One micro-batch: forward, backward and DeepSpeed's step, which updates the weights at the end of each
+        ``train.grad_accum`` micro-batches. Returns the detached loss terms, left on the device (no host sync).
+
+        ``failure``: an error of this rank while fetching or checking `batch`. A non-finite loss or gradient skips
+        the update on every rank (DeepSpeed's check; counted, see ``train.nan_patience``); a rank that failed
+        makes it skip on purpose, and on that skipped update every rank raises (:mod:`mlmm.training.failures`).
+        """
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if failure is None and self.failure is None:
+            try:
+                batch = batch if prepared else self.prepare(batch)
+                # decode_on_device / normalize_on_device: JPEG rows decoded, uint8 images normalised (no-ops otherwise)
+                batch = batch.decode_images().normalize_images(self.dtype)
+            except Exception as e:
+                failure = e
+        if failure is not None and self.failure is None:
+            if self.world == 1:
+                raise failure  # nobody to tell
+            self.failure = failure
+            log.error("rank %d, step %d: %s -- stopping every rank at the end of this step", self.rank,
+                      self.step + 1, describe(failure))
+        if self.failure is not None:
+            batch = self.null_batch()
         try:
             out = self.engine(batch)
-            finite = torch.isfinite(out["loss"].detach()).float()
-            if self.world > 1:  # every rank must take the same branch
-                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            applied = bool(finite)
-            if applied:
-                self.engine.backward(out["loss"])
-                self.engine.step()
-                applied = self.engine.was_step_applied()  # ZeRO skips steps whose grad norm is not finite
+            loss = out["loss"] * float("nan") if self.failure is not None else out["loss"]
+            self.engine.backward(loss)
+            self.engine.step()
         except torch.OutOfMemoryError as e:
             raise out_of_memory_error(e, step=self.step + 1, batch_size=len(batch), world=self.world) from e
-        terms = {k: float(v.detach()) for k, v in out.items()}
+        terms = {k: v.detach() for k, v in out.items()}
+        if boundary:
+            self._after_update(self.engine.was_step_applied(), terms)
+        return terms
+
+    def _after_update(self, applied: bool, terms: dict[str, torch.Tensor]) -> None:
         if applied:
             self.bad_steps = 0
-        else:
-            self.bad_steps += 1
-            self.skipped_steps += 1
-            log.warning("step %d: non-finite %s, update skipped (%d in a row) %s", self.step + 1,
-                        "loss" if not bool(finite) else "grad norm", self.bad_steps, terms)
-            if self.bad_steps >= self.cfg.train.nan_patience:
-                raise FloatingPointError(
-                    f"step {self.step + 1}: {self.bad_steps} consecutive steps with a non-finite loss or grad norm "
-                    f"(train.nan_patience={self.cfg.train.nan_patience}); last loss terms: {terms}")
-        return terms
+            return
+        # the update was skipped on every rank (DeepSpeed decides it globally): find out why, together
+        raise_if_any_rank_failed(self.failure, self.step + 1)
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        values = {k: float(v.float().mean()) for k, v in terms.items()}  # a host read, on this rare path only
+        what = "loss" if values["loss"] != values["loss"] or abs(values["loss"]) == float("inf") else "grad norm"
+        log.warning("step %d: non-finite %s, update skipped (%d in a row) %s", self.step + 1, what, self.bad_steps,
+                    values)
+        if self.bad_steps >= self.cfg.train.nan_patience:
+            raise FloatingPointError(
+                f"step {self.step + 1}: {self.bad_steps} consecutive steps with a non-finite loss or grad norm "
+                f"(train.nan_patience={self.cfg.train.nan_patience}); last loss terms: {values}")
 
     def _check_bad_data(self) -> dict[str, int]:
         """Bad-sample counts of this rank; abort past data.max_bad_fraction."""
@@ -290,43 +328,87 @@ class Trainer:
                                f"data.max_bad_fraction={self.cfg.data.max_bad_fraction}: {counts}")
         return counts
 
+    def optimizer_step(self, batches: DevicePrefetcher) -> dict[str, torch.Tensor]:
+        """``train.grad_accum`` micro-batches and one optimizer update; -> the loss terms averaged over the
+        micro-batches (device tensors)."""
+        total: dict[str, torch.Tensor] = {}
+        for _ in range(self.cfg.train.grad_accum):
+            host, batch, error = next(batches)
+            if error is None and self.failure is None:
+                try:  # this rank's own data checks: a failure is decided together at the end of the update
+                    self.loader_state.update(host)
+                    self.samples_seen += len(host) * self.world
+                    self._check_bad_data()
+                except Exception as e:
+                    error = e
+            terms = self.train_step(batch, failure=error, prepared=True)
+            total = {k: total[k] + v if k in total else v.clone() for k, v in terms.items()}
+        self.step += 1
+        return {k: v / self.cfg.train.grad_accum for k, v in total.items()}
+
     def train(self) -> list[dict]:
         cfg = self.cfg.train
-        bar = None
+        self._bar = None
         if self.is_main and cfg.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.cfg.name, dynamic_ncols=True)
-        it = iter(self.loader)
-        t0, n0 = time.perf_counter(), self.samples_seen
+            self._bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.cfg.name, dynamic_ncols=True)
+        batches = self.batches()
         while self.step < cfg.max_steps:
-            batch = next(it)
-            terms = self.train_step(batch)
-            self.step += 1
-            self.samples_seen += len(batch) * self.world
-            self.loader_state.update(batch)
-            self.losses.append(terms["loss"])
-            checkpoint._fault(f"after_step:{self.step}")  # test hook (MLMM_INJECT_FAULT), no-op otherwise
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{terms['loss']:.4f}")
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                bad = self._check_bad_data()
-                if bad and self.is_main:
-                    log.info("bad samples so far (rank 0): %s", bad)
-                rate = (self.samples_seen - n0) / max(time.perf_counter() - t0, 1e-9)
-                self._log(terms, rate)
-                t0, n0 = time.perf_counter(), self.samples_seen
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
-                self.save_checkpoint()
-        if bar is not None:
-            bar.close()
+            self.run_step(batches)
+        self._flush_losses(self._pending)
+        self._pending = []
+        if self._bar is not None:
+            self._bar.close()
         self.save_checkpoint()
         return self.history
 
-    def _log(self, terms: dict[str, float], rate: float) -> None:
+    def batches(self) -> DevicePrefetcher:
+        """The loader's batches on the device, the next one copied while the current step runs."""
+        self._t0, self._n0, self._pending = time.perf_counter(), self.samples_seen, []
+        return DevicePrefetcher(self.loader, self.prepare, self.device)
+
+    def run_step(self, batches: DevicePrefetcher) -> None:
+        """One update as :meth:`train` runs it: micro-batches from the loader, the step, and every
+        ``log_every`` updates the logging (the only host reads), every ``save_every`` a checkpoint."""
+        cfg = self.cfg.train
+        terms = self.optimizer_step(batches)
+        self._pending.append(terms["loss"])  # losses stay on the device until the next log step
+        checkpoint._fault(f"after_step:{self.step}")  # test hook (MLMM_INJECT_FAULT), no-op otherwise
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar.update(1)
+        if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            self._flush_losses(self._pending)
+            self._pending = []
+            bad = self._check_bad_data()
+            if bad and self.is_main:
+                log.info("bad samples so far (rank 0): %s", bad)
+            rate = (self.samples_seen - self._n0) / max(time.perf_counter() - self._t0, 1e-9)
+            self._log(terms, rate)
+            if bar is not None:
+                bar.set_postfix(loss=f"{self.history[-1]['loss']:.4f}")
+            self._t0, self._n0 = time.perf_counter(), self.samples_seen
+        if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+            self.save_checkpoint()
+
+    def _global_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks: each rank's loss is its share of the global-batch loss (see ``local_vs_global``)."""
+        values = values.float()
+        if self.world > 1:
+            torch.distributed.all_reduce(values)
+            values = values / self.world
+        return values
+
+    def _flush_losses(self, pending: list[torch.Tensor]) -> None:
+        if pending:
+            self.losses.extend(self._global_mean(torch.stack([v.reshape(()) for v in pending])).tolist())
+
+    def _log(self, terms: dict[str, torch.Tensor], rate: float) -> None:
         lr = self.engine.get_lr()[0]
         temps = self.loss.temperatures() if hasattr(self.loss, "temperatures") else {}
+        means = self._global_mean(torch.stack([v.float().mean() for v in terms.values()])).tolist()
+        terms = dict(zip(terms, means))
         record = {"step": self.step, **terms, "lr": lr, "samples_per_s": rate, **temps}
         self.history.append(record)
         if not self.is_main:
@@ -343,13 +425,13 @@ class Trainer:
         ranks = [self.loader_state.to_dict()]
         if self.world > 1:
             ranks = [None] * self.world
-            torch.distributed.all_gather_object(ranks, self.loader_state.to_dict())
+            torch.distributed.all_gather_object(ranks, self.loader_state.to_dict(), group=distributed.host_group())
         state = {"run": self.run_record, "samples_seen": self.samples_seen, "world_size": self.world,
-                 "skipped_steps": self.skipped_steps,
+                 "skipped_steps": self.skipped_steps, "seed": self.cfg.seed,
                  "bad_samples": self._check_bad_data(), "loss_history": self.history[-5:],
                  "data": {"world_size": self.world, "num_workers": max(self.cfg.data.num_workers, 1), "ranks": ranks,
                           "seed": self.cfg.data.seed, "shuffle_buffer": self.cfg.data.shuffle_buffer,
-                          "n_shards": len(resolve_shards(self.cfg.data.train_shards))}}
+                          "n_shards": self.n_shards}}
         path = checkpoint.save(self.engine, self.out / "checkpoints", self.step, state,
                                keep=self.cfg.train.keep_checkpoints, is_main=self.is_main)
         distributed.barrier()
@@ -368,15 +450,19 @@ class Trainer:
         distributed.barrier()
         return out_dir
 
-    def cleanup(self, destroy_process_group: bool = False) -> None:
+    def cleanup(self, destroy_process_group: bool = False, failed: bool = False) -> None:
         """Close writers; optionally tear down torch.distributed (entry points do, at exit).
 
         The process group is kept by default so that one process can run several trainers
         (tests, notebooks): DeepSpeed caches groups that a destroyed group would leave dangling.
+        ``failed``: the run is ending on an error; no barrier then (the other ranks may be inside a collective
+        this one will never join), the process group is left to end with the process.
         """
         if getattr(self, "writer", None) is not None:
             self.writer.close()
         self._release_output_dir()
+        if failed:
+            return
         if destroy_process_group:
             distributed.cleanup()
         else:
