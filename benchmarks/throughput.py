@@ -10,6 +10,10 @@ Both sides build the same towers from scratch (random init, random data):
   * mlmm: ``MultimodalModel`` (ViT image tower, bidirectional BERT-style text tower of the same width/depth),
     the registered ``contrastive`` loss, through mlmm's real DeepSpeed engine (``mlmm.training.engine``): ZeRO
     flat fp32 buffers, and for bf16 DeepSpeed's bf16 mode (bf16 weights, fp32 master weights in the optimizer).
+  * mlmm's real step (unless ``--no-trainer``): a ``Trainer`` over generated JPEG + caption shards times
+    ``Trainer.run_step`` (the loader with ``--trainer-workers`` workers, the language / bad-data checks, the NaN
+    guard, logging every ``--trainer-log-every`` updates) and, on the same trainer, its engine calls alone; both are
+    reported (``runs[].trainer``), the open_clip ratio stays engine against engine.
 Warm-up steps are excluded; the frameworks alternate over ``--reps`` repetitions and the median step time counts.
 FLOPs per step come from ``FlopCounterMode`` (forward + backward), MFU is against a large matmul of the same
 precision timed in the same run, peak memory is CUDA's max allocated (or, on CPU, the peak RSS of a child process
@@ -144,6 +148,81 @@ def build_mlmm(shape: dict, precision: str, device: torch.device, batch: int, ze
         return out["loss"].detach()
 
     return step, engine.module
+
+
+def build_trainer(shape: dict, precision: str, batch: int, zero_stage: int, text_arch: str, work: Path,
+                  workers: int, log_every: int):
+    """mlmm's real training loop for the shape: a Trainer over generated JPEG + caption shards (written to `work`
+    once) with its own BPE tokenizer (so a smaller text vocabulary than `shape`), the loader, the language and
+    bad-data checks, the NaN guard and logging every `log_every` updates."""
+    from mlmm.config import build_config
+    from mlmm.data.generate import generate
+    from mlmm.data.tokenization import train_tokenizer
+    from mlmm.data.write_shards import write_shards
+    from mlmm.training import Trainer
+
+    data = work / f"data_{shape['image_size']}"
+    if not (data / "shards" / "index.json").is_file():
+        rows = generate(data / "gen", n_images=max(4 * batch, 64), n_videos=0, n_audio=0, size=shape["image_size"],
+                        seed=0, progress=False)
+        write_shards(data / "gen" / "manifest.jsonl", data / "shards", shard_size=max(batch, 16), progress=False)
+        train_tokenizer((c for r in rows for caps in r["captions"].values() for c in caps), data / "tok",
+                        vocab_size=1000)
+    cfg = build_config({
+        "output_dir": str(work / "run"),
+        "data": {"train_shards": str(data / "shards"), "batch_size": batch, "num_workers": workers,
+                 "shuffle_buffer": 4 * batch},
+        "model": {"embed_dim": shape["embed"],
+                  "image": {"image_size": shape["image_size"], "patch_size": shape["patch"], "width": shape["width"],
+                            "layers": shape["layers"], "heads": shape["heads"]},
+                  "text": {"tokenizer": str(data / "tok"), "arch": text_arch, "hidden": shape["text_width"],
+                           "layers": shape["text_layers"], "heads": shape["text_heads"],
+                           "intermediate": 4 * shape["text_width"], "max_length": shape["context"]}},
+        "loss": {"name": "contrastive", "pairs": [["image", "text"]]},
+        "train": {"precision": precision, "zero_stage": zero_stage, "lr": 5e-4, "betas": [0.9, 0.98], "eps": 1e-6,
+                  "weight_decay": 0.2, "warmup_steps": 0, "max_steps": 10**6, "log_every": log_every,
+                  "progress": False, "tensorboard": False, "resume": "never",
+                  "ds_config": str(REPO / "ds_config.json")},
+    })
+    return Trainer(cfg).setup()
+
+
+def measure_trainer(args: argparse.Namespace, precision: str, batch: int, device: torch.device) -> dict:
+    """Seconds per update of ``Trainer.run_step`` (loader, checks, guards, logging, the engine calls) and of the
+    engine calls alone on batches already on the device, same trainer, alternating over ``--reps``."""
+    import tempfile
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="mlmm_throughput_"))
+    trainer = build_trainer(SHAPES[args.shape], precision, batch, args.zero_stage, args.text_arch, work,
+                            args.trainer_workers, args.trainer_log_every)
+    batches = trainer.batches()
+    on_device = trainer.prepare(next(iter(trainer.loader))).normalize_images(trainer.dtype)
+
+    def engine_step() -> None:  # what the engine-only figure of `measure` times
+        out = trainer.engine(on_device)
+        trainer.engine.backward(out["loss"])
+        trainer.engine.step()
+
+    steps = {"train_step": lambda: trainer.run_step(batches), "engine_only": engine_step}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for rep in range(args.reps):
+        for name in (list(steps) if rep % 2 == 0 else list(steps)[::-1]):
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                steps[name]()
+            sync(device)
+            times[name].append((time.perf_counter() - t) / args.steps)
+    trainer.cleanup()
+    out = {name: {"step_s": statistics.median(ts), "step_s_all": ts, "samples_per_s": batch / statistics.median(ts)}
+           for name, ts in times.items()}
+    out["overhead"] = out["train_step"]["step_s"] / out["engine_only"]["step_s"] - 1
+    out.update(loader_workers=args.trainer_workers, log_every=args.trainer_log_every,
+               text_vocab=len(trainer.tokenizer))
+    return out
 
 
 def step_flops(step: Callable, images: torch.Tensor, texts: torch.Tensor) -> int:
@@ -287,6 +366,8 @@ def measure(args: argparse.Namespace, precision: str, batch: int, device: torch.
     elif args.memory:
         for name in ("open_clip", "mlmm"):
             out["frameworks"][name]["peak_rss_gib"] = child_peak_rss(args, name, precision, batch)
+    if args.trainer:
+        out["trainer"] = measure_trainer(args, precision, batch, device)
     best_mlmm = max(f["samples_per_s"] for n, f in out["frameworks"].items() if n.startswith("mlmm"))
     out["ratio_mlmm_over_open_clip"] = best_mlmm / out["frameworks"]["open_clip"]["samples_per_s"]
     if "open_clip_foreach" in out["frameworks"]:
@@ -322,6 +403,13 @@ def main(argv=None) -> int:
     parser.add_argument("--text-arch", choices=["clip", "bert"], default="clip",
                         help="mlmm's text tower: clip = native CLIP-style tower (model.text.arch: clip, what a "
                              "from-scratch recipe uses), bert = transformers BERT (dropout 0.1, post-LN)")
+    parser.add_argument("--no-trainer", dest="trainer", action="store_false",
+                        help="skip timing mlmm's real step (Trainer.run_step: loader, checks, guards, logging) "
+                             "beside its engine calls")
+    parser.add_argument("--trainer-workers", type=int, default=2, help="loader workers of the real-step trainer")
+    parser.add_argument("--trainer-log-every", type=int, default=10, help="its train.log_every")
+    parser.add_argument("--workdir", default=None, help="where the real-step trainer's generated shards go "
+                                                        "(default: a temporary folder)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="CPU: keep glibc's default malloc settings (see the module docstring)")
     parser.add_argument("--out", default=None)
@@ -352,6 +440,11 @@ def main(argv=None) -> int:
                 print(f"{args.shape} {precision:4s} batch {batch:5d} {name:9s}: {f['samples_per_s']:8.2f} samples/s "
                       f"{f['tflops']:7.3f} TFLOP/s  MFU {f['mfu']:6.1%}  {f['gflop_per_sample']:.1f} GFLOP/sample"
                       + (f"  peak {mem:.2f} GiB" if mem is not None else ""))
+            if "trainer" in r:
+                t = r["trainer"]
+                print(f"  mlmm real step (Trainer.run_step, {t['loader_workers']} loader workers): "
+                      f"{t['train_step']['samples_per_s']:.2f} samples/s; its engine calls alone "
+                      f"{t['engine_only']['samples_per_s']:.2f} samples/s (overhead {t['overhead']:+.1%})")
             print(f"  ratio mlmm / open_clip = {r['ratio_mlmm_over_open_clip']:.2f}x  "
                   f"(matmul peak {r['matmul_peak_tflops']:.2f} TFLOP/s)"
                   + (f"; vs open_clip with foreach AdamW {r['ratio_mlmm_over_open_clip_foreach']:.2f}x"
