@@ -182,6 +182,17 @@ def skip_single_replica_allreduce(engine) -> bool:
     return True
 
 
+def restore_torch_linear() -> None:
+    """Undo DeepSpeed's process-wide swap of ``torch.nn.functional.linear`` for its ZeRO-3 version (made when a ZeRO-3
+    engine is built; "this will persist unless manually reset"): a later trainer in the same process then computes
+    as in a fresh process (its backward differs from aten's in the last bits)."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Patched
+
+    original = getattr(Patched, "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
+
+
 def compile_towers(model: nn.Module) -> None:
     """``torch.compile`` each tower's ``forward_tokens`` and ``forward`` (the model calls the latter when no head
     reads the tokens), in place.

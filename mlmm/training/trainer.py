@@ -26,7 +26,7 @@ from mlmm.registry import LOSSES
 from mlmm.sources import is_hub_id
 from mlmm.training import checkpoint, distributed, finetune, resume, rng, run_identity, runlock, schedule
 from mlmm.training.engine import (TrainModule, build_ds_config, compile_towers, compute_dtype, full_state_dict,
-                                  initialize)
+                                  initialize, restore_torch_linear)
 from mlmm.training.errors import ResumeMismatch
 from mlmm.training.failures import describe, raise_if_any_rank_failed
 from mlmm.training.guards import LanguageCoverage, out_of_memory_error
@@ -437,6 +437,7 @@ class Trainer:
         if getattr(self, "writer", None) is not None:
             self.writer.close()
         self._release_output_dir()
+        restore_torch_linear()  # a ZeRO-3 engine swapped it for the whole process
         if failed:
             return
         if destroy_process_group:
