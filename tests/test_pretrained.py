@@ -313,7 +313,8 @@ def test_zero3_holds_the_pretrained_weights_at_step_0(standins, hub, tmp_path):
 
     from mlmm.config import load_config
     from mlmm.models.model import MultimodalModel
-    from mlmm.training.trainer import load_tokenizer, seed_everything
+    from mlmm.training.rng import seed_all
+    from mlmm.training.trainer import load_tokenizer
 
     repo = CONFIGS.parents[1]
     data = build_tiny_data(tmp_path / "data", n_images=8, n_videos=2, n_audio=4, shard_size=8, seed=3, vocab_size=60)
@@ -336,7 +337,7 @@ def test_zero3_holds_the_pretrained_weights_at_step_0(standins, hub, tmp_path):
     got = load_file(str(tmp_path / "out.safetensors"))
 
     cfg = load_config(config, overrides)  # the same model in this process, without DeepSpeed
-    seed_everything(cfg.seed)
+    seed_all(cfg.seed)  # as Trainer.setup before it builds the model
     ref = MultimodalModel(cfg.model, load_tokenizer(cfg)).eval()
     own = ref.state_dict()
     assert {k[3:] for k in got if k.startswith("sd.")} == set(own)
