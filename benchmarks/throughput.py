@@ -126,7 +126,8 @@ def build_mlmm(shape: dict, precision: str, device: torch.device, batch: int, ze
                            "intermediate": 4 * shape["text_width"], "max_length": shape["context"]}},
         "loss": {"name": "contrastive", "pairs": [["image", "text"]]},
         "train": {"precision": precision, "zero_stage": zero_stage, "lr": 5e-4, "betas": [0.9, 0.98], "eps": 1e-6,
-                  "weight_decay": 0.2, "warmup_steps": 0, "max_steps": 10**6, "ds_config": str(REPO / "ds_config.json")},
+                  "weight_decay": 0.2, "warmup_steps": 0, "max_steps": 10**6,
+                  "ds_config": str(REPO / "ds_config.json")},
     })
     model = MultimodalModel(cfg.model, _Vocab(shape["vocab"]))
     if compile:

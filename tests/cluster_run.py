@@ -20,7 +20,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "configs" / "tiny_clip.yaml"
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def make_data(root: Path) -> None:
@@ -195,7 +194,8 @@ def scenario_mixed(data: Path, out: Path, rank: int) -> dict:
     resumed.cleanup()
     return {"rank": rank, "world": tr.world, "draws": draws, "losses": tr.losses, "resumed_losses": resumed.losses,
             "steps": [tr.step, resumed.step], "syncs": counter.sites, "shard_resolves": len(shard_calls),
-            "fsynced": fsyncs, "modalities_seen": sorted(seen), "batch_has": {m: batch.has(m) for m in ("image", "audio")}}
+            "fsynced": fsyncs, "modalities_seen": sorted(seen),
+            "batch_has": {m: batch.has(m) for m in ("image", "audio")}}
 
 
 def scenario_accum(data: Path, out: Path, rank: int) -> dict:

@@ -40,7 +40,8 @@ def check_captions(meta: dict) -> None:
             raise SampleError("unknown language code", f"{lang!r}")
         caps = [caps] if isinstance(caps, str) else caps
         if not isinstance(caps, list):
-            raise SampleError("bad captions", f"language {lang!r}: expected a list of strings, got {type(caps).__name__}")
+            raise SampleError("bad captions",
+                              f"language {lang!r}: expected a list of strings, got {type(caps).__name__}")
         # an empty list means "no caption" (e.g. an uncaptioned clip); blank strings are broken data
         if caps and not any(isinstance(c, str) and c.strip() for c in caps):
             raise SampleError("empty captions", f"language {lang!r} has only blank captions")

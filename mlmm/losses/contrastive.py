@@ -88,7 +88,8 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def local_vs_global(valid_local: torch.Tensor, groups_local: Optional[torch.Tensor] = None,
-                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    dtype: torch.dtype = torch.float32
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What a loss that scores this rank's rows against the gathered global batch needs, with no data-dependent
     shape or branch: every rank runs the same collectives and builds the same autograd graph whatever its rows hold
     (a rank that skipped the gather's backward would leave the others waiting forever).

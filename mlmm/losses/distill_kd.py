@@ -99,8 +99,9 @@ class LogitKDLoss(TeacherLoss):
             z, ok = self._teacher_side(side, batch, device, dtype, cache)
             teacher.append(z)
             valid &= ok
-        loss = distill_clip_loss(student[0], student[1], self._scale("student"), teacher[0], teacher[1],
-                                 torch.tensor(self.teacher.logit_scale, dtype=torch.float32).to(device, non_blocking=True), valid)
+        teacher_scale = torch.tensor(self.teacher.logit_scale, dtype=torch.float32).to(device, non_blocking=True)
+        loss = distill_clip_loss(student[0], student[1], self._scale("student"), teacher[0], teacher[1], teacher_scale,
+                                 valid)
         return {"loss": loss, "logit_kd_loss": loss}
 
 

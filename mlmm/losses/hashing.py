@@ -233,12 +233,14 @@ class HashingLoss(nn.Module):
             total = total + cfg.token_weight * terms["token_loss"]
         return {"loss": total, **terms}
 
-    def _token_term(self, outputs, batch, a: str, b: str, labels: list, keys: list) -> tuple[torch.Tensor, torch.Tensor]:
+    def _token_term(self, outputs, batch, a: str, b: str, labels: list,
+                    keys: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Local rows only (no collective): every local row is scored, absent ones weighted 0."""
         cfg = self.cfg
         ka, kb = f"{cfg.codes}_{a}_tok", f"{cfg.codes}_{b}_tok"
         if ka not in outputs or kb not in outputs:
-            raise KeyError(f"hashing loss: token_weight > 0 needs {ka!r} and {kb!r}; set the hash head's source: tokens")
+            raise KeyError(f"hashing loss: token_weight > 0 needs {ka!r} and {kb!r}; "
+                           "set the hash head's source: tokens")
         x = at_least_fp32(outputs[ka])
         va, vb = batch.mask(a).to(x.device, x.dtype), batch.mask(b).to(x.device, x.dtype)  # [B]
         s_tok = token_similarity(x, outputs[f"{ka}_mask"], outputs[kb].to(x.dtype), outputs[f"{kb}_mask"])  # [B, B]

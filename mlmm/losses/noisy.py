@@ -198,7 +198,8 @@ class RCARLoss(nn.Module):
         training = self.training and torch.is_grad_enabled()
         if training:
             self.steps += 1
-            if self.steps > self.cfg.warmup_steps and (self.steps - self.cfg.warmup_steps - 1) % self.cfg.refit_every == 0:
+            after_warmup = self.steps - self.cfg.warmup_steps - 1
+            if after_warmup >= 0 and after_warmup % self.cfg.refit_every == 0:
                 self.refit()
         valid_local = batch.mask(self.a).to(device) & batch.mask(self.b).to(device)  # [B]
         scale = at_least_fp32(self.logit_scale).clamp(max=self.cfg.max_logit_scale).exp().squeeze(0)

@@ -46,7 +46,8 @@ def state() -> dict[str, Any]:
     """This process's random state as JSON-able data."""
     version, mt, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    out = {"python": [version, list(mt), gauss], "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    out = {"python": [version, list(mt), gauss],
+           "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
            "torch": _b64(torch.get_rng_state())}
     if torch.cuda.is_available():
         out["cuda"] = _b64(torch.cuda.get_rng_state())  # the current device: the one this rank trains on
@@ -68,7 +69,7 @@ def path_for(ckpt_dir: str | Path, rank: int) -> Path:
 
 
 def save(ckpt_dir: str | Path, rank: int) -> Path:
-    """Write this rank's state into a checkpoint folder (the caller fsyncs it: :func:`mlmm.training.checkpoint.save`)."""
+    """Write this rank's state into a checkpoint folder (:func:`mlmm.training.checkpoint.save` fsyncs it)."""
     path = path_for(ckpt_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(state()), encoding="utf-8")
