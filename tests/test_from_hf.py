@@ -126,6 +126,22 @@ def test_clear_errors(hf_data, tmp_path):
     assert index["n_samples"] == 1 and json.loads((tmp_path / "one" / "index.json").read_text())["languages"] == ["en"]
 
 
+def test_out_may_be_a_pipe_or_bucket_spec(hf_data, tmp_path):
+    """--out pipe:CMD {name} (as write_shards, tests/test_remote_shards.py): the same shards and index.json."""
+    root, _ = hf_data
+    args = dict(split="test", image_column="image", caption_columns=["caption:en"], shard_size=3, progress=False)
+    local = convert(str(root / "hf_disk"), tmp_path / "local", **args)
+    (tmp_path / "piped").mkdir()
+    piped = convert(str(root / "hf_disk"), f"pipe:cat > {tmp_path / 'piped'}/{{name}}", **args)
+    assert piped["shards"] == local["shards"] and len(local["shards"]) == 3
+    assert [s["key"] for s in piped["skipped"]] == [s["key"] for s in local["skipped"]]
+    names = [sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("piped", "local")]
+    assert names[0] == names[1] and "index.json" in names[0]
+    samples = [[{k: v for k, v in s.items() if k != "__url__"} for s in iter_samples(resolve_shards(str(tmp_path / d)))]
+               for d in ("piped", "local")]
+    assert samples[0] == samples[1] and len(samples[0]) == local["n_samples"] > 0
+
+
 def test_streams_a_data_folder(tmp_path, monkeypatch):
     """A folder of data files (not save_to_disk) goes through load_dataset(streaming=True), no network."""
     import datasets

@@ -1,7 +1,8 @@
 """Shards anywhere (issue 20 parts 1-3): http(s) / pipe: / s3 / gs specs resolve and read through webdataset's gopen;
 training, evaluation and precompute over a local HTTP server and `pipe:cat` equal the local files; a run SIGKILLed
 mid-epoch resumes exactly over http and over pipe:, skipping whole shards unopened; a stream cut mid-shard is retried
-without losing or duplicating a sample; a shard that stays unreadable is counted as bad samples."""
+without losing or duplicating a sample; a shard that stays unreadable is counted as bad samples. The shard writers'
+`--out` takes the same forms: uploaded by PUT, through `pipe:CMD {name}`, aws / gsutil, index.json last."""
 import itertools
 import json
 import logging
@@ -16,10 +17,12 @@ from test_reliability import TINY, overrides, run_in_process, run_killed
 
 from mlmm.config import load_config
 from mlmm.data.pipeline import Preprocessor, iter_samples, load_eval_items, resolve_shards
+from mlmm.data.shard_output import UploadError
 from mlmm.data.shardio import ShardReader, redact, shard_name
 from mlmm.data.stream import ShuffleBuffer, SlotPlan
 from mlmm.data.tokenization import load_tokenizer
 from mlmm.data.train_stream import TrainStream
+from mlmm.data.write_shards import write_shards
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,10 @@ def brace(root, last=None) -> str:
 def server(remote_data):
     with ShardServer(remote_data / "web") as srv:
         yield srv
+
+
+def samples_of(spec: str) -> list[dict]:
+    return [{k: v for k, v in s.items() if k != "__url__"} for s in iter_samples(resolve_shards(spec))]
 
 
 # ------------------------------------------------------------------------------------------ specs
@@ -143,6 +150,13 @@ def test_precompute_reads_http_and_pipe_inputs(remote_data, server, tmp_path):
                        for s in iter_samples(resolve_shards(str(tmp_path / name)))], index["shards"])
     assert outs["local"][0] and any(s[3] is not None for s in outs["local"][0])
     assert outs["http"] == outs["local"] and outs["pipe"] == outs["local"]
+    (tmp_path / "piped").mkdir()  # --out a pipe: as write_shards' (tests below)
+    index = precompute(cfg, f"{remote_data / 'shards'}/{two}", f"pipe:cat > {tmp_path / 'piped'}/{{name}}",
+                       progress=False, teacher=teacher)
+    assert index["shards"] == outs["local"][1] and sorted(os.listdir(tmp_path / "piped")) == sorted(
+        [*(s["name"] for s in index["shards"]), "index.json"])
+    assert [(s["__key__"], s["json"], s.get("teacher_text.npy"), s.get("teacher_image.npy"))
+            for s in iter_samples(resolve_shards(str(tmp_path / "piped")))] == outs["local"][0]
 
 
 # ------------------------------------------------------------------------------------------ retries
@@ -295,3 +309,71 @@ def test_a_bad_shard_sizes_file_fails_before_training(remote_data, tmp_path):
     cfg.data.shard_sizes = str(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="data.shard_sizes: cannot read sample counts"):
         build_train_loader(cfg.data, pre, rank=0, world_size=1)
+
+
+# ------------------------------------------------------------------------------------------ writing
+def test_write_shards_to_http_and_pipe_then_training_reads_what_a_local_write_holds(remote_data, tmp_path):
+    manifest = remote_data / "gen" / "manifest.jsonl"
+    local = write_shards(manifest, tmp_path / "local", shard_size=16, progress=False)
+    names = [s["name"] for s in local["shards"]]
+    want = samples_of(str(tmp_path / "local"))
+    (tmp_path / "bucket").mkdir()
+    with ShardServer(tmp_path / "bucket") as srv:
+        url = f"{srv.url}/laion/shards"
+        assert write_shards(manifest, url, shard_size=16, progress=False) == local
+        assert srv.requests == [f"PUT laion/shards/{n}" for n in [*names, "index.json"]]  # each tar, index.json last
+        spec = f"{url}/shard-{{000000..{len(names) - 1:06d}}}.tar"
+        assert samples_of(spec) == want
+        assert ShardReader().counts(resolve_shards(spec)) == [s["n"] for s in local["shards"]]  # the uploaded index
+        cfg = stream_cfg(remote_data)
+        pre = Preprocessor(cfg.model, load_tokenizer(remote_data / "tok"), train=True)
+        assert one_epoch(cfg, resolve_shards(spec), pre)[0] == one_epoch(cfg, resolve_shards(str(tmp_path / "local")),
+                                                                         pre)[0]
+    (tmp_path / "piped").mkdir()
+    assert write_shards(manifest, f"pipe:cat > {tmp_path / 'piped'}/{{name}}", shard_size=16, progress=False) == local
+    assert samples_of(str(tmp_path / "piped")) == want  # a folder again: read through the index.json written last
+
+
+def test_s3_and_gs_outputs_write_through_the_cli_tools(remote_data, tmp_path, monkeypatch):
+    fake_bucket_tools(tmp_path / "bin", tmp_path / "bucket")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    manifest = remote_data / "gen" / "manifest.jsonl"
+    local = write_shards(manifest, tmp_path / "local", shard_size=64, progress=False)
+    for scheme in ("s3", "gs"):
+        (tmp_path / "bucket").mkdir()
+        assert write_shards(manifest, f"{scheme}://b", shard_size=64, progress=False) == local
+        assert samples_of(str(tmp_path / "bucket")) == samples_of(str(tmp_path / "local"))
+        shutil.rmtree(tmp_path / "bucket")
+
+
+def test_unwritable_output_specs_are_refused_in_one_line_before_any_work(tmp_path):
+    from mlmm.distill.precompute import precompute
+
+    missing = tmp_path / "never-read.jsonl"  # the spec is refused first: no "manifest not found"
+    for out, why in (("pipe:aws s3 cp - s3://b/x.tar", r"needs \{name\} where each file goes"),
+                     ("hf://datasets/me/x", "cannot write to hf://"), ("nope://h/x", "cannot write to nope://"),
+                     ("https://me:hunter2@h/x", "holds a password; give credentials through the environment"),
+                     ("s3://", "expected s3://HOST_OR_BUCKET/prefix")):
+        with pytest.raises(ValueError, match=f"--out: .*{why}") as e:
+            write_shards(missing, out, progress=False)
+        assert "hunter2" not in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"needs \{name\}"):  # before the teacher is built (None would fail)
+        precompute(None, str(missing), "pipe:cat > x", progress=False)
+
+
+def test_a_failed_upload_names_the_file_and_writes_no_index(remote_data, tmp_path, caplog):
+    manifest = remote_data / "gen" / "manifest.jsonl"
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    # the command fails for the second shard: the first is uploaded, the writer stops, index.json is never written
+    out = f"pipe:AWS_SECRET_ACCESS_KEY=hunter2 test {{name}} != shard-000001.tar && cat > {dest}/{{name}}"
+    with caplog.at_level(logging.INFO, logger="mlmm.data"), pytest.raises(UploadError) as e:
+        write_shards(manifest, out, shard_size=16, progress=False)
+    assert str(e.value) == ("--out: writing shard-000001.tar to pipe:AWS_SECRET_ACCESS_KEY=*** test shard-000001.tar "
+                            f"!= shard-000001.tar && cat > {dest}/shard-000001.tar failed: pipe command exited with "
+                            "status 1 (index.json not written)")
+    assert sorted(os.listdir(dest)) == ["shard-000000.tar"]
+    assert "hunter2" not in caplog.text and "1 files uploaded before the failure" in caplog.text
+    with pytest.raises(UploadError, match="writing shard-000000.tar to .* failed: pipe command exited with status 2"):
+        write_shards(manifest, f"pipe:cat > {tmp_path / 'missing'}/{{name}}", shard_size=16, progress=False)
+    assert not (tmp_path / "missing").exists()

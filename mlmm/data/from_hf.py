@@ -29,10 +29,11 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from tqdm import tqdm
 
+from mlmm.data.shard_output import remote_out
 from mlmm.data.write_shards import MEDIA_KEYS, SkipSample, check_media, normalise_captions
 
 log = logging.getLogger(__name__)
@@ -223,12 +224,15 @@ def row_to_sample(row: dict[str, Any], key: str, *, media: dict[str, str], capti
 
 
 # ------------------------------------------------------------------------------------------ writing
+@remote_out
 def convert(dataset: str, out_dir: str | Path, *, split: str = "train", image_column: Optional[str] = None,
             audio_column: Optional[str] = None, video_column: Optional[str] = None,
             caption_columns: Sequence[str] = (), language: str = "en", keep_columns: Sequence[str] = (),
             key_column: Optional[str] = None, shard_size: int = 1000, limit: Optional[int] = None,
-            config_name: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
-    """Stream ``dataset[split]`` into ``out_dir/shard-*.tar`` + ``index.json``; returns the index."""
+            config_name: Optional[str] = None, progress: bool = True,
+            on_shard: Optional[Callable[[Path], None]] = None) -> dict[str, Any]:
+    """Stream ``dataset[split]`` into ``out_dir/shard-*.tar`` + ``index.json``; returns the index. ``out_dir`` may
+    be a bucket, URL or ``pipe:`` spec (:mod:`mlmm.data.shard_output`, which passes ``on_shard``)."""
     import webdataset as wds
 
     if shard_size < 1:
@@ -284,6 +288,8 @@ def convert(dataset: str, out_dir: str | Path, *, split: str = "train", image_co
         if writer is None or shards[-1]["n"] >= shard_size:
             if writer is not None:
                 writer.close()
+                if on_shard:
+                    on_shard(out / shards[-1]["name"])
             name = f"shard-{len(shards):06d}.tar"
             writer = wds.TarWriter(str(out / name))
             shards.append({"name": name, "n": 0})
@@ -294,6 +300,8 @@ def convert(dataset: str, out_dir: str | Path, *, split: str = "train", image_co
         modalities.update(meta["modalities"])
     if writer is not None:
         writer.close()
+        if on_shard:
+            on_shard(out / shards[-1]["name"])
     index = {"shards": shards, "n_samples": sum(s["n"] for s in shards), "languages": sorted(languages),
              "modalities": sorted(modalities), "skipped": skipped,
              "source": {"dataset": str(dataset), "split": split, "config": config_name}}
@@ -315,7 +323,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--language", default="en", help="language of caption columns given without :LANG")
     p.add_argument("--keep-column", action="extend", nargs="+", default=[], metavar="COL[:NAME]")
     p.add_argument("--key-column", help="column giving each sample's key (default SPLIT-<row index>)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="shard folder, or a bucket / URL prefix or pipe:CMD with {name} "
+                                               "(mlmm.data.shard_output)")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--limit", type=int, help="convert only the first N rows")
     args = p.parse_args(argv)

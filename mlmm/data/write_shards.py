@@ -23,9 +23,11 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from tqdm import tqdm
+
+from mlmm.data.shard_output import remote_out
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +161,13 @@ def read_manifest(manifest_path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+@remote_out
 def write_shards(
-    manifest_path: str | Path, out_dir: str | Path, shard_size: int = 1000, progress: bool = True
+    manifest_path: str | Path, out_dir: str | Path, shard_size: int = 1000, progress: bool = True,
+    on_shard: Optional[Callable[[Path], None]] = None,
 ) -> dict[str, Any]:
-    """Write ``out_dir/shard-NNNNNN.tar`` + ``out_dir/index.json``; return the index."""
+    """Write ``out_dir/shard-NNNNNN.tar`` + ``out_dir/index.json``; return the index. ``out_dir`` may be a bucket,
+    URL or ``pipe:`` spec (:mod:`mlmm.data.shard_output`, which passes ``on_shard``: called on each closed shard)."""
     import webdataset as wds
 
     if shard_size < 1:
@@ -188,6 +193,8 @@ def write_shards(
         if writer is None or shards[-1]["n"] >= shard_size:
             if writer is not None:
                 writer.close()
+                if on_shard:
+                    on_shard(out / shards[-1]["name"])
             name = f"shard-{len(shards):06d}.tar"
             writer = wds.TarWriter(str(out / name))
             shards.append({"name": name, "n": 0})
@@ -198,6 +205,8 @@ def write_shards(
         modalities.update(meta["modalities"])
     if writer is not None:
         writer.close()
+        if on_shard:
+            on_shard(out / shards[-1]["name"])
     index = {
         "shards": shards,
         "n_samples": sum(s["n"] for s in shards),
@@ -255,7 +264,8 @@ def shared_data_manifest(shared_dir: str | Path, out_path: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write WebDataset shards from an mlmm JSONL manifest.")
     parser.add_argument("--manifest", required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="shard folder, or a bucket / URL prefix or pipe:CMD with {name} "
+                                                    "(mlmm.data.shard_output)")
     parser.add_argument("--shard-size", type=int, default=1000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -24,7 +24,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ import yaml
 from tqdm import tqdm
 
 from mlmm.config import ConfigError, from_dict
+from mlmm.data.shard_output import remote_out
 from mlmm.distill.teacher import Teacher, TeacherConfig, build_teacher
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,12 @@ def embed_samples(teacher: Teacher, samples: list[dict[str, Any]], frames: int) 
     return out
 
 
+@remote_out
 def precompute(teacher_cfg: TeacherConfig, shards: str, out_dir: str | Path, frames: int = 4,
-               chunk: int = 256, progress: bool = True, teacher: Optional[Teacher] = None) -> dict:
-    """Write ``out_dir`` (shards + index.json) with teacher embeddings; returns the index."""
+               chunk: int = 256, progress: bool = True, teacher: Optional[Teacher] = None,
+               on_shard: Optional[Callable[[Path], None]] = None) -> dict:
+    """Write ``out_dir`` (shards + index.json) with teacher embeddings; returns the index. ``out_dir`` may be a
+    bucket, URL or ``pipe:`` spec (:mod:`mlmm.data.shard_output`, which passes ``on_shard``)."""
     import webdataset as wds
 
     from mlmm.data.pipeline import iter_samples, resolve_shards
@@ -140,6 +144,8 @@ def precompute(teacher_cfg: TeacherConfig, shards: str, out_dir: str | Path, fra
                 if len(buf) >= chunk:
                     flush()
             flush()
+        if on_shard:
+            on_shard(out / shard_name(shard))
         counts.append({"name": shard_name(shard), "n": n})
     src_index, index = beside(files[0], "index.json"), {}  # no index beside pipe: inputs
     if src_index and (not is_local(src_index) or Path(src_index).is_file()):
@@ -159,7 +165,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--teacher", required=True, help="YAML: a run config with a distillation loss, or a teacher")
     p.add_argument("--shards", required=True, help="input shards: a folder, glob, brace range, URL or pipe: spec "
                                                    "(mlmm.data.shards.resolve_shards)")
-    p.add_argument("--out", required=True, help="output shard folder")
+    p.add_argument("--out", required=True, help="output shard folder, or a bucket / URL prefix or pipe:CMD with "
+                                               "{name} (mlmm.data.shard_output)")
     p.add_argument("--frames", type=int, default=None, help="video frames (default: the loss's, else 4)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
