@@ -2,6 +2,7 @@
 
     python -m benchmarks.remote_reader                      # 4 shards x 500 512-px JPEGs, 3 interleaved reps
     python -m benchmarks.remote_reader --n 400 --reps 3     # quick look
+    python -m benchmarks.remote_reader --max-load 1.5       # each repetition waits for a quiet box (docs/data.md)
 
 Two levels, each timed on the same shards (benchmarks/dataloader.py's 512-px JPEG + json samples) read as
   * ``local``: the shard files (``shards/bench-{000000..000003}.tar``);
@@ -14,7 +15,8 @@ process (``num_workers=0``: with a worker process, a box shared with other jobs 
 each spec and the figures swing by 2-3x), one epoch after a warm-up batch; also its samples per CPU second of this
 process (curl and cat run in their own processes and are not in it). Repetitions are interleaved (local, http, pipe,
 local, ...); the median counts. The server shares the machine's cores with the reader. Writes
-``benchmarks/results/remote_reader.json`` with the load average before and after.
+``benchmarks/results/remote_reader.json`` with the load average before and after, and the 1-minute load at the start of
+each repetition (``--max-load``: wait until it is below that first).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_common import write_result
+from benchmarks.bench_common import wait_quiet, write_result
 from benchmarks.dataloader import mlmm_loader, write_bench_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--max-load", type=float, default=None, help="wait for a 1-min load below this before each rep")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from mlmm.data.shards import resolve_shards
@@ -106,15 +109,18 @@ def main(argv=None) -> int:
             specs = {"local": local_spec, "http": f"{url}/{Path(local_spec).name}", "pipe": f"pipe:cat {local_spec}"}
             rates: dict[str, dict[str, list[float]]] = {level: {k: [] for k in specs}
                                                          for level in ("raw", "stream", "stream_per_cpu_s")}
+            loads = []
             for rep in range(args.reps):
+                loads.append(wait_quiet(args.max_load, label=f"rep {rep + 1}"))
                 for name, spec in specs.items():
                     rates["raw"][name].append(raw_rate(resolve_shards(spec)))
                 for name, spec in specs.items():
                     wall, cpu = stream_rates(spec, args.n, args.batch, Path(tmp) / "tok")
                     rates["stream"][name].append(wall)
                     rates["stream_per_cpu_s"][name].append(cpu)
-                print(f"rep {rep + 1}: " + "; ".join(f"{level} " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in r.items())
-                                                      for level, r in rates.items()) + " samples/s")
+                figures = "; ".join(f"{level} " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in r.items())
+                                    for level, r in rates.items())
+                print(f"rep {rep + 1} (load {loads[-1]:.2f}): {figures} samples/s")
         finally:
             server.kill()
     median = {level: {k: statistics.median(v) for k, v in r.items()} for level, r in rates.items()}
@@ -125,6 +131,7 @@ def main(argv=None) -> int:
         "n": args.n, "per_shard": args.per_shard, "image_px": args.size, "batch": args.batch,
         "mean_sample_kb": mean_kb, "reps": args.reps, "median_samples_per_s": median, "all": rates,
         "load_average_before": load_before, "load_average_after": list(os.getloadavg()),
+        "max_load": args.max_load, "load_1m_at_each_rep": loads,
         "note": "interleaved reps, median; http.server runs in its own process on the same cores; stream in-process",
         "command": " ".join(sys.argv)}, args.out)
     print(f"wrote {path}")

@@ -295,7 +295,7 @@ def test_remote_reader_benchmark_runs_on_a_tiny_shape(tmp_path):
     for level in ("raw", "stream", "stream_per_cpu_s"):
         assert set(result["median_samples_per_s"][level]) == {"local", "http", "pipe"}
         assert all(v > 0 for v in result["median_samples_per_s"][level].values())
-    assert len(result["load_average_before"]) == 3
+    assert len(result["load_average_before"]) == 3 and len(result["load_1m_at_each_rep"]) == 1
 
 
 def test_a_bad_shard_sizes_file_fails_before_training(remote_data, tmp_path):
