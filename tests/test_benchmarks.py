@@ -40,3 +40,23 @@ def test_eval_throughput_benchmark_runs_both_loops_with_equal_metrics(tmp_path):
     result = json.loads(out.read_text())
     assert result["max_metric_gap"] <= 1e-5 and result["ratio_mlmm_over_clip_benchmark"] > 0
     assert {r["run"] for r in result["rows"]} == {"clip_benchmark/w0", "mlmm/w0"}
+
+
+def test_video_loader_benchmark_times_every_loader_on_original_and_transcoded_shards(tmp_path):
+    """One real clip x 3, T = 2 frames of 32 px: the plain PyAV, mlmm (and decord if installed) loaders run on the
+    clips as they are and transcoded at write time; rates, ratios, loads and the one-time cost are written."""
+    bench = import_benchmark("video_loader")
+    out = tmp_path / "vl.json"
+    assert bench.main(["--clips", "1", "--repeat", "3", "--reps", "1", "--frames", "2", "--frame-size", "32",
+                       "--fps", "2", "--size", "64", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    loaders = {r["loader"]: r for r in result["rows"]}
+    expected = {"plain", "mlmm"} | ({"decord"} if result["decord"] else set())
+    assert set(loaders) == {f"{a}/{b}" for a in expected for b in ("original", "transcoded")}
+    for r in loaders.values():
+        assert r["samples_per_s"] > 0 and len(r["all"]) == 1 and len(r["load_1m_all"]) == 1
+    assert loaders["plain/original"]["ratio_vs_plain_original"] == 1.0
+    assert result["ratio_mlmm_transcoded"] == loaders["mlmm/transcoded"]["samples_per_s"] / \
+        loaders["plain/original"]["samples_per_s"]
+    assert result["samples"] == 3 and result["transcode"]["write_seconds"] > 0
+    assert result["transcode"]["kb_per_sample"] < result["original"]["kb_per_sample"]  # 2 fps, 64 px: smaller

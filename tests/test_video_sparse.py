@@ -155,3 +155,47 @@ def test_decode_video_takes_the_sparse_path_and_gives_the_decode_all_tensors(mon
             assert fast.shape == (8, 3, 64, 64) and fast.dtype == (torch.float32 if normalize else torch.uint8)
             assert torch.equal(fast, plain)
     assert len(calls) == 2 * len(clips)
+
+
+def test_write_shards_transcodes_videos_once_and_records_what_it_did(tmp_path, monkeypatch):
+    """write_shards(video_fps=, video_size=) stores the re-encoded mp4 (+ what was done in the json); the reader
+    then samples the documented source frames from it. A clip that cannot be transcoded is a counted skip."""
+    import json
+    import tarfile
+
+    from mlmm.data.write_shards import main as write_main
+    from mlmm.data.write_shards import write_shards
+
+    (tmp_path / "clip.avi").write_bytes(indexed_clip(50, fps=25, codec="mpeg4", fmt="avi", w=320, h=240))
+    (tmp_path / "bad.mp4").write_bytes(indexed_clip(5)[:400])  # a header, no frames
+    rows = [{"key": "c", "video": "clip.avi", "captions": {"en": "x"}},
+            {"key": "b", "video": "bad.mp4", "captions": {"en": "y"}}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    index = write_shards(tmp_path / "m.jsonl", tmp_path / "out", progress=False, video_fps=3, video_size=128)
+    assert index["n_samples"] == 1 and [s["key"] for s in index["skipped"]] == ["b"]
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        names = tar.getnames()
+        meta = json.loads(tar.extractfile("c.json").read())
+        out = tar.extractfile("c.mp4").read()
+    assert sorted(names) == ["c.json", "c.mp4"]  # an avi source is stored as the transcoded mp4
+    kept = transcode_frame_indices(50, 25.0, 3)
+    assert meta["video_transcode"]["frames"] == len(kept) and meta["video_transcode"]["size"] == [170, 128]
+    got, n = sample_frames_sparse(out, lambda n: sample_indices(n, 4))
+    assert n == len(kept) and [read_index(f) for f in got] == [kept[i] for i in sample_indices(len(kept), 4)]
+    # without the options the bytes are stored as they are; the CLI passes them through and checks them
+    write_shards(tmp_path / "m.jsonl", tmp_path / "plain", progress=False)
+    with tarfile.open(tmp_path / "plain" / "shard-000000.tar") as tar:
+        assert sorted(tar.getnames()) == ["c.avi", "c.json"]
+    write_main(["--manifest", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "cli"), "--video-fps", "3"])
+    with tarfile.open(tmp_path / "cli" / "shard-000000.tar") as tar:
+        assert json.loads(tar.extractfile("c.json").read())["video_transcode"]["size"] == [320, 240]
+    with pytest.raises(ValueError, match="video_fps must be > 0"):
+        write_shards(tmp_path / "m.jsonl", tmp_path / "x", video_fps=0)
+    import mlmm.data.video as video
+
+    def fail(data, fps=None, size=None):
+        raise ValueError("video stream has no frame rate")
+
+    monkeypatch.setattr(video, "transcode_video", fail)
+    index = write_shards(tmp_path / "m.jsonl", tmp_path / "y", progress=False, video_fps=3)
+    assert index["n_samples"] == 0 and "not transcoded: video stream has no frame rate" in index["skipped"][0]["reason"]

@@ -83,8 +83,13 @@ def check_media(modality: str, data: bytes) -> None:
         raise SkipSample(f"undecodable {modality}: {type(e).__name__}: {e}") from e
 
 
-def _read_row(row: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
-    """Manifest row -> {"__key__", <ext>: bytes, ..., "json": bytes}; raises SkipSample for bad files."""
+def _read_row(row: dict[str, Any], base: Path, where: str, video_fps: Optional[float] = None,
+              video_size: Optional[int] = None) -> dict[str, Any]:
+    """Manifest row -> {"__key__", <ext>: bytes, ..., "json": bytes}; raises SkipSample for bad files.
+
+    ``video_fps`` / ``video_size``: re-encode the video once (``mlmm.data.video.transcode_video``: that frame rate,
+    shorter side, all-intra H.264 mp4); what was done goes into the json as ``video_transcode``.
+    """
     sample: dict[str, Any] = {"__key__": row["key"]}
     meta = {k: v for k, v in row.items() if k not in MEDIA_KEYS}
     meta["captions"] = normalise_captions(row.get("captions"), where)
@@ -105,6 +110,14 @@ def _read_row(row: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
         except OSError as e:
             raise SkipSample(f"unreadable {modality} file {path}: {e}") from e
         check_media(modality, data)
+        if modality == "video" and (video_fps is not None or video_size is not None):
+            from mlmm.data.video import transcode_video
+
+            try:
+                data, meta["video_transcode"] = transcode_video(data, fps=video_fps, size=video_size)
+            except ValueError as e:
+                raise SkipSample(f"video {path.name} not transcoded: {e}") from e
+            kind = ("video", "mp4")
         sample[kind[1]] = data
         modalities.append(modality)
     extra = row.get("extra_images") or {}  # {name: path}: further images stored as "<name>.<ext>" (e.g. ref.jpg)
@@ -164,14 +177,23 @@ def read_manifest(manifest_path: str | Path) -> list[dict[str, Any]]:
 @remote_out
 def write_shards(
     manifest_path: str | Path, out_dir: str | Path, shard_size: int = 1000, progress: bool = True,
-    on_shard: Optional[Callable[[Path], None]] = None,
+    on_shard: Optional[Callable[[Path], None]] = None, video_fps: Optional[float] = None,
+    video_size: Optional[int] = None,
 ) -> dict[str, Any]:
     """Write ``out_dir/shard-NNNNNN.tar`` + ``out_dir/index.json``; return the index. ``out_dir`` may be a bucket,
-    URL or ``pipe:`` spec (:mod:`mlmm.data.shard_output`, which passes ``on_shard``: called on each closed shard)."""
+    URL or ``pipe:`` spec (:mod:`mlmm.data.shard_output`, which passes ``on_shard``: called on each closed shard).
+
+    ``video_fps`` / ``video_size`` transcode every video once, here, so that each epoch decodes less (see
+    :func:`_read_row`; the frames training then samples are documented in docs/data.md).
+    """
     import webdataset as wds
 
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if video_fps is not None and not video_fps > 0:
+        raise ValueError(f"video_fps must be > 0, got {video_fps}")
+    if video_size is not None and video_size < 2:
+        raise ValueError(f"video_size must be >= 2, got {video_size}")
     manifest_path = Path(manifest_path)
     rows = read_manifest(manifest_path)
     out = Path(out_dir)
@@ -185,7 +207,7 @@ def write_shards(
     writer: Optional[wds.TarWriter] = None
     for row in tqdm(rows, desc=f"shards {out.name}", disable=not progress):
         try:
-            sample = _read_row(row, manifest_path.parent, f"{manifest_path}: key {row['key']!r}")
+            sample = _read_row(row, manifest_path.parent, f"{manifest_path}: key {row['key']!r}", video_fps, video_size)
         except SkipSample as e:
             log.warning("skipping %s: %s", row["key"], e)
             skipped.append({"key": row["key"], "reason": str(e)})
@@ -267,9 +289,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="shard folder, or a bucket / URL prefix or pipe:CMD with {name} "
                                                     "(mlmm.data.shard_output)")
     parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--video-fps", type=float, default=None,
+                        help="re-encode videos once, here, to this frame rate (all-intra H.264 mp4): every epoch then "
+                             "decodes a fraction of the frames; training samples its T frames from this stream")
+    parser.add_argument("--video-size", type=int, default=None,
+                        help="re-encode videos with their shorter side scaled down to this many pixels")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    index = write_shards(args.manifest, args.out, args.shard_size)
+    index = write_shards(args.manifest, args.out, args.shard_size, video_fps=args.video_fps,
+                         video_size=args.video_size)
     print(f"{index['n_samples']} samples in {len(index['shards'])} shards -> {args.out} "
           f"(languages {index['languages']}, modalities {index['modalities']}, skipped {len(index['skipped'])})")
 
