@@ -332,6 +332,8 @@ def test_write_shards_to_http_and_pipe_then_training_reads_what_a_local_write_ho
     (tmp_path / "piped").mkdir()
     assert write_shards(manifest, f"pipe:cat > {tmp_path / 'piped'}/{{name}}", shard_size=16, progress=False) == local
     assert samples_of(str(tmp_path / "piped")) == want  # a folder again: read through the index.json written last
+    assert write_shards(manifest, f"file://{tmp_path / 'file'}", shard_size=16, progress=False) == local
+    assert samples_of(str(tmp_path / "file")) == want
 
 
 def test_s3_and_gs_outputs_write_through_the_cli_tools(remote_data, tmp_path, monkeypatch):

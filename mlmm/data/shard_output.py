@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
-from mlmm.data.shardio import _close, _describe, check_url, is_local, open_stream, redact, scheme
+from mlmm.data.shardio import _close, _describe, check_url, is_local, local_path, open_stream, redact, scheme
 
 log = logging.getLogger("mlmm.data")
 
@@ -153,7 +153,8 @@ def remote_out(writer: Callable[..., Any]) -> Callable[..., Any]:
         call = signature.bind(*args, **kwargs)
         out = str(call.arguments["out_dir"])
         if is_local(out):
-            return writer(*args, **kwargs)
+            call.arguments["out_dir"] = local_path(out) if scheme(out) == "file" else call.arguments["out_dir"]
+            return writer(*call.args, **call.kwargs)
         with remote_output(out, "--out") as dest:
             call.arguments.update(out_dir=dest.folder, on_shard=dest.done)
             return writer(*call.args, **call.kwargs)
