@@ -404,6 +404,9 @@ def build_config(raw: dict) -> RunConfig:
     for loss_cfg in [cfg.loss, *getattr(cfg.loss, "terms", {}).values()]:  # checks that read other sections
         if hasattr(loss_cfg, "check_run"):
             loss_cfg.check_run(cfg)
+    from mlmm.contracts import check
+
+    check(cfg)  # every output a head or the loss reads is written by a tower or an earlier head
     return cfg
 
 

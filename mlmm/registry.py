@@ -20,15 +20,20 @@ class Entry:
 
 
 class Registry:
-    def __init__(self, kind: str, modules: tuple[str, ...] = ()):
+    def __init__(self, kind: str, modules: tuple[str, ...] = (), contract: tuple[str, ...] = ()):
         self.kind = kind
         self._entries: dict[str, Entry] = {}
         self._modules = modules  # imported on first lookup so that registration has happened
+        self._contract = contract  # static methods every registered class defines (mlmm.contracts)
 
     def register(self, name: str, config: Optional[type] = None) -> Callable[[type], type]:
         def wrap(cls: type) -> type:
             if name in self._entries and self._entries[name].cls is not cls:
                 raise KeyError(f"{self.kind} {name!r} is registered twice")
+            missing = [m for m in self._contract if not callable(getattr(cls, m, None))]
+            if missing:
+                raise TypeError(f"{self.kind} {name!r} ({cls.__name__}) does not declare {', '.join(missing)}: "
+                                "see mlmm.contracts")
             self._entries[name] = Entry(name, cls, config)
             return cls
 
@@ -75,5 +80,5 @@ def build_component_config(registry: Registry, raw: Any, where: str, default_nam
     return cfg
 
 
-LOSSES = Registry("loss", modules=("mlmm.losses",))
-HEADS = Registry("head", modules=("mlmm.models.heads",))
+LOSSES = Registry("loss", modules=("mlmm.losses",), contract=("reads",))
+HEADS = Registry("head", modules=("mlmm.models.heads",), contract=("reads", "writes"))

@@ -66,6 +66,10 @@ def register_row_cosine() -> None:
 
     @LOSSES.register("row_cosine", config=RowCosineLossConfig)
     class RowCosineLoss(torch.nn.Module):
+        @staticmethod
+        def reads(cfg, model):
+            return {"image", "text"}
+
         def __init__(self, cfg, modalities):
             super().__init__()
 

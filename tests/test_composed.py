@@ -166,7 +166,8 @@ def test_composed_head_and_loss(cir_data):
     model.eval()
     with torch.no_grad():
         again = model(batch)["composed_query"][rows]
-        direct = head.encode_query(batch.extras["ref"][rows], enc["input_ids"][rows], enc["attention_mask"][rows])
+        direct = head.encode_query(model, batch.extras["ref"][rows], enc["input_ids"][rows],
+                                   enc["attention_mask"][rows])
     torch.testing.assert_close(direct, again, rtol=1e-5, atol=1e-5)
     # a batch without any triplet keeps a (zero) graph through the head
     model.train()

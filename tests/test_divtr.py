@@ -168,7 +168,6 @@ def test_divtr_head_selects_valid_hard_negatives_and_scores_pairs(tok_dir):
 
 def test_other_renderings_captioned_alike_are_never_hard_negatives(tok_dir):
     from mlmm.data.generate_av import order_captions
-    from mlmm.models.heads.divtr import DIVTRHead
 
     same = order_captions(("red", "circle"), ("blue", "square"))
     other = order_captions(("blue", "square"), ("red", "circle"))  # the reversed twin
@@ -177,13 +176,13 @@ def test_other_renderings_captioned_alike_are_never_hard_negatives(tok_dir):
     batch = make_batch(tok, texts, [True] * 4, keys=["r0", "r1", "t0", "r0"])
     batch.captions = texts
     batch.meta = [{"captions": same}, {"captions": same}, {"captions": other}, {"captions": same}]
-    excl = DIVTRHead.excluded(batch, torch.arange(4))
+    excl = batch.not_negatives(torch.arange(4))
     # rows 0, 1, 3 show the same scene (two renderings; row 3 = row 0 in French): never each other's negatives
     assert excl[[0, 0, 1, 1, 3, 3], [1, 3, 0, 3, 0, 1]].all()
     # the reversed twin is a real (hard) negative in both directions
     assert not excl[[0, 1, 3, 2, 2, 2], [2, 2, 2, 0, 1, 3]].any()
     batch.meta = [{} for _ in texts]  # without sample captions: only the key and identical captions count
-    excl = DIVTRHead.excluded(batch, torch.arange(4))
+    excl = batch.not_negatives(torch.arange(4))
     assert bool(excl[0, 3]) and not bool(excl[0, 1])
 
 

@@ -20,13 +20,20 @@ class ProbeHeadConfig:
 @HEADS.register("probe", config=ProbeHeadConfig)
 class ProbeHead(nn.Module):
     """Classifies images from their patch tokens (reads tokens, returns logits)."""
-    needs_tokens = ("image",)
+
+    @staticmethod
+    def reads(cfg, model):
+        return {"image_tokens", "image_token_mask"}
+
+    @staticmethod
+    def writes(cfg, model):
+        return {"probe_logits"}
 
     def __init__(self, cfg, model):
         super().__init__()
         self.fc = nn.Linear(model.widths["image"], cfg.classes)
 
-    def forward(self, outputs, batch):
+    def forward(self, outputs, batch, model):
         tokens, mask = outputs["image_tokens"], outputs["image_token_mask"]  # [B, T, D], [B, T]
         pooled = (tokens * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return {"probe_logits": self.fc(pooled)}
@@ -39,6 +46,10 @@ class ProbeLossConfig:
 
 @LOSSES.register("probe_ce", config=ProbeLossConfig)
 class ProbeLoss(nn.Module):
+    @staticmethod
+    def reads(cfg, model):
+        return {"probe_logits"}
+
     def __init__(self, cfg, modalities):
         super().__init__()
 
@@ -50,7 +61,8 @@ class ProbeLoss(nn.Module):
 
 def raw_config(**loss):
     return {"data": {"train_shards": "x"},
-            "model": {"embed_dim": 8, "image": {}, "heads": {"p": {"name": "probe", "classes": 2}}},
+            "model": {"embed_dim": 8, "image": {}, "text": {"tokenizer": "t"},
+                      "heads": {"p": {"name": "probe", "classes": 2}}},
             "loss": loss}
 
 

@@ -177,7 +177,7 @@ def test_head_variants_overfit_a_fixed_batch(hash_data, tmp_path, variant):
     assert out["hash_image"].shape == (16, 32) and out["hash_text"].shape == (16, 32)
     assert out["hash_image"].abs().max() < 1
     if variant == "tokens":
-        assert model.heads["hash"].needs_tokens == ("image", "text")
+        assert model.token_modalities == ["image", "text"]
         assert out["hash_text_tok"].shape[:2] == batch.text_ids.shape and out["hash_text_tok_mask"].dtype == torch.bool
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = None

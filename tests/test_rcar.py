@@ -134,7 +134,7 @@ def test_rcar_loss_equals_reference(soft, down, comp_on):
 
 
 def test_rcar_before_first_fit_is_plain_infonce_and_memory_refit_schedule():
-    from mlmm.losses.contrastive import key_groups, masked_info_nce
+    from mlmm.losses.contrastive import masked_info_nce
 
     a, b, batch = fixed_inputs()
     cfg = RCARLossConfig(warmup_steps=3, refit_every=2, min_memory=2, complementary_on="noisy")
@@ -142,7 +142,7 @@ def test_rcar_before_first_fit_is_plain_infonce_and_memory_refit_schedule():
     out = loss({"image": a, "text": b}, batch)  # step 1: w = 1 everywhere, complementary weight 1 - w = 0
     scale = loss.logit_scale.exp().squeeze(0)
     valid = batch.image_mask & batch.text_mask
-    ref = masked_info_nce(a, b, valid, scale, key_groups(batch.keys, a.device))
+    ref = masked_info_nce(a, b, valid, scale, batch.groups(a.device))
     torch.testing.assert_close(out["loss"], ref)
     assert set(loss.memory.pending[0][0].tolist()) == set(key_hashes(["s0", "s1", "s2", "s4"]).tolist())
     assert loss.fits == 0 and len(loss.memory) == 0  # rows wait for the first refit

@@ -141,3 +141,52 @@ class Batch:
         if mask is None:
             return torch.zeros(len(self), dtype=torch.bool)
         return mask
+
+    # ------------------------------------------------------------------------- rows of the same sample
+    def groups(self, device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
+        """Long[B]: one id per sample key (crc32, the same on every rank, so gathered ids compare across ranks); rows
+        with equal ids are one sample (e.g. once per language) and never each other's negatives. None without keys."""
+        if not self.keys:
+            return None
+        return string_ids(self.keys, device)
+
+    def not_negatives(self, rows: torch.Tensor) -> torch.Tensor:
+        """Bool[n, n] over (text row i, media row j) of ``rows``: j's media must not be a negative of i's text.
+
+        That is the case when both rows are the same sample (same key), have an identical caption (equal token ids),
+        or when text i is one of the captions of sample j (``meta["captions"]``, any language): e.g. another
+        rendering of the same scene, captioned alike, is a positive, not a hard negative. Symmetric in the first two.
+        """
+        device, n = rows.device, rows.numel()
+        excl = torch.zeros((n, n), dtype=torch.bool, device=device)
+        if self.keys:
+            g = self.groups(device)[rows]
+            excl |= g[:, None] == g[None, :]
+        if self.text_ids is not None:
+            ids = self.text_ids.to(device)[rows]  # [n, L]
+            if self.text_attention is not None:
+                ids = ids.masked_fill(~self.text_attention.to(device)[rows].bool(), -1)
+            excl |= (ids[:, None, :] == ids[None, :, :]).all(-1)
+        if self.captions and self.meta:
+            r = rows.tolist()
+            texts = [self.captions[i] for i in r]
+            owned = [caption_set(self.meta[i]) for i in r]
+            listed = [[bool(t) and t in own for own in owned] for t in texts]  # [i][j]: text i is a caption of j
+            excl |= torch.tensor(listed, dtype=torch.bool).view(n, n).to(device, non_blocking=True)
+        return excl
+
+
+def string_ids(strings: list[str], device: Optional[torch.device] = None) -> torch.Tensor:
+    """Stable int64 id per string (crc32): Long[len(strings)]; equal strings, equal ids, on every rank."""
+    import zlib
+
+    ids = torch.tensor([zlib.crc32(s.encode("utf-8")) for s in strings], dtype=torch.long)
+    return ids if device is None else ids.to(device, non_blocking=True)  # (built on the host: no device sync)
+
+
+def caption_set(meta: dict) -> set[str]:
+    """Every caption of a sample json (``captions``: {lang: str | [str, ...]}), all languages together."""
+    caps = meta.get("captions") if isinstance(meta, dict) else None
+    if not isinstance(caps, dict):
+        return set()
+    return {c for v in caps.values() for c in ([v] if isinstance(v, str) else v) if isinstance(c, str)}

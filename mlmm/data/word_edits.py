@@ -48,6 +48,21 @@ def _entries(value: Any, where: str) -> dict[str, dict[str, str]]:
     raise ValueError(f"{where}: expected a list of words, a mapping word -> concept, or tag -> (list | mapping)")
 
 
+DEFAULT_WORD_LIST = "package:mlmm/data/wordlists/shapes.yaml"
+
+
+def resolve_words(cfg, where: str) -> None:
+    """Fill a head config's ``words`` from its ``word_list`` (kept inline so that exports do not depend on the file);
+    ConfigError naming ``where.words`` / ``where.word_list`` when it does not load."""
+    from mlmm.config import ConfigError
+
+    try:
+        cfg.words = load_word_lists(cfg.words if cfg.words else cfg.word_list)
+    except (OSError, ValueError) as e:
+        key = "words" if cfg.words else "word_list"
+        raise ConfigError(f"{where}.{key}: {e}") from None
+
+
 def load_word_lists(source: str | Path | dict) -> dict[str, dict]:
     """Read and check a word-list YAML (path, ``package:...`` path) or mapping -> plain dict ``{lang: {...}}``."""
     where = "word lists"

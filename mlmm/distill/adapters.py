@@ -39,10 +39,16 @@ class LanguageAdapterConfig:
 
 @HEADS.register("language_adapter", config=LanguageAdapterConfig)
 class LanguageAdapter(nn.Module):
+    @staticmethod
+    def reads(cfg: LanguageAdapterConfig, model) -> set[str]:
+        return {"text"}
+
+    @staticmethod
+    def writes(cfg: LanguageAdapterConfig, model) -> set[str]:
+        return {"text"}  # the adapted text embedding replaces the tower's
+
     def __init__(self, cfg: LanguageAdapterConfig, model):
         super().__init__()
-        if "text" not in model.towers:
-            raise ConfigError("model.heads: language_adapter needs a text tower")
         self.languages = list(cfg.languages)
         n, e, r = len(cfg.languages), model.cfg.embed_dim, cfg.bottleneck
         self.down = nn.Parameter(torch.randn(n, e, r) * e ** -0.5)  # [L, E, r]
@@ -50,7 +56,7 @@ class LanguageAdapter(nn.Module):
         self.up = nn.Parameter(torch.zeros(n, r, e))  # [L, r, E]: identity at init
         self.up_bias = nn.Parameter(torch.zeros(n, 1, e))  # [L, 1, E]
 
-    def forward(self, outputs: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict[str, torch.Tensor], batch, model) -> dict[str, torch.Tensor]:
         z = outputs["text"]  # [B, E]
         h = F.gelu(torch.einsum("be,ler->lbr", z, self.down) + self.down_bias)  # [L, B, r]
         delta = torch.einsum("lbr,lre->lbe", h, self.up) + self.up_bias  # [L, B, E]

@@ -18,7 +18,6 @@ paths give the same numbers (tested).
 """
 from __future__ import annotations
 
-import zlib
 from typing import Any, Optional
 
 import torch
@@ -43,11 +42,6 @@ def parallel_index(meta: dict, lang: str, caption: str, target_lang: str) -> Opt
     if caption and caption in src and (lang == target_lang or len(src) == len(tgt)):
         return src.index(caption)
     return 0
-
-
-def text_groups(texts: list[str], device: torch.device) -> torch.Tensor:
-    """Long[B] id per target text: identical targets are the same group (never each other's negatives)."""
-    return torch.tensor([zlib.crc32(t.encode("utf-8")) for t in texts], dtype=torch.long, device=device)
 
 
 class TeacherTargets:

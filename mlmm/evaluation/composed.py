@@ -122,7 +122,7 @@ def evaluate_composed(model, shards, *, languages: Optional[Sequence[str]] = Non
             r_z = refs[qi_t[s:s + batch_size]]
             if "composed" in emb:
                 ref_img = items["ref_images"][qi_t[s:s + batch_size]].to(device, dtype)
-                emb["composed"].append(head.encode_query(ref_img, ids, att).float().cpu())
+                emb["composed"].append(head.encode_query(model, ref_img, ids, att).float().cpu())
             if "text" in emb:
                 emb["text"].append(t_z)
             if "image" in emb:

@@ -111,10 +111,13 @@ def drop_term(S: torch.Tensor, e: torch.Tensor, valid: torch.Tensor, scale: torc
 
 @LOSSES.register("ascl", config=ASCLLossConfig)
 class ASCLLoss(nn.Module):
+    @staticmethod
+    def reads(cfg: ASCLLossConfig, model) -> set[str]:
+        return {cfg.media, "text", "ascl_scores", "ascl_edit_scores", "ascl_edit_valid", "ascl_exclude", "ascl_weight",
+                "ascl_edit_kinds", *(("ascl_global", "ascl_edit_global") if cfg.edit_levels != "fused" else ())}
+
     def __init__(self, cfg: ASCLLossConfig, modalities: list[str]):
         super().__init__()
-        if cfg.media not in modalities or "text" not in modalities:
-            raise ConfigError(f"loss.media: the ascl loss needs {cfg.media} and text towers (model has {modalities})")
         self.cfg = cfg
         self.contrastive = ContrastiveLoss(
             ContrastiveLossConfig(pairs=[[cfg.media, "text"]], learn_temperature=cfg.learn_temperature,
@@ -123,9 +126,6 @@ class ASCLLoss(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), cfg.init_logit_scale), requires_grad=cfg.learn_temperature)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
-        if "ascl_scores" not in outputs:
-            raise KeyError("the ascl loss needs the hierarchical_fusion head "
-                           "(model.heads: {ascl: {name: hierarchical_fusion}})")
         S, E, valid = outputs["ascl_scores"], outputs["ascl_edit_scores"], outputs["ascl_edit_valid"]
         exclude, w = outputs["ascl_exclude"], outputs["ascl_weight"]
         scale = self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp().squeeze(0)

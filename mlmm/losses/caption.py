@@ -22,6 +22,10 @@ class CaptionLossConfig:
 
 @LOSSES.register("caption", config=CaptionLossConfig)
 class CaptionLoss(nn.Module):
+    @staticmethod
+    def reads(cfg: CaptionLossConfig, model) -> set[str]:
+        return {"caption_logits", "caption_targets", "caption_target_mask"}
+
     def __init__(self, cfg: CaptionLossConfig, modalities: list[str]):
         super().__init__()
         self.cfg = cfg

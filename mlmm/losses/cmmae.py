@@ -44,13 +44,16 @@ def masked_patch_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 
 @LOSSES.register("cmmae", config=CMMAELossConfig)
 class CMMAELoss(nn.Module):
+    @staticmethod
+    def reads(cfg: CMMAELossConfig, model) -> set[str]:
+        return {f"cmmae_{k}" for k in ("video_pred", "video_target", "video_mask", "audio_pred", "audio_target",
+                                       "audio_mask", "match_logits", "match_labels", "weight")}
+
     def __init__(self, cfg: CMMAELossConfig, modalities: list[str]):
         super().__init__()
         self.cfg = cfg
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
-        if "cmmae_video_pred" not in outputs:
-            raise KeyError("the cmmae loss needs the cmmae head (model.heads: {cmmae: {name: cmmae}})")
         w = outputs["cmmae_weight"]
         terms = {m: masked_patch_mse(outputs[f"cmmae_{m}_pred"], outputs[f"cmmae_{m}_target"],
                                      outputs[f"cmmae_{m}_mask"], self.cfg.norm_pix, w) for m in ("video", "audio")}

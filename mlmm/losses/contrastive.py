@@ -68,14 +68,6 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> tor
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
-def key_groups(keys: list[str], device: torch.device) -> torch.Tensor:
-    """Stable int64 id per sample key: [B]. Rows sharing a key (one sample, several languages) match."""
-    import zlib
-
-    ids = torch.tensor([zlib.crc32(k.encode("utf-8")) for k in keys], dtype=torch.long)
-    return ids.to(device, non_blocking=True)  # (torch.tensor(..., device=cuda) would wait for the GPU)
-
-
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """bf16 / fp16 -> fp32 (the loss math of a bf16 run); fp32 and fp64 stay as they are."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
@@ -148,6 +140,10 @@ def covered_pairs(pairs: list[list[str]], modalities: list[str]) -> list[tuple[s
 class ContrastiveLoss(nn.Module):
     """CLIP loss for each configured pair present in the model; returns ``{"loss", "<a>_<b>_loss"}``."""
 
+    @staticmethod
+    def reads(cfg: ContrastiveLossConfig, model) -> set[str]:
+        return {m for pair in covered_pairs(cfg.pairs, model.modalities) for m in pair}
+
     def __init__(self, cfg: ContrastiveLossConfig, modalities: list[str]):
         super().__init__()
         self.cfg = cfg
@@ -160,7 +156,7 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         total, terms = None, {}
-        groups = key_groups(batch.keys, outputs[self.pairs[0][0]].device) if batch.keys else None
+        groups = batch.groups(outputs[self.pairs[0][0]].device)
         for a, b in self.pairs:
             name = pair_name(a, b)
             valid = batch.mask(a).to(outputs[a].device) & batch.mask(b).to(outputs[a].device)

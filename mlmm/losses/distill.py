@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import ConfigError
-from mlmm.data.batch import Batch
-from mlmm.distill.targets import TeacherTargets, text_groups
+from mlmm.data.batch import Batch, string_ids
+from mlmm.distill.targets import TeacherTargets
 from mlmm.distill.teacher import TeacherConfig, build_teacher
-from mlmm.losses.contrastive import key_groups, masked_info_nce
+from mlmm.losses.contrastive import masked_info_nce
 from mlmm.registry import LOSSES
 
 OBJECTIVES = ("mse", "cosine")
@@ -132,6 +132,10 @@ class MClipLossConfig:
 
 @LOSSES.register("mclip", config=MClipLossConfig)
 class MClipLoss(TeacherLoss):
+    @staticmethod
+    def reads(cfg: MClipLossConfig, model) -> set[str]:
+        return {"text"}
+
     def __init__(self, cfg: MClipLossConfig, modalities: list[str]):
         if "text" not in modalities:
             raise ConfigError("loss.name: mclip distils into a text tower; the model has none")
@@ -153,7 +157,7 @@ class MClipLoss(TeacherLoss):
         terms = {f"mclip_{obj}_loss": loss, "mclip_anchor_loss": regression(s, t, valid & anchor, obj).detach(),
                  "mclip_translation_loss": regression(s, t, valid & ~anchor, obj).detach()}
         if self.cfg.nce_weight:
-            nce = masked_info_nce(s, t, valid, self._scale("text_teacher"), text_groups(texts, s.device))
+            nce = masked_info_nce(s, t, valid, self._scale("text_teacher"), string_ids(texts, s.device))
             terms["mclip_nce_loss"] = nce
             loss = loss + self.cfg.nce_weight * nce
         return {"loss": loss, **terms}
@@ -190,6 +194,10 @@ class MLALossConfig:
 
 @LOSSES.register("mla", config=MLALossConfig)
 class MLALoss(TeacherLoss):
+    @staticmethod
+    def reads(cfg: MLALossConfig, model) -> set[str]:
+        return {"text"}
+
     def __init__(self, cfg: MLALossConfig, modalities: list[str]):
         if "text" not in modalities:
             raise ConfigError("loss.name: mla distils into a text tower; the model has none")
@@ -209,12 +217,12 @@ class MLALoss(TeacherLoss):
             mse = regression(s, t, valid, self.cfg.objective)
             # rows with the same English target (one sample in several languages, or identical captions)
             # are not each other's negatives
-            nce = masked_info_nce(s, t, valid, self._scale("text_teacher"), text_groups(texts, s.device))
+            nce = masked_info_nce(s, t, valid, self._scale("text_teacher"), string_ids(texts, s.device))
             total = self.cfg.mse_weight * mse + self.cfg.nce_weight * nce
             return {"loss": total, f"mla1_{self.cfg.objective}_loss": mse, "mla1_nce_loss": nce}
         v, valid = self.targets.visual(batch, s.device, s.dtype)
         valid &= has_text
-        nce = masked_info_nce(s, v, valid, self._scale("text_image"), key_groups(batch.keys, s.device))
+        nce = masked_info_nce(s, v, valid, self._scale("text_image"), batch.groups(s.device))
         return {"loss": self.cfg.nce_weight * nce, "mla2_text_image_loss": nce}
 
 
@@ -237,6 +245,10 @@ class Clip4VLALossConfig:
 class Clip4VLALoss(TeacherLoss):
     needs_visual = True
 
+    @staticmethod
+    def reads(cfg: Clip4VLALossConfig, model) -> set[str]:
+        return {"audio"}
+
     def __init__(self, cfg: Clip4VLALossConfig, modalities: list[str]):
         if "audio" not in modalities:
             raise ConfigError("loss.name: clip4vla distils into an audio tower; the model has none")
@@ -247,7 +259,7 @@ class Clip4VLALoss(TeacherLoss):
         a = outputs["audio"]  # [B, E]
         self._check_dim(a, "audio")
         has_audio = batch.mask("audio").to(a.device)
-        keys = key_groups(batch.keys, a.device)
+        keys = batch.groups(a.device)
         terms: dict[str, torch.Tensor] = {}
         total = 0.0 * a.sum()
         if self.cfg.visual_weight or self.cfg.mse_weight:
@@ -260,7 +272,7 @@ class Clip4VLALoss(TeacherLoss):
         if self.cfg.text_weight:
             t, valid_t, texts = self.targets.text(batch, a.device, a.dtype)
             valid_t &= has_audio
-            nce_t = masked_info_nce(a, t, valid_t, self._scale("audio_text"), text_groups(texts, a.device))
+            nce_t = masked_info_nce(a, t, valid_t, self._scale("audio_text"), string_ids(texts, a.device))
             terms["audio_text_loss"] = nce_t
             total = total + self.cfg.text_weight * nce_t
         return {"loss": total, **terms}

@@ -58,6 +58,10 @@ def kd_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tensor)
 
 @LOSSES.register("logit_kd", config=LogitKDLossConfig)
 class LogitKDLoss(TeacherLoss):
+    @staticmethod
+    def reads(cfg: LogitKDLossConfig, model) -> set[str]:
+        return {s for s in cfg.student if not s.startswith("teacher_")}  # the student towers' embeddings
+
     def __init__(self, cfg: LogitKDLossConfig, modalities: list[str]):
         super().__init__(cfg, modalities)
         for i, side in enumerate(cfg.student):

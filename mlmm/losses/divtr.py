@@ -45,10 +45,12 @@ def interaction_ce(logits: torch.Tensor) -> torch.Tensor:
 
 @LOSSES.register("divtr", config=DIVTRLossConfig)
 class DIVTRLoss(nn.Module):
+    @staticmethod
+    def reads(cfg: DIVTRLossConfig, model) -> set[str]:
+        return {cfg.media, "text", "divtr_t2m_logits", "divtr_m2t_logits"}
+
     def __init__(self, cfg: DIVTRLossConfig, modalities: list[str]):
         super().__init__()
-        if cfg.media not in modalities or "text" not in modalities:
-            raise ConfigError(f"loss.media: the divtr loss needs {cfg.media} and text towers (model has {modalities})")
         self.cfg = cfg
         self.contrastive = ContrastiveLoss(
             ContrastiveLossConfig(pairs=[[cfg.media, "text"]], learn_temperature=cfg.learn_temperature,
@@ -56,8 +58,6 @@ class DIVTRLoss(nn.Module):
             modalities)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
-        if "divtr_t2m_logits" not in outputs:
-            raise KeyError("the divtr loss needs the divtr head (model.heads: {divtr: {name: divtr}})")
         glob = self.contrastive(outputs, batch)["loss"]
         t2m, m2t = outputs["divtr_t2m_logits"], outputs["divtr_m2t_logits"]
         inter = 0.5 * (interaction_ce(t2m) + interaction_ce(m2t))

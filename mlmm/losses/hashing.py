@@ -27,7 +27,6 @@ global batch (as the contrastive loss); labels / keys are gathered as objects.
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import MODALITIES, ConfigError
+from mlmm.data.batch import string_ids
 from mlmm.losses.contrastive import at_least_fp32, covered_pairs, gather_no_grad, gather_with_grad, rank_and_world
 from mlmm.registry import LOSSES
 
@@ -128,8 +128,7 @@ def similarity_matrix(labels_a: list, labels_b: list, keys_a: list[str], keys_b:
     if mode == "auto":
         mode = "labels" if all(labels_a) and all(labels_b) else "identity"
     if mode == "identity":
-        ia = torch.tensor([zlib.crc32(k.encode("utf-8")) for k in keys_a], dtype=torch.long)
-        ib = torch.tensor([zlib.crc32(k.encode("utf-8")) for k in keys_b], dtype=torch.long)
+        ia, ib = string_ids(keys_a), string_ids(keys_b)  # on the host; s moves to the device below
         s = (ia[:, None] == ib[None, :]).float()
     elif not (all(labels_a) and all(labels_b)):
         raise ValueError(f"hashing loss: similarity={mode!r} needs meta['labels'] on every row "
@@ -169,6 +168,12 @@ def _mean_present(terms: list[tuple[torch.Tensor, torch.Tensor]], zero: torch.Te
 @LOSSES.register("hashing", config=HashingLossConfig)
 class HashingLoss(nn.Module):
     """``{"loss", "pairwise_loss", "quantization_loss", "balance_loss"[, "intra_loss", "token_loss"]}``."""
+
+    @staticmethod
+    def reads(cfg: HashingLossConfig, model) -> set[str]:
+        hashed = {m for pair in covered_pairs(cfg.pairs, model.modalities) for m in pair}
+        tokens = ("", "_tok", "_tok_mask") if cfg.token_weight > 0 else ("",)  # token_weight: the aligned tokens
+        return {f"{cfg.codes}_{m}{x}" for m in hashed for x in tokens}
 
     def __init__(self, cfg: HashingLossConfig, modalities: list[str]):
         super().__init__()

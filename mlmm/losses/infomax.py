@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import ConfigError
-from mlmm.data.batch import Batch
-from mlmm.losses.contrastive import key_groups, masked_info_nce
+from mlmm.data.batch import Batch, string_ids
+from mlmm.losses.contrastive import masked_info_nce
 from mlmm.registry import LOSSES
 
 LOG2 = math.log(2.0)
@@ -108,20 +108,22 @@ class ComposedLoss(nn.Module):
     source, ``composed_dim_<source>`` [B, T, D] + ``composed_dim_<source>_mask`` Bool[B, T]; the target is
     the model's ``image`` embedding [B, E]."""
 
+    @staticmethod
+    def reads(cfg: ComposedLossConfig, model) -> set[str]:
+        sources = [s for h in model.heads.values() if h.name == "composed" for s in h.dim_sources]
+        return {"image", "composed_query", "composed_valid", "composed_dim_global",
+                *(f"composed_dim_{s}{x}" for s in sources for x in ("", "_mask"))}
+
     def __init__(self, cfg: ComposedLossConfig, modalities: list[str]):
         super().__init__()
-        if "image" not in modalities or "text" not in modalities:
-            raise ConfigError(f"loss: composed retrieval needs image and text towers (model has {modalities})")
         self.cfg = cfg
         self.logit_scale = nn.Parameter(torch.full((1,), cfg.init_logit_scale), requires_grad=cfg.learn_temperature)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
-        if "composed_query" not in outputs:
-            raise KeyError("loss 'composed' needs a 'composed' head in model.heads")
         q, valid = outputs["composed_query"], outputs["composed_valid"]  # [B, E], Bool[B]
         # rows whose target is the same gallery image (or the same sample) are not each other's negatives
         targets = [str((batch.meta[r] if batch.meta else {}).get("target", batch.keys[r])) for r in range(len(batch))]
-        groups = key_groups(targets, q.device)  # [B]
+        groups = string_ids(targets, q.device)  # [B]
         scale = self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp().squeeze(0)
         retrieval = masked_info_nce(q, outputs["image"], valid, scale, groups)
         terms = {"retrieval_loss": retrieval}

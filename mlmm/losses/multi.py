@@ -53,6 +53,10 @@ class MultiLossConfig:
 
 @LOSSES.register("multi", config=MultiLossConfig)
 class MultiLoss(nn.Module):
+    @staticmethod
+    def reads(cfg: MultiLossConfig, model) -> set[str]:
+        return set().union(*(LOSSES.get(c.name).cls.reads(c, model) for c in cfg.terms.values()))
+
     def __init__(self, cfg: MultiLossConfig, modalities: list[str]):
         super().__init__()
         self.cfg = cfg

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import ConfigError
-from mlmm.losses.contrastive import ContrastiveLoss, ContrastiveLossConfig, key_groups
+from mlmm.losses.contrastive import ContrastiveLoss, ContrastiveLossConfig
 from mlmm.losses.divtr import interaction_ce
 from mlmm.registry import LOSSES
 
@@ -68,10 +68,14 @@ def multilabel_bce(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Ten
 
 @LOSSES.register("mvsen", config=MVSENLossConfig)
 class MVSENLoss(nn.Module):
+    @staticmethod
+    def reads(cfg: MVSENLossConfig, model) -> set[str]:
+        return {cfg.media, "text", *(f"mvsen_{k}" for k in (
+            "t2m_logits", "m2t_logits", "weight", "label_logits_media", "label_logits_text", "label_targets_media",
+            "label_valid_media", "label_targets_text", "label_valid_text", "sibling", "sibling_rows"))}
+
     def __init__(self, cfg: MVSENLossConfig, modalities: list[str]):
         super().__init__()
-        if cfg.media not in modalities or "text" not in modalities:
-            raise ConfigError(f"loss.media: the mvsen loss needs {cfg.media} and text towers (model has {modalities})")
         self.cfg = cfg
         self.contrastive = ContrastiveLoss(
             ContrastiveLossConfig(pairs=[[cfg.media, "text"]], learn_temperature=cfg.learn_temperature,
@@ -80,8 +84,6 @@ class MVSENLoss(nn.Module):
         self.text_scale = nn.Parameter(torch.full((1,), cfg.init_logit_scale), requires_grad=cfg.learn_temperature)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
-        if "mvsen_t2m_logits" not in outputs:
-            raise KeyError("the mvsen loss needs the mvsen head (model.heads: {mvsen: {name: mvsen}})")
         c = self.cfg
         glob = self.contrastive(outputs, batch)["loss"]
         w = outputs["mvsen_weight"]
@@ -94,14 +96,8 @@ class MVSENLoss(nn.Module):
         scale = self.text_scale.clamp(max=c.max_logit_scale).exp().squeeze(0)
         if rows.numel() >= 2:
             t = outputs["text"][rows]  # [S, E]
-            same = torch.zeros((rows.numel(), rows.numel()), dtype=torch.bool, device=t.device)
-            if batch.keys:
-                g = key_groups(batch.keys, t.device)[rows]
-                same |= g[:, None] == g[None, :]
-            caps = [batch.captions[i] for i in rows.tolist()] if batch.captions else []
-            if caps:
-                same |= torch.tensor([[a == b for b in caps] for a in caps], device=t.device)
-            same &= ~torch.eye(rows.numel(), dtype=torch.bool, device=t.device)
+            # captions of one sample (or identical ones) are not each other's negatives
+            same = batch.not_negatives(rows) & ~torch.eye(rows.numel(), dtype=torch.bool, device=t.device)  # [S, S]
             tt = text_text_infonce(t, y, scale, same)
         else:  # keep the temperature in the graph
             tt = scale * 0.0 + y.sum() * 0.0

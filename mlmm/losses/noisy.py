@@ -53,7 +53,7 @@ from torch import nn
 from mlmm.config import MODALITIES, ConfigError
 from mlmm.data.batch import Batch
 from mlmm.losses.bmm import BetaMixture, normalise_losses
-from mlmm.losses.contrastive import at_least_fp32, gather_with_grad, key_groups, local_vs_global
+from mlmm.losses.contrastive import at_least_fp32, gather_with_grad, local_vs_global
 from mlmm.losses.loss_memory import LossMemory, key_hashes
 from mlmm.registry import LOSSES
 
@@ -134,6 +134,10 @@ def complementary_loss(logits: torch.Tensor, allowed: torch.Tensor, labels: torc
 # ------------------------------------------------------------------------------------------ loss
 @LOSSES.register("rcar", config=RCARLossConfig)
 class RCARLoss(nn.Module):
+    @staticmethod
+    def reads(cfg: RCARLossConfig, model) -> set[str]:
+        return set(cfg.pair)
+
     def __init__(self, cfg: RCARLossConfig, modalities: list[str]):
         super().__init__()
         missing = [m for m in cfg.pair if m not in modalities]
@@ -205,7 +209,7 @@ class RCARLoss(nn.Module):
         scale = at_least_fp32(self.logit_scale).clamp(max=self.cfg.max_logit_scale).exp().squeeze(0)
         a_all, b_all = at_least_fp32(gather_with_grad(a_local)), at_least_fp32(gather_with_grad(b_local))  # [W*B, E]
         # every rank scores all its B rows (invalid ones weighted 0): the same collectives and graph on every rank
-        groups = key_groups(batch.keys, device) if batch.keys else None  # same-sample rows are never negatives
+        groups = batch.groups(device)  # same-sample rows are never negatives
         labels, allowed, valid_w, norm = local_vs_global(valid_local, groups, a_all.dtype)  # [B], [B, W*B], [B], []
         logits = {"ab": scale * a_all[labels] @ b_all.t(), "ba": scale * b_all[labels] @ a_all.t()}  # [B, W*B] each
         n_all = allowed.shape[1]

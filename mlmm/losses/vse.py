@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import MODALITIES, ConfigError
-from mlmm.losses.contrastive import (at_least_fp32, covered_pairs, gather_with_grad, key_groups, local_vs_global,
+from mlmm.losses.contrastive import (at_least_fp32, covered_pairs, gather_with_grad, local_vs_global,
                                     pair_name, rank_and_world)
 from mlmm.losses.divtr import interaction_ce
 from mlmm.registry import LOSSES
@@ -103,6 +103,10 @@ class VSETripletLossConfig:
 
 @LOSSES.register("vse_triplet", config=VSETripletLossConfig)
 class VSETripletLoss(nn.Module):
+    @staticmethod
+    def reads(cfg: VSETripletLossConfig, model) -> set[str]:
+        return {m for pair in covered_pairs(cfg.pairs, model.modalities) for m in pair}
+
     def __init__(self, cfg: VSETripletLossConfig, modalities: list[str]):
         super().__init__()
         self.cfg = cfg
@@ -111,7 +115,7 @@ class VSETripletLoss(nn.Module):
     def forward(self, outputs: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
         total, terms = None, {}
         device = outputs[self.pairs[0][0]].device
-        groups = key_groups(batch.keys, device) if batch.keys else None
+        groups = batch.groups(device)
         for a, b in self.pairs:
             valid = batch.mask(a).to(device) & batch.mask(b).to(device)
             loss = triplet_local(outputs[a], outputs[b], valid, self.cfg.margin, self.cfg.max_violation, groups,
@@ -145,6 +149,10 @@ class VSELossConfig:
 
 @LOSSES.register("vse", config=VSELossConfig)
 class VSELoss(nn.Module):
+    @staticmethod
+    def reads(cfg: VSELossConfig, model) -> set[str]:
+        return {cfg.media, "text", "vse_align_scores", "vse_exclude", "vse_t2m_logits", "vse_m2t_logits", "vse_weight"}
+
     def __init__(self, cfg: VSELossConfig, modalities: list[str]):
         super().__init__()
         if cfg.media not in modalities or "text" not in modalities:
@@ -170,7 +178,7 @@ class VSELoss(nn.Module):
         device = outputs[m].device
         w = outputs["vse_weight"]
         valid = batch.mask(m).to(device) & batch.mask("text").to(device)
-        groups = key_groups(batch.keys, device) if batch.keys else None
+        groups = batch.groups(device)
         if c.objective == "triplet":
             glob = triplet_local(outputs[m], outputs["text"], valid, c.margin, c.max_violation, groups, c.reduction)
         else:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import ConfigError, ModelConfig
+from mlmm.contracts import token_modalities, writers
 from mlmm.data.batch import Batch
 from mlmm.models.towers import AudioTower, ImageTower, NativeTextTower, TextTower, VideoTower
 from mlmm.registry import HEADS
@@ -57,8 +58,10 @@ class MultimodalModel(nn.Module):
             from mlmm.hub.pretrained import init_image_tower
 
             init_image_tower(self, cfg.image.pretrained)
+        # what the heads read and write (mlmm.contracts): a head reading what no tower or earlier head writes fails
+        # here in one line; the towers whose tokens a head reads return them too
+        self.token_modalities = token_modalities(writers(cfg))
         self.heads = nn.ModuleDict({name: HEADS.get(hcfg.name).cls(hcfg, self) for name, hcfg in cfg.heads.items()})
-        self.token_modalities = sorted({m for h in self.heads.values() for m in getattr(h, "needs_tokens", ())})
         self.audio_context = cfg.video is not None and cfg.video.audio_context  # audio tokens join the video tower
         if self.audio_context and "audio" not in towers:
             raise ConfigError("model.video.audio_context: needs model.audio (its tokens are the video's context)")
@@ -182,7 +185,7 @@ class MultimodalModel(nn.Module):
                     else:  # keep the (zero) graph so every parameter still gets a gradient
                         out[k] = full + v.sum() * 0 if v.is_floating_point() else full
         for head in self.heads.values():
-            out.update(head(out, batch))
+            out.update(head(out, batch, self))
         return out
 
     def _audio_context(self, context: dict[str, torch.Tensor], video: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,9 +1,10 @@
 """Task heads and fusion modules that run after the towers (registered in ``mlmm.registry.HEADS``).
 
-A head is built as ``cls(cfg, model)`` (it reads tower widths / embed_dim / tokenizer from the
-model, never keeps the model) and called as ``head(outputs, batch) -> dict`` of new outputs that
-losses consume. ``needs_tokens``: the modalities whose token features it reads
-(``outputs["<m>_tokens"]`` [B, T, D_m] and ``outputs["<m>_token_mask"]`` Bool[B, T]).
+A head is built as ``cls(cfg, model)`` (it reads tower widths / embed_dim / tokenizer from the model, never keeps
+the model) and called as ``head(outputs, batch, model) -> dict`` of new outputs that losses consume (``model`` is
+passed for heads that encode more inputs with its towers). Its static methods ``reads(cfg, model)`` and
+``writes(cfg, model)`` declare the output keys it reads and writes (checked at config load, :mod:`mlmm.contracts`);
+reading ``"<m>_tokens"`` / ``"<m>_token_mask"`` makes the model add tower m's token features.
 
 Configured under ``model.heads: {<instance>: {name: <registered head>, ...}}``. Importing this
 package registers every head.

@@ -35,24 +35,11 @@ import torch
 from torch import nn
 
 from mlmm.config import ConfigError
-from mlmm.data.word_edits import EDIT_KINDS, CaptionEditor, load_word_lists
+from mlmm.data.word_edits import DEFAULT_WORD_LIST, EDIT_KINDS, CaptionEditor, resolve_words
 from mlmm.models.fusion.alignment import trim_padding
 from mlmm.models.fusion.hierarchical import HierarchicalFusion
-from mlmm.models.heads.common import require_towers, text_encoder, valid_rows
-from mlmm.models.heads.divtr import DIVTRHead
+from mlmm.models.heads.common import pair_reads, valid_rows
 from mlmm.registry import HEADS
-
-DEFAULT_WORD_LIST = "package:mlmm/data/wordlists/shapes.yaml"
-
-
-def resolve_words(cfg, where: str) -> None:
-    """Fill ``cfg.words`` from ``cfg.word_list`` (kept inline so that exports do not depend on the file)."""
-    try:
-        cfg.words = load_word_lists(cfg.words if cfg.words else cfg.word_list)
-    except (OSError, ValueError) as e:
-        key = "words" if cfg.words else "word_list"
-        raise ConfigError(f"{where}.{key}: {e}") from None
-
 
 @dataclass
 class HierarchicalFusionHeadConfig:
@@ -84,16 +71,22 @@ class HierarchicalFusionHeadConfig:
 
 @HEADS.register("hierarchical_fusion", config=HierarchicalFusionHeadConfig)
 class HierarchicalFusionHead(nn.Module):
+    @staticmethod
+    def reads(cfg: HierarchicalFusionHeadConfig, model) -> set[str]:
+        return pair_reads(cfg.media)
+
+    @staticmethod
+    def writes(cfg: HierarchicalFusionHeadConfig, model) -> set[str]:
+        return {"ascl_scores", "ascl_edit_scores", "ascl_edit_valid", "ascl_global", "ascl_edit_global",
+                "ascl_edit_kinds", "ascl_exclude", "ascl_weight"}
+
     def __init__(self, cfg: HierarchicalFusionHeadConfig, model):
         super().__init__()
-        require_towers(model, cfg.name, (cfg.media, "text"))
         self.cfg, self.media = cfg, cfg.media
-        self.needs_tokens = (cfg.media, "text")
         self.interaction = HierarchicalFusion(model.widths[cfg.media], model.widths["text"], cfg.width,
                                               skip_first=cfg.media == "image", init_lambda=cfg.init_lambda,
                                               init_gate=cfg.init_gate, chunk=cfg.chunk)
         self.editor = CaptionEditor(cfg.words)
-        self._encode = [text_encoder(model)]  # a list: no module reference is registered
         self.register_buffer("kinds", torch.tensor([EDIT_KINDS.index(e) for e in cfg.edits]), persistent=False)
 
     def make_edits(self, batch, rows: list[int]) -> list[tuple[int, int, str]]:
@@ -110,7 +103,7 @@ class HierarchicalFusionHead(nn.Module):
                     out.append((pos, col, edited))
         return out
 
-    def forward(self, outputs: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict[str, torch.Tensor], batch, model) -> dict[str, torch.Tensor]:
         m = self.media
         z_m, z_t = outputs[m], outputs["text"]  # [B, E]
         device = z_m.device
@@ -126,14 +119,15 @@ class HierarchicalFusionHead(nn.Module):
         if edits:
             pos = torch.tensor([e[0] for e in edits], device=device)
             col = torch.tensor([e[1] for e in edits], device=device)
-            z_e, tok_e, mask_e = self._encode[0]([e[2] for e in edits], device)  # [P, E], [P, L, D], [P, L]
+            ids, att = model.tokenize_text([e[2] for e in edits], device)  # the edited captions: [P, L]
+            z_e, tok_e, mask_e = model.encode_tokens("text", ids, att)  # [P, E], [P, L, D], [P, L]
             g = (z_m[rows][pos] * z_e).sum(-1)  # [P]
             fused = self.interaction.score_pairs(m_tok, m_mask, tok_e, mask_e, pos,
                                                  torch.arange(len(edits), device=device), global_sim=g)  # [P]
             edit_scores = edit_scores.index_put((pos, col), fused)
             edit_global = edit_global.index_put((pos, col), g)
             edit_valid[pos, col] = True
-        exclude = DIVTRHead.excluded(batch, rows).t() & ~torch.eye(n, dtype=torch.bool, device=device)  # media x text
+        exclude = batch.not_negatives(rows).t() & ~torch.eye(n, dtype=torch.bool, device=device)  # media x text
         return {"ascl_scores": scores, "ascl_edit_scores": edit_scores, "ascl_edit_valid": edit_valid,
                 "ascl_global": glob, "ascl_edit_global": edit_global,
                 "ascl_edit_kinds": self.kinds, "ascl_exclude": exclude,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import ConfigError
+from mlmm.contracts import token_keys
 from mlmm.models.fusion.cross_attention import CrossAttentionFusion
 from mlmm.registry import HEADS
 
@@ -53,15 +54,20 @@ def _special(tokenizer, *names) -> Optional[int]:
 
 @HEADS.register("caption", config=CaptionHeadConfig)
 class CaptionHead(nn.Module):
+    @staticmethod
+    def reads(cfg: CaptionHeadConfig, model) -> set[str]:
+        return token_keys(cfg.media)  # (and the batch's caption ids, with the model's tokenizer)
+
+    @staticmethod
+    def writes(cfg: CaptionHeadConfig, model) -> set[str]:
+        return {"caption_logits", "caption_targets", "caption_target_mask"}
+
     def __init__(self, cfg: CaptionHeadConfig, model):
         super().__init__()
-        if cfg.media not in model.widths:
-            raise ConfigError(f"model.heads.caption: needs a {cfg.media} tower")
         tok = model.tokenizer
         if tok is None:
             raise ConfigError("model.heads.caption: needs the text tokenizer (model.text)")
         self.cfg = cfg
-        self.needs_tokens = (cfg.media,)
         self.bos_id = _special(tok, "cls_token_id", "bos_token_id")
         self.eos_id = _special(tok, "sep_token_id", "eos_token_id")
         self.pad_id = _special(tok, "pad_token_id") or 0
@@ -100,9 +106,7 @@ class CaptionHead(nn.Module):
         ids = torch.tensor([self.lang_index.get(lang, 0) for lang in langs], dtype=torch.long, device=device)
         return ids, known
 
-    def forward(self, outputs: dict, batch) -> dict:
-        if batch.text_ids is None:
-            return {}
+    def forward(self, outputs: dict, batch, model) -> dict:
         m = self.cfg.media
         ctx, ctx_mask = outputs[f"{m}_tokens"], outputs[f"{m}_token_mask"]
         ids, att = batch.text_ids.to(ctx.device), batch.text_attention.to(ctx.device).bool()

@@ -119,16 +119,19 @@ class MAEDecoder(nn.Module):
 
 @HEADS.register("cmmae", config=CMMAEHeadConfig)
 class CMMAEHead(nn.Module):
-    needs_tokens = ()
+    @staticmethod
+    def reads(cfg: CMMAEHeadConfig, model) -> set[str]:
+        return {"video", "audio"}  # the two towers (it encodes the batch's visible patches with them)
+
+    @staticmethod
+    def writes(cfg: CMMAEHeadConfig, model) -> set[str]:
+        return {"cmmae_video_pred", "cmmae_video_target", "cmmae_video_mask", "cmmae_audio_pred",
+                "cmmae_audio_target", "cmmae_audio_mask", "cmmae_match_logits", "cmmae_match_labels", "cmmae_weight"}
 
     def __init__(self, cfg: CMMAEHeadConfig, model):
         super().__init__()
-        for m in ("video", "audio"):
-            if m not in model.towers:
-                raise ConfigError(f"model.heads.{cfg.name}: the cmmae head needs a {m} tower")
         self.cfg = cfg
         video, audio = model.towers["video"], model.towers["audio"]
-        self._towers = [video, audio]  # plain references: the towers stay registered only in the model
         vit = video.encoder
         self.frames, self.vp = video.cfg.frames, vit.patch_size
         self.v_per_frame = vit.grid[0] * vit.grid[1]
@@ -146,19 +149,16 @@ class CMMAEHead(nn.Module):
         self.match = nn.Sequential(nn.LayerNorm(2 * W), nn.Linear(2 * W, W), nn.GELU(), nn.Linear(W, 1))
 
     # ----------------------------------------------------------------------------- encoders
-    def encode_video(self, video: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
-        """video [n, T, 3, H, W], keep_idx [n*T, K] (per frame) -> visible tokens [n, T*K, D_v] (frame-major)."""
-        tower = self._towers[0]
+    def encode_video(self, tower: nn.Module, video: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        """The video tower, video [n, T, 3, H, W], keep_idx [n*T, K] (per frame) -> visible tokens [n, T*K, D_v]
+        (frame-major)."""
         n, T = video.shape[:2]
         tok = encode_visible(tower.encoder, video.flatten(0, 1), keep_idx)[:, 1:]  # [n*T, K, D] (CLS dropped)
         tok = tok.view(n, T, -1, tok.shape[-1]) + tower.temporal_embedding[:T, None, :].to(tok.dtype)
         return tok.flatten(1, 2)
 
-    def audio_input(self, audio: torch.Tensor) -> torch.Tensor:
-        """The log-mel crop / zero-pad of the audio tower (``AudioTower.prepare``): [n, 1, n_mels, time_frames]."""
-        return self._towers[1].prepare(audio)
-
-    def forward(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict[str, torch.Tensor], batch: Batch, model) -> dict[str, torch.Tensor]:
+        video_tower, audio_tower = model.towers["video"], model.towers["audio"]
         device = batch.video.device
         valid = batch.mask("video").to(device) & batch.mask("audio").to(device)
         rows = torch.nonzero(valid).squeeze(1)
@@ -168,15 +168,15 @@ class CMMAEHead(nn.Module):
         n = rows.numel()
         dtype = next(self.parameters()).dtype
         video = batch.video[rows].to(dtype)  # [n, T, 3, H, W]
-        audio = self.audio_input(batch.audio[rows].to(dtype))  # [n, 1, M, F]
+        audio = audio_tower.prepare(batch.audio[rows].to(dtype))  # the tower's log-mel crop / pad: [n, 1, M, F]
         T = video.shape[1]
 
         # 1. mask (video: per frame, same keep count in every frame; audio: over all patches)
         v_keep, v_mask = random_masking(n * T, self.v_per_frame, self.v_keep, device)
         a_keep, a_mask = random_masking(n, self.a_len, self.a_keep, device)
         # 2. encode visible patches with the towers
-        v_tok = self.video_in(self.encode_video(video, v_keep))  # [n, T*Kv, W]
-        a_tok = self.audio_in(encode_visible(self._towers[1], audio, a_keep)[:, 1:])  # [n, Ka, W]
+        v_tok = self.video_in(self.encode_video(video_tower, video, v_keep))  # [n, T*Kv, W]
+        a_tok = self.audio_in(encode_visible(audio_tower, audio, a_keep)[:, 1:])  # [n, Ka, W]
         ones_v = torch.ones(v_tok.shape[:2], dtype=torch.bool, device=device)
         ones_a = torch.ones(a_tok.shape[:2], dtype=torch.bool, device=device)
         # 3. mix and separate
@@ -195,8 +195,9 @@ class CMMAEHead(nn.Module):
             torch.cat([mixed["video"].mean(1), mixed["audio"].mean(1)], -1),
             torch.cat([shuffled["video"].mean(1), shuffled["audio"].mean(1)], -1)])  # [2n, 2W]
         logits = self.match(pooled).squeeze(-1)  # [2n]
-        same = torch.tensor([batch.keys[int(rows[i])] == batch.keys[int(rows[int(shift[i])])] for i in range(n)],
-                            device=device) if batch.keys else torch.zeros(n, dtype=torch.bool, device=device)
+        groups = batch.groups(device)
+        same = groups[rows] == groups[rows[shift]] if groups is not None else torch.zeros(n, dtype=torch.bool,
+                                                                                           device=device)
         labels = torch.cat([torch.ones(n, device=device), same.float()])  # a row paired with itself stays a match
         return {"cmmae_video_pred": v_pred, "cmmae_video_target": v_target, "cmmae_video_mask": v_mask.view(n, -1),
                 "cmmae_audio_pred": a_pred, "cmmae_audio_target": a_target, "cmmae_audio_mask": a_mask,

@@ -27,8 +27,9 @@ Outputs (all [B, ...], zeros where a row has no triplet): ``composed_query`` [B,
 At evaluation :meth:`ComposedHead.encode_query` builds queries from raw reference images and token ids
 (:mod:`mlmm.evaluation.composed`).
 
-The reference is encoded by calling the image tower directly (the head keeps plain references to the model's
-tower and projection, not registered submodules), so ZeRO stage 3 is not supported: use ``train.zero_stage`` <= 2.
+The reference is encoded by the model's own image tower and projection (``MultimodalModel.encode_tokens``, the model
+being passed to ``forward``), called inside the head's forward, so ZeRO stage 3 is not supported: use
+``train.zero_stage`` <= 2.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from torch import nn
 
 from mlmm.config import ConfigError
 from mlmm.data.batch import Batch
+from mlmm.contracts import token_keys
 from mlmm.models.fusion.cross_attention import CrossAttentionFusion
 from mlmm.registry import HEADS
 
@@ -78,15 +80,19 @@ class LocalEncoder(nn.Module):
 
 @HEADS.register("composed", config=ComposedHeadConfig)
 class ComposedHead(nn.Module):
+    @staticmethod
+    def reads(cfg: ComposedHeadConfig, model) -> set[str]:
+        target = token_keys("image") if "target" in cfg.dim_sources else set()
+        return {"image", "text", *token_keys("text"), *target}
+
+    @staticmethod
+    def writes(cfg: ComposedHeadConfig, model) -> set[str]:
+        return {"composed_query", "composed_dim_global", "composed_valid",
+                *(f"composed_dim_{s}{x}" for s in cfg.dim_sources for x in ("", "_mask"))}
+
     def __init__(self, cfg: ComposedHeadConfig, model):
         super().__init__()
-        for m in ("image", "text"):
-            if m not in model.towers:
-                raise ConfigError(f"model.heads.{cfg.name}: composed retrieval needs a {m} tower")
         self.cfg = cfg
-        self.needs_tokens = ("image", "text") if "target" in cfg.dim_sources else ("text",)
-        # plain references (not submodules): the towers stay registered only in the model
-        self._parts = {m: (model.towers[m], model.proj[m]) for m in ("image", "text")}
         self.image_size = model.cfg.image.image_size
         E, W, D = model.cfg.embed_dim, cfg.width, cfg.dim_width
         d_img, d_txt = model.widths["image"], model.widths["text"]
@@ -99,13 +105,6 @@ class ComposedHead(nn.Module):
         self.dim_global = LocalEncoder(W, D)
         widths = {"reference": d_img, "text": d_txt, "target": d_img}
         self.dim_local = nn.ModuleDict({s: LocalEncoder(widths[s], D) for s in cfg.dim_sources})
-
-    # ----------------------------------------------------------------------------- encoders
-    def encode(self, modality: str, x: torch.Tensor, attention=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """As ``MultimodalModel.encode_tokens``: -> (embedding [n, E] L2-normalised, tokens [n, T, D_m])."""
-        tower, proj = self._parts[modality]
-        tokens = tower.forward_tokens(x, attention) if modality == "text" else tower.forward_tokens(x)
-        return F.normalize(proj(tower.pool(tokens, attention)), dim=-1), tokens
 
     def compose(self, ref_z: torch.Tensor, ref_tokens: torch.Tensor, text_z: torch.Tensor, text_tokens: torch.Tensor,
                 text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,15 +120,16 @@ class ComposedHead(nn.Module):
         return F.normalize(query, dim=-1), fused
 
     @torch.no_grad()
-    def encode_query(self, ref_images: torch.Tensor, text_ids: torch.Tensor, text_attention: torch.Tensor
+    def encode_query(self, model, ref_images: torch.Tensor, text_ids: torch.Tensor, text_attention: torch.Tensor
                      ) -> torch.Tensor:
-        """Raw inputs -> composed query [n, E]: ref_images [n, 3, S, S], text ids / attention [n, L]."""
-        ref_z, ref_tokens = self.encode("image", ref_images)
-        text_z, text_tokens = self.encode("text", text_ids, text_attention)
+        """Raw inputs -> composed query [n, E]: ref_images [n, 3, S, S], text ids / attention [n, L]; ``model`` is
+        the MultimodalModel that owns this head."""
+        ref_z, ref_tokens, _ = model.encode_tokens("image", ref_images)
+        text_z, text_tokens, _ = model.encode_tokens("text", text_ids, text_attention)
         return self.compose(ref_z, ref_tokens, text_z, text_tokens, text_attention.bool())[0]
 
     # ----------------------------------------------------------------------------- training forward
-    def forward(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict[str, torch.Tensor], batch: Batch, model) -> dict[str, torch.Tensor]:
         device, B = outputs["text"].device, len(batch)
         ref_all = batch.extras.get(self.cfg.reference)
         ref_mask = batch.extras.get(f"{self.cfg.reference}_mask", torch.zeros(B, dtype=torch.bool)).to(device)
@@ -142,7 +142,7 @@ class ComposedHead(nn.Module):
             ref = torch.zeros(1, 3, self.image_size, self.image_size, device=device, dtype=dtype)
         else:
             ref = ref_all.to(device, dtype)[rows]  # [n, 3, S, S]
-        ref_z, ref_tokens = self.encode("image", ref)  # [n, E], [n, 1+P, D_img]
+        ref_z, ref_tokens, _ = model.encode_tokens("image", ref)  # [n, E], [n, 1+P, D_img]
         text_tokens, text_mask = outputs["text_tokens"][rows], outputs["text_token_mask"][rows]  # [n, L, D], [n, L]
         query, fused = self.compose(ref_z, ref_tokens, outputs["text"][rows], text_tokens, text_mask)
         local = {"reference": (ref_tokens[:, 1:], torch.ones(ref_tokens.shape[0], ref_tokens.shape[1] - 1,

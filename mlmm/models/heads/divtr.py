@@ -28,9 +28,8 @@ from torch import nn
 
 from mlmm.config import ConfigError
 from mlmm.data.batch import Batch
-from mlmm.losses.contrastive import key_groups
 from mlmm.models.fusion.dual_interaction import DualInteraction, candidate_pairs
-from mlmm.models.heads.common import valid_rows
+from mlmm.models.heads.common import pair_reads, valid_rows
 from mlmm.registry import HEADS
 
 
@@ -63,14 +62,6 @@ class DIVTRHeadConfig:
             raise ConfigError(f"{where}.tower_grad: must be in [0, 1], got {self.tower_grad}")
 
 
-def caption_set(meta: dict) -> set[str]:
-    """Every caption of a sample json (``captions``: {lang: str | [str, ...]}), all languages together."""
-    caps = meta.get("captions") if isinstance(meta, dict) else None
-    if not isinstance(caps, dict):
-        return set()
-    return {c for v in caps.values() for c in ([v] if isinstance(v, str) else v) if isinstance(c, str)}
-
-
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Identity in the forward pass; the gradient reaching ``x`` is multiplied by ``scale``."""
     if scale == 1.0:
@@ -80,54 +71,31 @@ def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 @HEADS.register("divtr", config=DIVTRHeadConfig)
 class DIVTRHead(nn.Module):
+    @staticmethod
+    def reads(cfg: DIVTRHeadConfig, model) -> set[str]:
+        return pair_reads(cfg.media)
+
+    @staticmethod
+    def writes(cfg: DIVTRHeadConfig, model) -> set[str]:
+        return {"divtr_t2m_logits", "divtr_m2t_logits", "divtr_t2m_negatives", "divtr_m2t_negatives", "divtr_rows"}
+
     def __init__(self, cfg: DIVTRHeadConfig, model):
         super().__init__()
         widths = model.widths
-        for m in (cfg.media, "text"):
-            if m not in widths:
-                raise ConfigError(f"model.heads.{cfg.name}: needs a {m} tower (model has {sorted(widths)})")
         self.cfg = cfg
         self.media = cfg.media
-        self.needs_tokens = (cfg.media, "text")
         positions = model.cfg.video.frames if cfg.media == "video" and cfg.frame_positions else 0
         self.interaction = DualInteraction(widths[cfg.media], widths["text"], cfg.width, cfg.heads, cfg.layers,
                                            cfg.init_global_scale, media_positions=positions,
                                            init_interaction_scale=cfg.init_interaction_scale)
 
-    @staticmethod
-    def excluded(batch: Batch, rows: torch.Tensor) -> torch.Tensor:
-        """Bool[n, n] over (text row i, media row j): j's media must not be a negative of i's text.
-
-        That is the case when both rows are the same sample (same key), have an identical caption, or when
-        text i is one of the captions of sample j (``meta["captions"]``, any language): e.g. another rendering
-        of the same scene, captioned alike, is a positive, not a hard negative. Symmetric in the first two.
-        """
-        device = rows.device
-        excl = torch.zeros((rows.numel(), rows.numel()), dtype=torch.bool, device=device)
-        if batch.keys:
-            g = key_groups(batch.keys, device)[rows]
-            excl |= g[:, None] == g[None, :]
-        if batch.text_ids is not None:
-            ids = batch.text_ids.to(device)[rows]  # [n, L]
-            att = batch.text_attention.to(device)[rows].bool() if batch.text_attention is not None else None
-            if att is not None:
-                ids = ids.masked_fill(~att, -1)
-            excl |= (ids[:, None, :] == ids[None, :, :]).all(-1)
-        if batch.captions and batch.meta:
-            r = rows.tolist()
-            texts = [batch.captions[i] for i in r]
-            owned = [caption_set(batch.meta[i]) for i in r]
-            listed = [[bool(t) and t in own for own in owned] for t in texts]  # [i][j]: text i is a caption of j
-            excl |= torch.tensor(listed, dtype=torch.bool, device=device).view(len(r), len(r))
-        return excl
-
-    def forward(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict[str, torch.Tensor], batch: Batch, model) -> dict[str, torch.Tensor]:
         m = self.media
         z_m, z_t = outputs[m], outputs["text"]  # [B, E]
         device = z_m.device
         rows, any_valid = valid_rows(batch, m, device)  # [n]; no such row: row 0, zero graph kept
         sim = z_t[rows] @ z_m[rows].t()  # [n, n]: text i vs media j
-        cand = candidate_pairs(sim, self.cfg.hard_negatives, self.excluded(batch, rows))
+        cand = candidate_pairs(sim, self.cfg.hard_negatives, batch.not_negatives(rows))
         glob = sim.detach()[cand.t_idx, cand.m_idx]  # the global term trains through the contrastive loss only
         m_tok, m_mask = scale_grad(outputs[f"{m}_tokens"][rows], self.cfg.tower_grad), outputs[f"{m}_token_mask"][rows]
         t_tok, t_mask = scale_grad(outputs["text_tokens"][rows], self.cfg.tower_grad), outputs["text_token_mask"][rows]

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import MODALITIES, ConfigError
+from mlmm.contracts import token_keys
 from mlmm.registry import HEADS
 
 SOURCES = ("embedding", "tokens")
@@ -228,41 +229,55 @@ def _on_present_rows(fn: nn.Module, x: torch.Tensor, present: Optional[torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------- head
+def branch_of(cfg: HashHeadConfig, modality: str) -> str:
+    """What modality's codes are computed from: tfidf | cnn (the raw batch input) | tokens | embedding."""
+    if modality == "text" and cfg.text_branch == "tfidf":
+        return "tfidf"
+    if modality == "image" and cfg.image_branch == "cnn":
+        return "cnn"
+    return "tokens" if cfg.source == "tokens" else "embedding"
+
+
 @HEADS.register("hash", config=HashHeadConfig)
 class HashHead(nn.Module):
+    @staticmethod
+    def reads(cfg: HashHeadConfig, model) -> set[str]:
+        # source: tokens reads the tower's tokens, embedding its embedding; tfidf / cnn read the batch but still need
+        # the tower (it embeds for the float baseline of the search)
+        return {k for m in cfg.modalities for k in (token_keys(m) if branch_of(cfg, m) == "tokens" else {m})}
+
+    @staticmethod
+    def writes(cfg: HashHeadConfig, model) -> set[str]:
+        out = set()
+        for m in cfg.modalities:
+            key = f"{cfg.output}_{m}"  # codes [B, bits]; source: tokens also the aligned token features + mask
+            out |= {key, f"{key}_tok", f"{key}_tok_mask"} if branch_of(cfg, m) == "tokens" else {key}
+        return out
+
     def __init__(self, cfg: HashHeadConfig, model):
         super().__init__()
         self.cfg = cfg
         self.bits = cfg.bits
         self.modalities = list(cfg.modalities)
-        missing = [m for m in self.modalities if m not in model.widths]
-        if missing:
-            raise ConfigError(f"model.heads.{cfg.output}.modalities: {missing} have no tower in the model "
-                              f"(towers: {sorted(model.widths)})")
         self.token_dim = cfg.token_dim or model.cfg.embed_dim
         self.branch: dict[str, str] = {}
         self.encoders = nn.ModuleDict()  # modality -> feature extractor (tfidf / cnn / token projection + pool)
         self.hash = nn.ModuleDict()  # modality -> hash layer
         for m in self.modalities:
-            if m == "text" and cfg.text_branch == "tfidf":
+            self.branch[m] = branch_of(cfg, m)
+            if self.branch[m] == "tfidf":
                 tok = model.tokenizer
-                self.branch[m] = "tfidf"
                 self.encoders[m] = TfidfEncoder(len(tok), list(getattr(tok, "all_special_ids", [])))
                 self.hash[m] = hash_layer(len(tok), cfg.bits, cfg.tfidf_hidden, cfg.norm)
-            elif m == "image" and cfg.image_branch == "cnn":
-                self.branch[m] = "cnn"
+            elif self.branch[m] == "cnn":
                 self.encoders[m] = build_cnn(cfg.cnn, cfg.cnn_width)
                 self.hash[m] = hash_layer(self.encoders[m].width, cfg.bits, cfg.hidden, cfg.norm)
-            elif cfg.source == "tokens":
-                self.branch[m] = "tokens"
+            elif self.branch[m] == "tokens":
                 self.encoders[m] = nn.ModuleDict({"proj": nn.Linear(model.widths[m], self.token_dim),
                                                   "pool": AttentionPool(self.token_dim)})
                 self.hash[m] = hash_layer(self.token_dim, cfg.bits, cfg.hidden, cfg.norm)
             else:
-                self.branch[m] = "embedding"
                 self.hash[m] = hash_layer(model.cfg.embed_dim, cfg.bits, cfg.hidden, cfg.norm)
-        # the model adds "<m>_tokens" / "<m>_token_mask" to the outputs for these modalities
-        self.needs_tokens = tuple(m for m in self.modalities if self.branch[m] == "tokens")
 
     def key(self, modality: str) -> str:
         return f"{self.cfg.output}_{modality}"
@@ -287,14 +302,15 @@ class HashHead(nn.Module):
         out[self.key(m)] = torch.tanh(_on_present_rows(self.hash[m], x, present))  # [B, bits]
         return out
 
-    def forward(self, outputs: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict[str, torch.Tensor], batch, model) -> dict[str, torch.Tensor]:
         result: dict[str, torch.Tensor] = {}
         for m in self.modalities:
             if m == "text":
                 raw, attention = batch.text_ids, batch.text_attention
             else:
                 raw, attention = getattr(batch, m), None
-            if m not in outputs and self.branch[m] in ("embedding", "tokens"):
+            read = {"embedding": m, "tokens": f"{m}_tokens"}.get(self.branch[m])
+            if read is not None and read not in outputs:
                 continue  # the batch has no such input at all
             if raw is None and self.branch[m] in ("tfidf", "cnn"):
                 continue

@@ -33,13 +33,11 @@ import torch
 from torch import nn
 
 from mlmm.config import ConfigError
-from mlmm.data.word_edits import CaptionEditor
+from mlmm.data.word_edits import DEFAULT_WORD_LIST, CaptionEditor, resolve_words
 from mlmm.models.fusion.alignment import trim_padding
 from mlmm.models.fusion.dual_interaction import candidate_pairs
 from mlmm.models.fusion.graph import GraphMatching
-from mlmm.models.heads.ascl import DEFAULT_WORD_LIST, resolve_words
-from mlmm.models.heads.common import require_towers, text_encoder, valid_rows
-from mlmm.models.heads.divtr import DIVTRHead
+from mlmm.models.heads.common import pair_reads, valid_rows
 from mlmm.registry import HEADS
 
 
@@ -91,17 +89,24 @@ def sibling_caption(meta: dict, caption: str, lang: str, rng: random.Random) -> 
 
 @HEADS.register("mvsen", config=MVSENHeadConfig)
 class MVSENHead(nn.Module):
+    @staticmethod
+    def reads(cfg: MVSENHeadConfig, model) -> set[str]:
+        return pair_reads(cfg.media)
+
+    @staticmethod
+    def writes(cfg: MVSENHeadConfig, model) -> set[str]:
+        return {"mvsen_t2m_logits", "mvsen_m2t_logits", "mvsen_weight", "mvsen_label_logits_media",
+                "mvsen_label_logits_text", "mvsen_label_targets_media", "mvsen_label_valid_media",
+                "mvsen_label_targets_text", "mvsen_label_valid_text", "mvsen_sibling", "mvsen_sibling_rows"}
+
     def __init__(self, cfg: MVSENHeadConfig, model):
         super().__init__()
-        require_towers(model, cfg.name, (cfg.media, "text"))
         self.cfg, self.media = cfg, cfg.media
-        self.needs_tokens = (cfg.media, "text")
         self.interaction = GraphMatching(model.widths[cfg.media], model.widths["text"], cfg.width, cfg.heads,
                                          cfg.gcn_layers, skip_first=cfg.media == "image", chunk=cfg.chunk)
         self.classifier = nn.Linear(model.cfg.embed_dim, len(cfg.labels))  # shared by both modalities
         self.label_index = {c: i for i, c in enumerate(cfg.labels)}
         self.editor = CaptionEditor(cfg.words)
-        self._encode = [text_encoder(model)]  # a list: no module reference is registered
 
     # ------------------------------------------------------------------------------------ label targets
     def _multi_hot(self, concepts, device) -> tuple[torch.Tensor, bool]:
@@ -138,7 +143,7 @@ class MVSENHead(nn.Module):
         return torch.stack(rows_m), ok_m, torch.stack(rows_t), ok_t
 
     # ------------------------------------------------------------------------------------ forward
-    def forward(self, outputs: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict[str, torch.Tensor], batch, model) -> dict[str, torch.Tensor]:
         m, inter = self.media, self.interaction
         device = outputs[m].device
         rows, any_valid = valid_rows(batch, m, device)
@@ -146,7 +151,7 @@ class MVSENHead(nn.Module):
         m_tok, m_mask = outputs[f"{m}_tokens"][rows], outputs[f"{m}_token_mask"][rows]
         t_tok, t_mask = trim_padding(outputs["text_tokens"][rows], outputs["text_token_mask"][rows])
         glob = outputs[m][rows] @ outputs["text"][rows].t()  # [n, n] media x text
-        exclude = DIVTRHead.excluded(batch, rows) & ~torch.eye(n, dtype=torch.bool, device=device)  # text x media
+        exclude = batch.not_negatives(rows) & ~torch.eye(n, dtype=torch.bool, device=device)  # text x media
         cand = candidate_pairs(glob.t(), self.cfg.hard_negatives or n - 1, exclude)  # 0: every other row
         graph = inter.graph_pairs(m_tok, m_mask, t_tok, t_mask, cand.m_idx, cand.t_idx)  # [2 n (1+k)]
         scores = inter.combine(glob.detach()[cand.m_idx, cand.t_idx], graph)  # the global term trains via InfoNCE only
@@ -168,7 +173,7 @@ class MVSENHead(nn.Module):
                 if s is not None:
                     sib_rows.append(i), sib_texts.append(s)
         if sib_texts:
-            z, _, _ = self._encode[0](sib_texts, device)
+            z, _, _ = model.encode_tokens("text", *model.tokenize_text(sib_texts, device))
             out["mvsen_sibling"] = z  # [S, E]
         else:
             out["mvsen_sibling"] = outputs["text"].new_zeros((0, outputs["text"].shape[1]))

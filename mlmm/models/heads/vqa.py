@@ -5,9 +5,9 @@ encoder; the pooled fused question is classified over an answer vocabulary built
 
     model.heads: {vqa: {name: vqa, media: image, width: 64, layers: 2, heads: 4, answers_from: SHARDS}}
 
-Outputs: ``vqa_logits`` [B, A]; when the rows carry human answers (``meta["answers"][lang]``) also
-``vqa_targets`` [B, A] (the soft VQA score every vocabulary answer would get, :func:`mlmm.evaluation.vqa.soft_scores`)
-and ``vqa_target_mask`` Bool[B] (row has a question, the media and at least one answer). The vocabulary is stored
+Outputs: ``vqa_logits`` [B, A], ``vqa_targets`` [B, A] (the soft VQA score every vocabulary answer would get,
+:func:`mlmm.evaluation.vqa.soft_scores`, from the human answers ``meta["answers"][lang]``; zeros on rows without) and
+``vqa_target_mask`` Bool[B] (row has a question, the media and at least one answer). The vocabulary is stored
 in the head config (``answers``), so it lands in the export's ``config.json``.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mlmm.config import ConfigError
+from mlmm.contracts import token_keys
 from mlmm.models.fusion.cross_attention import CrossAttentionFusion
 from mlmm.registry import HEADS
 
@@ -67,16 +68,21 @@ def shard_answers(shards: str) -> Iterable[list[str]]:
 
 @HEADS.register("vqa", config=VQAHeadConfig)
 class VQAHead(nn.Module):
+    @staticmethod
+    def reads(cfg: VQAHeadConfig, model) -> set[str]:
+        return {*token_keys("text"), *token_keys(cfg.media)}
+
+    @staticmethod
+    def writes(cfg: VQAHeadConfig, model) -> set[str]:
+        return {"vqa_logits", "vqa_targets", "vqa_target_mask"}
+
     def __init__(self, cfg: VQAHeadConfig, model):
         super().__init__()
-        if "text" not in model.widths or cfg.media not in model.widths:
-            raise ConfigError(f"model.heads.vqa: needs a text tower and a {cfg.media} tower")
         if not cfg.answers:
             cfg.answers = build_answer_vocab(shard_answers(cfg.answers_from), cfg.min_answer_count, cfg.max_answers)
             if not cfg.answers:
                 raise ValueError(f"vqa head: no answers found in {cfg.answers_from}")
         self.cfg = cfg
-        self.needs_tokens = (cfg.media, "text")
         self.answers = list(cfg.answers)
         self.index = {a: i for i, a in enumerate(self.answers)}
         self.fusion = CrossAttentionFusion(cfg.width, cfg.layers, cfg.heads, query_dim=model.widths["text"],
@@ -108,16 +114,13 @@ class VQAHead(nn.Module):
             has[i] = True
         return t, has
 
-    def forward(self, outputs: dict, batch) -> dict:
+    def forward(self, outputs: dict, batch, model) -> dict:
         m = self.cfg.media
         logits = self.logits(outputs["text_tokens"], outputs["text_token_mask"], outputs[f"{m}_tokens"],
                              outputs[f"{m}_token_mask"])
-        out = {"vqa_logits": logits}
-        if batch.meta and any("answers" in (meta or {}) for meta in batch.meta):
-            t, has = self.targets(batch, logits.device)
-            present = outputs["text_token_mask"].any(1) & outputs[f"{m}_token_mask"].any(1)
-            out.update(vqa_targets=t, vqa_target_mask=has & present)
-        return out
+        t, has = self.targets(batch, logits.device)  # rows without human answers: zero targets, masked out
+        present = outputs["text_token_mask"].any(1) & outputs[f"{m}_token_mask"].any(1)
+        return {"vqa_logits": logits, "vqa_targets": t, "vqa_target_mask": has & present}
 
     def predict(self, logits: torch.Tensor) -> list[str]:
         return [self.answers[i] for i in logits.argmax(-1).tolist()]

@@ -30,8 +30,7 @@ from mlmm.config import ConfigError
 from mlmm.models.fusion.alignment import trim_padding
 from mlmm.models.fusion.dual_interaction import candidate_pairs
 from mlmm.models.fusion.vse_fusion import AlignFusion
-from mlmm.models.heads.common import require_towers, valid_rows
-from mlmm.models.heads.divtr import DIVTRHead
+from mlmm.models.heads.common import pair_reads, valid_rows
 from mlmm.registry import HEADS
 
 
@@ -62,16 +61,22 @@ class VSEHeadConfig:
 
 @HEADS.register("vse", config=VSEHeadConfig)
 class VSEHead(nn.Module):
+    @staticmethod
+    def reads(cfg: VSEHeadConfig, model) -> set[str]:
+        return pair_reads(cfg.media)
+
+    @staticmethod
+    def writes(cfg: VSEHeadConfig, model) -> set[str]:
+        return {"vse_align_scores", "vse_t2m_logits", "vse_m2t_logits", "vse_exclude", "vse_weight"}
+
     def __init__(self, cfg: VSEHeadConfig, model):
         super().__init__()
-        require_towers(model, cfg.name, (cfg.media, "text"))
         self.cfg, self.media = cfg, cfg.media
-        self.needs_tokens = (cfg.media, "text")
         self.interaction = AlignFusion(model.widths[cfg.media], model.widths["text"], cfg.width, cfg.fusion_width,
                                        cfg.fusion_layers, cfg.heads, skip_first=cfg.media == "image",
                                        direction=cfg.align_direction, chunk=cfg.chunk)
 
-    def forward(self, outputs: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict[str, torch.Tensor], batch, model) -> dict[str, torch.Tensor]:
         m, inter = self.media, self.interaction
         device = outputs[m].device
         rows, any_valid = valid_rows(batch, m, device)
@@ -80,7 +85,7 @@ class VSEHead(nn.Module):
         t_tok, t_mask = trim_padding(outputs["text_tokens"][rows], outputs["text_token_mask"][rows])  # [n, L', D]
         glob = outputs[m][rows] @ outputs["text"][rows].t()  # [n, n] media x text
         align = inter.align_matrix(m_tok, m_mask, t_tok, t_mask)  # [n, n]
-        exclude = DIVTRHead.excluded(batch, rows) & ~torch.eye(n, dtype=torch.bool, device=device)  # text x media
+        exclude = batch.not_negatives(rows) & ~torch.eye(n, dtype=torch.bool, device=device)  # text x media
         base = inter.combine(glob.detach(), align.detach())  # [n, n] media x text: what the fusion encoder refines
         cand = candidate_pairs(base.t(), self.cfg.hard_negatives or n - 1, exclude)  # 0: every other row
         if cand.valid.shape[1] >= n:  # every pair is a candidate: score each (media, text) pair once
