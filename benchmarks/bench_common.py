@@ -59,7 +59,7 @@ def load_1m() -> float:
     return os.getloadavg()[0]
 
 
-def wait_quiet(max_load: float | None, poll_s: float = 20.0, label: str = "") -> float:
+def wait_quiet(max_load: float | None, poll_s: float = 5.0, label: str = "") -> float:
     """Sleep until the 1-minute load average is below ``max_load`` (None: do not wait); -> the load seen.
 
     Timings on a shared box are only comparable when nothing else runs: the benchmarks call this before every

@@ -1,6 +1,7 @@
 """Training-step throughput: mlmm's image–text contrastive step vs open_clip's, same shapes, one process.
 
     python -m benchmarks.throughput                                   # CPU: ViT-B/32 shape, batch 16, fp32 + bf16
+    python -m benchmarks.throughput --text captions --reps 5 --max-load 1.5   # CPU figures, on a quiet box only
     python -m benchmarks.throughput --shape s32 --steps 3 --reps 2    # quick look (narrow towers)
     python -m benchmarks.throughput --batch 256 1024 --precision bf16 # CUDA (H100 anchor: open_clip 4241/s at 1024)
 
@@ -42,7 +43,7 @@ from typing import Callable
 
 import torch
 
-from benchmarks.bench_common import write_result
+from benchmarks.bench_common import wait_quiet, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -209,7 +210,9 @@ def measure_trainer(args: argparse.Namespace, precision: str, batch: int, device
         for _ in range(args.warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
+    loads = []
     for rep in range(args.reps):
+        loads.append(wait_quiet(args.max_load, label=f"trainer rep {rep + 1}"))
         for name in (list(steps) if rep % 2 == 0 else list(steps)[::-1]):
             sync(device)
             t = time.perf_counter()
@@ -221,7 +224,7 @@ def measure_trainer(args: argparse.Namespace, precision: str, batch: int, device
     out = {name: {"step_s": statistics.median(ts), "step_s_all": ts, "samples_per_s": batch / statistics.median(ts)}
            for name, ts in times.items()}
     out["overhead"] = out["train_step"]["step_s"] / out["engine_only"]["step_s"] - 1
-    out.update(loader_workers=args.trainer_workers, log_every=args.trainer_log_every,
+    out.update(load_1m_all=loads, loader_workers=args.trainer_workers, log_every=args.trainer_log_every,
                text_vocab=len(trainer.tokenizer))
     return out
 
@@ -332,7 +335,9 @@ def measure(args: argparse.Namespace, precision: str, batch: int, device: torch.
         flops[name] = step_flops(step, images, texts) if name != "mlmm_compiled" else flops["mlmm"]
     times: dict[str, list[float]] = {name: [] for name in steps}
     order = list(steps)
+    loads = []
     for rep in range(args.reps):  # interleaved, order rotated: a slow phase of a shared machine hits all
+        loads.append(wait_quiet(args.max_load, label=f"{precision} rep {rep + 1}"))
         for name in order[rep % len(order):] + order[:rep % len(order)]:
             step = steps[name]
             sync(device)
@@ -342,9 +347,10 @@ def measure(args: argparse.Namespace, precision: str, batch: int, device: torch.
             sync(device)
             times[name].append((time.perf_counter() - t) / args.steps)
             assert torch.isfinite(loss), f"{name}: non-finite loss"
+    loads.append(wait_quiet(args.max_load, label=f"{precision} matmul peak"))
     peak = matmul_peak(precision, device)
     out = {"precision": precision, "batch": batch, "text": args.text, "matmul_peak_tflops": peak / 1e12,
-           "frameworks": {}}
+           "load_1m_all": loads, "frameworks": {}}  # the load before each repetition, then before the matmul peak
     for name in steps:
         t = statistics.median(times[name])
         out["frameworks"][name] = {"step_s": t, "step_s_all": times[name], "samples_per_s": batch / t,
@@ -393,6 +399,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per repetition")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--max-load", type=float, default=None,
+                        help="wait until the 1-minute load average is below this before each repetition (and the "
+                             "matmul peak); the loads seen are recorded (runs[].load_1m_all)")
     parser.add_argument("--memory", action="store_true", help="CPU: also measure peak RSS in child processes")
     parser.add_argument("--compile", action="store_true", help="also time mlmm with torch.compile'd towers")
     parser.add_argument("--open-clip-foreach", action="store_true",

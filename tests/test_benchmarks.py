@@ -8,7 +8,8 @@ def test_throughput_benchmark_times_both_frameworks_and_writes_its_ratio(tmp_pat
     throughput = import_benchmark("throughput")
     out = tmp_path / "tp.json"
     assert throughput.main(["--shape", "tiny", "--batch", "4", "--precision", "fp32", "--warmup", "1", "--steps", "1",
-                            "--reps", "2", "--open-clip-foreach", "--trainer-workers", "0", "--trainer-log-every", "2",
+                            "--reps", "2", "--max-load", "1000", "--open-clip-foreach", "--trainer-workers", "0",
+                            "--trainer-log-every", "2",
                             "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0  # in-process: no re-exec
     result = json.loads(out.read_text())
     run = result["runs"][0]
@@ -18,6 +19,7 @@ def test_throughput_benchmark_times_both_frameworks_and_writes_its_ratio(tmp_pat
     assert run["ratio_mlmm_over_open_clip"] == run["frameworks"]["mlmm"]["samples_per_s"] / \
         run["frameworks"]["open_clip"]["samples_per_s"]
     assert result["best_ratio"] > 0 and "best_ratio_vs_open_clip_foreach" in result
+    assert len(run["load_1m_all"]) == 3 and len(run["trainer"]["load_1m_all"]) == 2  # before each rep + the peak
     # mlmm's real step (Trainer.run_step: loader, checks, guards, logging) beside its engine calls, same trainer
     trainer = run["trainer"]
     for name in ("train_step", "engine_only"):

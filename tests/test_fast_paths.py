@@ -276,3 +276,51 @@ def test_zero0_single_replica_skips_the_identity_allreduce_with_identical_traini
     for k, v in states[True].items():
         torch.testing.assert_close(v, states[False][k], rtol=0, atol=0)
     assert engine_mod.skip_single_replica_allreduce.__doc__
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1e-3])
+def test_fused_bf16_step_is_deepspeeds_step_bit_for_bit(grad_clip):
+    """bf16 at ZeRO-0: mlmm's fused optimizer step (each gradient converted and read once) gives DeepSpeed's own step
+    exactly: the same norm, bf16 weights, fp32 master weights and AdamW moments, with and without clipping, and the
+    same skip of an update with a NaN gradient."""
+    from mlmm.training import distributed
+    from mlmm.training.engine import initialize
+
+    distributed.init_distributed()
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = build_config({
+        "data": {"train_shards": "unused", "batch_size": 6},
+        "model": {"embed_dim": 16, "image": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2},
+                  "text": {"tokenizer": "unused", "hidden": 32, "layers": 2, "heads": 2, "intermediate": 64,
+                           "max_length": 16, "arch": "clip"}},
+        "loss": {"name": "contrastive", "pairs": [["image", "text"]]},
+        "train": {"precision": "bf16", "zero_stage": 0, "grad_clip": grad_clip, "warmup_steps": 0, "max_steps": 100,
+                  "ds_config": str(repo / "ds_config.json")}})
+    runs = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = MultimodalModel(cfg.model, Vocab())
+        engine, _ = initialize(cfg, TrainModule(model, ContrastiveLoss(cfg.loss, model.modalities)),
+                               torch.device("cpu"))
+        opt = engine.optimizer
+        assert ("step" in vars(opt)) is True  # installed by initialize
+        if not fused:
+            del opt.step  # DeepSpeed's own FP16_UnfusedOptimizer.step
+        log = []
+        for i in range(4):
+            b = batch(seed=i)
+            b = Batch(**{**b.__dict__, "image": b.image.to(torch.bfloat16)})
+            engine.backward(engine(b)["loss"])
+            if i == 2:  # one NaN gradient: the update is skipped
+                next(p for p in engine.module.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+            engine.step()
+            log.append((engine.was_step_applied(), opt._global_grad_norm))
+        runs[fused] = log, [p.detach().clone() for p in engine.module.parameters()], \
+            [p.detach().clone() for g in opt.fp32_groups for p in g], \
+            [s["exp_avg_sq"].clone() for s in opt.optimizer.state.values()]
+    assert runs[True][0] == runs[False][0] and [a for a, _ in runs[True][0]] == [True, True, False, True]
+    assert grad_clip == 0 or runs[True][0][0][1] > grad_clip  # the clipping path (scale != 1) is exercised
+    for got, ref in zip(runs[True][1:], runs[False][1:]):
+        assert len(got) == len(ref) > 0
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -17,6 +17,7 @@ from torch import nn
 
 from mlmm.config import ConfigError, RunConfig
 from mlmm.data.batch import Batch
+from mlmm.training.bf16_step import fuse_bf16_step
 from mlmm.training.schedule import build_scheduler
 
 log = logging.getLogger("mlmm")
@@ -129,6 +130,7 @@ def initialize(cfg: RunConfig, module: nn.Module, device: torch.device):
     engine.mlmm_frozen_fp32 = frozen
     skip_single_replica_allreduce(engine)
     guard_nonfinite_updates(engine)
+    fuse_bf16_step(engine)  # bf16 at ZeRO-0: DeepSpeed's step, bit for bit, with fewer passes over the gradients
     return engine, ds_cfg
 
 
