@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -50,6 +51,8 @@ def write_result(name: str, result: dict, out: str | Path | None = None) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": machine_info(), **result}
+    if LOAD_LOG:
+        result["load_log"] = list(LOAD_LOG)
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     return path
 
@@ -59,19 +62,46 @@ def load_1m() -> float:
     return os.getloadavg()[0]
 
 
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+_OWN = {"t": time.monotonic(), "cpu": _cpu_seconds(), "load": 0.0}
+LOAD_LOG: list[dict] = []  # one entry per wait_quiet call; write_result stores it as "load_log"
+
+
+def own_load() -> float:
+    """This process's own share of the 1-minute load average, estimated as the kernel averages (exponentially, with
+    a 60-s time constant) from the CPU time this process and its finished children used since the last call."""
+    now, cpu = time.monotonic(), _cpu_seconds()
+    dt = now - _OWN["t"]
+    if dt > 0:
+        decay = math.exp(-dt / 60.0)
+        _OWN.update(t=now, cpu=cpu, load=_OWN["load"] * decay + (cpu - _OWN["cpu"]) / dt * (1.0 - decay))
+    return _OWN["load"]
+
+
 def wait_quiet(max_load: float | None, poll_s: float = 5.0, label: str = "") -> float:
-    """Sleep until the 1-minute load average is below ``max_load`` (None: do not wait); -> the load seen.
+    """Sleep until the load of everything else on the box (the 1-minute load average minus this benchmark's own share,
+    :func:`own_load`) is below ``max_load`` (None: do not wait); -> the 1-minute load average seen.
 
     Timings on a shared box are only comparable when nothing else runs: the benchmarks call this before every
-    timed repetition and record what it returns.
+    timed repetition and record what it returns; every call is also logged (load, own share, waiting time) in
+    ``LOAD_LOG``. The benchmark's own work is left out of the test so that a 2-thread benchmark does not wait a
+    minute after each of its own repetitions for the average to decay.
     """
-    load = load_1m()
-    waited = 0.0
-    while max_load is not None and load >= max_load:
-        if waited == 0.0:
-            print(f"  [{label or 'timing'}] load {load:.2f} >= {max_load}: waiting for a quiet box ...",
+    start = time.monotonic()
+    load, own = load_1m(), own_load()
+    announced = False
+    while max_load is not None and load - own >= max_load:
+        if not announced:
+            print(f"  [{label or 'timing'}] load {load:.2f} (own {own:.2f}) >= {max_load}: waiting for a quiet box",
                   file=sys.stderr, flush=True)
+            announced = True
         time.sleep(poll_s)
-        waited += poll_s
-        load = load_1m()
+        load, own = load_1m(), own_load()
+    LOAD_LOG.append({"label": label, "time": datetime.datetime.now().isoformat(timespec="seconds"),
+                     "load_1m": round(load, 2), "own_estimate": round(own, 2), "others": round(load - own, 2),
+                     "waited_s": round(time.monotonic() - start, 1)})
     return load

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_common import machine_info, wait_quiet
+from benchmarks.bench_common import LOAD_LOG, machine_info, wait_quiet
 from mlmm.search import (FloatIndex, HammingIndex, cosine_topk, faiss_available, hamming_topk,
                          native_available, native_status, pack_codes, recall_at_k, rerank)
 
@@ -278,6 +278,11 @@ def main(argv=None) -> int:
                                 args.reps, args.max_load, args.latency_queries, not args.no_multihash)
     if args.export:
         result["quality"] = quality(args.export, args.items, args.queries, args.k, args.candidates, seed=11)
+    elif Path(args.out).is_file() and "quality" in (previous := json.loads(Path(args.out).read_text())):
+        result["quality"] = previous["quality"]  # part 2 not re-run: keep it, with when and where it was measured
+        result["quality_measured"] = previous.get("quality_measured") or {
+            "date": previous["date"], "machine": previous["machine"], "command": previous.get("command", "")}
+    result["load_log"] = list(LOAD_LOG)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,5 +1,6 @@
 """The throughput benchmark runs end to end on the tiny shape (the figures themselves live in benchmarks/results)."""
 import json
+import math
 
 from conftest import import_benchmark
 
@@ -62,3 +63,34 @@ def test_video_loader_benchmark_times_every_loader_on_original_and_transcoded_sh
         loaders["plain/original"]["samples_per_s"]
     assert result["samples"] == 3 and result["transcode"]["write_seconds"] > 0
     assert result["transcode"]["kb_per_sample"] < result["original"]["kb_per_sample"]  # 2 fps, 64 px: smaller
+
+
+def test_wait_quiet_waits_for_the_others_load_not_the_benchmarks_own(monkeypatch):
+    """Timings start only when the 1-minute load minus the benchmark's own share is below --max-load; each wait is
+    logged with the load seen."""
+    from benchmarks import bench_common as bc
+
+    loads = iter([3.0, 2.6, 2.2])  # others 1.0 -> 0.6 -> 0.2 with the benchmark's own share at 2.0
+    monkeypatch.setattr(bc, "load_1m", lambda: next(loads))
+    monkeypatch.setattr(bc, "own_load", lambda: 2.0)
+    monkeypatch.setattr(bc.time, "sleep", lambda s: None)
+    monkeypatch.setattr(bc, "LOAD_LOG", [])
+    assert bc.wait_quiet(0.5, label="rep 1") == 2.2
+    assert bc.LOAD_LOG[-1]["others"] == 0.2 and bc.LOAD_LOG[-1]["own_estimate"] == 2.0
+    monkeypatch.setattr(bc, "load_1m", lambda: 9.0)
+    assert bc.wait_quiet(None) == 9.0  # no limit: no wait
+
+
+def test_own_load_follows_the_kernels_one_minute_average(monkeypatch):
+    """Busy for 60 s on 2 threads -> own share 2 * (1 - 1/e); then idle for 60 s -> that times 1/e."""
+    from benchmarks import bench_common as bc
+
+    clock = {"t": 0.0, "cpu": 0.0}
+    monkeypatch.setattr(bc.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(bc, "_cpu_seconds", lambda: clock["cpu"])
+    monkeypatch.setattr(bc, "_OWN", {"t": 0.0, "cpu": 0.0, "load": 0.0})
+    clock.update(t=60.0, cpu=120.0)
+    busy = bc.own_load()
+    assert abs(busy - 2 * (1 - math.exp(-1))) < 1e-9
+    clock.update(t=120.0)
+    assert abs(bc.own_load() - busy * math.exp(-1)) < 1e-9
