@@ -36,6 +36,9 @@ def hub(standins, tmp_path, monkeypatch):
 
 
 def text_run_config(text: dict, **model):
+    """A contrastive run config around text tower `text` (and a default tiny image tower unless `model` names one:
+    the contrastive loss needs a second tower)."""
+    model = {"image": {}, **model}
     return build_config({"model": {"embed_dim": 32, "text": text, **model}, "loss": {"name": "contrastive"}})
 
 
