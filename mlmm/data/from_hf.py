@@ -19,7 +19,9 @@ row by row), any other local folder or Hub name ``load_dataset`` understands (op
   ``label:class`` for the hashing/eval relevance key.
 * Output = what ``python -m mlmm.data.write_shards`` writes: ``shard-NNNNNN.tar`` + ``index.json`` (counts,
   languages, modalities, every skipped row with its reason; ``source`` replaces ``manifest``). The per-row checks,
-  caption normalisation and key rules are the shard writer's own (:mod:`mlmm.data.write_shards`).
+  caption normalisation and key rules are the shard writer's own (:mod:`mlmm.data.write_shards`); a row whose
+  captions are all blank is skipped (listed in ``index.json`` and the summary line). As there, the output folder is
+  replaced all at once when the conversion is complete: a failure or a kill leaves the previous shards as they were.
 """
 from __future__ import annotations
 
@@ -28,13 +30,16 @@ import io
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from tqdm import tqdm
 
+from mlmm.atomic import fault, replace_folder
 from mlmm.data.shard_output import remote_out
-from mlmm.data.write_shards import MEDIA_KEYS, SkipSample, check_media, normalise_captions
+from mlmm.data.write_shards import (LANG_CODE, MEDIA_KEYS, SHARD_FILES, CaptionError, ShardSink, SkipSample,
+                                    check_media, normalise_captions, summary, write_index)
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +205,13 @@ def row_to_sample(row: dict[str, Any], key: str, *, media: dict[str, str], capti
         if not isinstance(value, (str, list, dict, type(None))):
             raise ValueError(f"--caption-column {col}: holds {type(value).__name__}, expected str, [str] or "
                              "{lang: str}")
-        for lg, c in normalise_captions({k: v for k, v in found.items() if v is not None}, f"column {col}").items():
+        try:
+            found = normalise_captions({k: v for k, v in found.items() if v is not None}, f"column {col}")
+        except CaptionError as e:
+            if e.reason != "empty captions":
+                raise
+            raise SkipSample(f"blank captions: {e}") from None
+        for lg, c in found.items():
             caps.setdefault(lg, []).extend(c)
     meta: dict[str, Any] = {**extra, "captions": caps}
     for col, name in keep:
@@ -232,9 +243,10 @@ def convert(dataset: str, out_dir: str | Path, *, split: str = "train", image_co
             config_name: Optional[str] = None, progress: bool = True,
             on_shard: Optional[Callable[[Path], None]] = None) -> dict[str, Any]:
     """Stream ``dataset[split]`` into ``out_dir/shard-*.tar`` + ``index.json``; returns the index. ``out_dir`` may
-    be a bucket, URL or ``pipe:`` spec (:mod:`mlmm.data.shard_output`, which passes ``on_shard``)."""
-    import webdataset as wds
+    be a bucket, URL or ``pipe:`` spec (:mod:`mlmm.data.shard_output`, which passes ``on_shard``).
 
+    Arguments and columns are checked before the output folder is touched, which is replaced only when the
+    conversion is complete (fault points for tests: ``shard_row:<i>``, ``folder_before_swap``, ...)."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     media = {m: c for m, c in (("image", image_column), ("audio", audio_column), ("video", video_column)) if c}
@@ -243,6 +255,10 @@ def convert(dataset: str, out_dir: str | Path, *, split: str = "train", image_co
     keep = [(c, name or c.split(".")[-1]) for c, name in keep]
     if not media and not captions:
         raise ValueError("nothing to convert: give --image/--audio/--video-column and/or --caption-column")
+    bad = [f"{col}:{lang}" for col, lang in captions if not LANG_CODE.match(lang)]
+    if bad:
+        raise ValueError(f"--caption-column / --language: {bad} do not end in a language code (BCP-47-like: en, "
+                         "de, pt-BR, zh_Hant)")
     ds = open_dataset(dataset, split, config_name)
     features = getattr(ds, "features", None) or {}
     named = [c.split(".")[0] for c in [*media.values(), *(c for c, _ in captions), *(c for c, _ in keep)]]
@@ -260,54 +276,28 @@ def convert(dataset: str, out_dir: str | Path, *, split: str = "train", image_co
     total = len(ds) if hasattr(ds, "__len__") else None
     total = min(total, limit) if total is not None and limit is not None else total or limit
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("shard-*.tar"):  # never mix shards of two runs
-        old.unlink()
-    shards: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
-    languages: set[str] = set()
-    modalities: set[str] = set()
     seen: set[str] = set()
-    writer = None
     extra = {"source": str(dataset), "split": split}
-    rows = tqdm(ds, total=total, desc=f"{Path(str(dataset)).name}[{split}] -> {out.name}", disable=not progress)
-    for i, row in enumerate(rows):
-        if limit is not None and i >= limit:
-            break
-        key = _BAD_KEY_CHARS.sub("_", str(row[key_column])) if key_column else f"{split}-{i:08d}"
-        try:
-            if key in seen:
-                raise SkipSample(f"duplicate key {key!r}")
-            sample = row_to_sample(row, key, media=media, captions=captions, keep=keep, class_names=class_names,
-                                   extra=extra)
-        except SkipSample as e:
-            log.warning("skipping row %d (%s): %s", i, key, e)
-            skipped.append({"key": key, "reason": str(e)})
-            continue
-        seen.add(key)
-        if writer is None or shards[-1]["n"] >= shard_size:
-            if writer is not None:
-                writer.close()
-                if on_shard:
-                    on_shard(out / shards[-1]["name"])
-            name = f"shard-{len(shards):06d}.tar"
-            writer = wds.TarWriter(str(out / name))
-            shards.append({"name": name, "n": 0})
-        writer.write(sample)
-        shards[-1]["n"] += 1
-        meta = json.loads(sample["json"])
-        languages.update(lang for lang, caps in meta["captions"].items() if caps)
-        modalities.update(meta["modalities"])
-    if writer is not None:
-        writer.close()
-        if on_shard:
-            on_shard(out / shards[-1]["name"])
-    index = {"shards": shards, "n_samples": sum(s["n"] for s in shards), "languages": sorted(languages),
-             "modalities": sorted(modalities), "skipped": skipped,
-             "source": {"dataset": str(dataset), "split": split, "config": config_name}}
-    (out / "index.json").write_text(json.dumps(index, ensure_ascii=False, indent=1), encoding="utf-8")
-    if skipped:
-        log.warning("%d rows skipped (reasons in %s)", len(skipped), out / "index.json")
+    with replace_folder(out, owned=SHARD_FILES, what="--out") as tmp:
+        sink = ShardSink(tmp, shard_size, on_shard)
+        rows = tqdm(ds, total=total, desc=f"{Path(str(dataset)).name}[{split}] -> {out.name}", disable=not progress)
+        for i, row in enumerate(rows):
+            if limit is not None and i >= limit:
+                break
+            key = _BAD_KEY_CHARS.sub("_", str(row[key_column])) if key_column else f"{split}-{i:08d}"
+            try:
+                if key in seen:
+                    raise SkipSample(f"duplicate key {key!r}")
+                sink.write(row_to_sample(row, key, media=media, captions=captions, keep=keep,
+                                         class_names=class_names, extra=extra))
+                seen.add(key)
+            except SkipSample as e:
+                sink.skip(key, str(e))
+            fault(f"shard_row:{i + 1}")
+        index = sink.index(source={"dataset": str(dataset), "split": split, "config": config_name})
+        write_index(tmp, index)
+    if index["skipped"]:
+        log.warning("%s", summary(index, out))
     return index
 
 
@@ -329,13 +319,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--limit", type=int, help="convert only the first N rows")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    index = convert(args.dataset, args.out, split=args.split, image_column=args.image_column,
-                    audio_column=args.audio_column, video_column=args.video_column,
-                    caption_columns=args.caption_column, language=args.language, keep_columns=args.keep_column,
-                    key_column=args.key_column, shard_size=args.shard_size, limit=args.limit,
-                    config_name=args.config_name)
-    print(f"{index['n_samples']} samples in {len(index['shards'])} shards -> {args.out} "
-          f"(languages {index['languages']}, modalities {index['modalities']}, skipped {len(index['skipped'])})")
+    try:
+        index = convert(args.dataset, args.out, split=args.split, image_column=args.image_column,
+                        audio_column=args.audio_column, video_column=args.video_column,
+                        caption_columns=args.caption_column, language=args.language, keep_columns=args.keep_column,
+                        key_column=args.key_column, shard_size=args.shard_size, limit=args.limit,
+                        config_name=args.config_name)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(summary(index, args.out))
 
 
 if __name__ == "__main__":

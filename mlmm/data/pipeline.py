@@ -10,7 +10,9 @@ out of ``n_slots = world_size * num_workers``), repeated forever over epochs ``e
      epoch's shard order) when ``i % n_slots == s`` — more I/O, same partition;
    slots may get unequal numbers of samples, which is harmless for an infinite stream;
 3. decode + transform + tokenize (:class:`Preprocessor`), with the language policy; samples that
-   fail to decode are skipped, counted per reason and logged once per reason;
+   fail to decode are skipped, counted per reason and logged once per reason (see :meth:`Preprocessor.check` and
+   :mod:`mlmm.data.transforms` for the reasons); a caption longer than :data:`CAPTION_CHARS_PER_TOKEN` x
+   ``model.text.max_length`` characters is cut to that length before tokenising and counted (``caption truncated``);
 4. a seeded shuffle buffer and batching with :func:`collate`; buffer and batches run across epoch
    boundaries, so there is never a partial batch.
 
@@ -30,8 +32,9 @@ from tqdm import tqdm
 from mlmm.config import ModelConfig
 from mlmm.data.batch import Batch
 from mlmm.data.shards import _parse, epoch_shards, iter_samples, resolve_shards, slot_samples  # noqa: F401 (re-exported)
-from mlmm.data.transforms import (audio_to_logmel, crop_box, decode_audio, decode_image, decode_video, image_to_tensor,
-                                  jpeg_size)
+from mlmm.data.transforms import (SampleError, audio_to_logmel, crop_box, decode_audio, decode_image, decode_video,
+                                  image_to_tensor, jpeg_size)
+from mlmm.data.write_shards import CaptionError, normalise_captions
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +42,19 @@ MEDIA = ("image", "video", "audio")
 EXTENSIONS = {"image": ("jpg", "jpeg", "png", "webp"), "video": ("mp4", "avi", "webm", "mkv"),
               "audio": ("wav", "flac", "ogg")}
 POLICIES = ("random_language", "all_languages", "fixed")
+KNOWN_EXTENSIONS = {"json", *(e for exts in EXTENSIONS.values() for e in exts)}  # + "<name>.npy", "<name>.<image>"
+CAPTION_CHARS_PER_TOKEN = 32  # captions are cut to this many characters per model.text.max_length token
 
 
-class SampleError(ValueError):
-    """A sample that cannot be used; ``reason`` is a short category used for counting."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+def unknown_extension(raw: dict[str, Any]) -> Optional[str]:
+    """The first member extension of a raw sample that the reader does not know (None when all are known)."""
+    for ext in raw:
+        if not isinstance(ext, str) or ext.startswith("__") or ext in KNOWN_EXTENSIONS or ext.endswith(".npy"):
+            continue
+        name, _, suffix = ext.rpartition(".")
+        if not (name and suffix in EXTENSIONS["image"]):  # extra images: "<name>.jpg", ...
+            return ext
+    return None
 
 
 def select_captions(
@@ -112,6 +120,42 @@ class Preprocessor:
                 raise ValueError(f"Preprocessor: extra_shapes supports image/video, got {m!r}")
             self.shapes.setdefault(m, tuple(shape))
         self.pad_id = int(getattr(tokenizer, "pad_token_id", None) or 0)
+        self.max_caption_chars = CAPTION_CHARS_PER_TOKEN * self.shapes["text"][0] if "text" in self.shapes else None
+
+    def check(self, raw: dict[str, Any], text_field: str = "captions") -> dict[str, list[str]]:
+        """Raise :class:`SampleError` for a sample whose json is broken (``bad json``: not UTF-8, not JSON, not an
+        object), that holds a member the reader does not know (``unknown extension``), or whose ``captions`` /
+        ``text_field`` break the schema (``bad captions``, ``unknown language code``, ``empty captions``: see
+        :func:`mlmm.data.write_shards.normalise_captions`); else return ``text_field`` as ``{lang: [str, ...]}``
+        (stripped, blank strings dropped)."""
+        key, meta = raw.get("__key__", "?"), raw.get("json", {})
+        if not isinstance(meta, dict):
+            raise SampleError("bad json", f"{key}: json is a {type(meta).__name__}, not an object")
+        if "__error__" in meta:
+            raise SampleError("bad json", f"{key}: {meta['__error__']}")
+        ext = unknown_extension(raw)
+        if ext is not None:
+            raise SampleError("unknown extension", f"{key}: .{ext} (known: {sorted(KNOWN_EXTENSIONS)}, <name>.npy, "
+                                                   "<name>.<image extension>)")
+        try:
+            text = normalise_captions(meta.get(text_field), key)
+            if text_field != "captions":
+                normalise_captions(meta.get("captions"), key)
+        except CaptionError as e:
+            raise SampleError(e.reason, str(e)) from None
+        return text
+
+    def cut_caption(self, caption: str, notes: Optional[collections.Counter] = None) -> str:
+        """``caption`` cut to ``max_caption_chars`` (counted in ``notes["caption truncated"]``, logged once)."""
+        if self.max_caption_chars is None or len(caption) <= self.max_caption_chars:
+            return caption
+        if notes is not None:
+            if not notes["caption truncated"]:
+                log.warning("caption of %d characters cut to %d (%d per model.text.max_length token) before "
+                            "tokenising; further ones are only counted", len(caption), self.max_caption_chars,
+                            CAPTION_CHARS_PER_TOKEN)
+            notes["caption truncated"] += 1
+        return caption[: self.max_caption_chars]
 
     def media(self, raw: dict[str, Any], rng: Optional[random.Random] = None) -> dict[str, torch.Tensor]:
         """Decode and transform every media modality that both the sample and the model have."""
@@ -136,8 +180,10 @@ class Preprocessor:
                     wave, sr = decode_audio(data)
                     out["audio"] = audio_to_logmel(wave, sr, sample_rate=a.sample_rate, seconds=a.seconds,
                                                    n_mels=a.n_mels, n_fft=a.n_fft, hop_length=a.hop_length)
-            except ValueError as e:
-                raise SampleError(f"undecodable {modality}", f"{key}: {e}") from e
+            except SampleError as e:
+                raise SampleError(e.reason, f"{key}: {e.detail}") from e
+            except Exception as e:  # noqa: BLE001 - a transform failing on what the decoder gave: unusable sample
+                raise SampleError(f"undecodable {modality}", f"{key}: {type(e).__name__}: {e}") from e
         return out
 
     def extra_images(self, raw: dict[str, Any], rng: Optional[random.Random] = None) -> dict[str, torch.Tensor]:
@@ -154,8 +200,8 @@ class Preprocessor:
             try:
                 out[name] = image_to_tensor(decode_image(data, draft_size=size), size, self.train, rng,
                                             normalize=self.normalize)
-            except ValueError as e:
-                raise SampleError("undecodable image", f"{raw.get('__key__', '?')}.{ext}: {e}") from e
+            except SampleError as e:
+                raise SampleError(e.reason, f"{raw.get('__key__', '?')}.{ext}: {e.detail}") from e
         return out
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,21 +215,23 @@ class Preprocessor:
     def __call__(
         self, raw: dict[str, Any], rng: Optional[random.Random] = None, *,
         language_policy: str = "random_language", languages: Optional[Sequence[str]] = None,
-        text_field: str = "captions", tokenize: bool = True,
+        text_field: str = "captions", tokenize: bool = True, notes: Optional[collections.Counter] = None,
     ) -> list[dict[str, Any]]:
         """One raw sample -> one processed sample (``all_languages``: one per language).
 
         ``tokenize=False``: samples carry their ``caption`` only; :meth:`collate` tokenises a batch's captions in one
-        tokenizer call (about 2.5x cheaper per caption than one call each).
+        tokenizer call (about 2.5x cheaper per caption than one call each). Over-long captions are cut
+        (:meth:`cut_caption`) and counted in ``notes``.
 
-        Raises :class:`SampleError` when a file does not decode or nothing the model uses is left.
+        Raises :class:`SampleError` when the sample breaks the schema (:meth:`check`), a file does not decode or
+        nothing the model uses is left.
         """
         rng = rng or random.Random(0)
         key, meta = raw.get("__key__", "?"), raw.get("json") or {}
-        if "__error__" in meta:
-            raise SampleError("bad json", f"{key}: {meta['__error__']}")
+        text = self.check(raw, text_field)
         media = self.media(raw, rng)
-        choices = select_captions(meta.get(text_field, {}), rng, language_policy, languages) if "text" in self.shapes else []
+        choices = select_captions(text, rng, language_policy, languages) if "text" in self.shapes else []
+        choices = [(lang, self.cut_caption(cap, notes)) for lang, cap in choices]
         if not media and not choices:
             raise SampleError("nothing the model uses", f"{key}: no {'/'.join(self.modalities)} in the sample")
         base = {"key": key, "meta": meta, "lang": "", **media}
@@ -315,9 +363,11 @@ def load_eval_items(shards_spec: str | Sequence[str], preprocessor: Preprocessor
     """Every sample having one of ``modalities`` (media), in shard order, for retrieval evaluation.
 
     Returns ``{"keys": [item keys], "meta": [item json], "captions": {lang: [(item_index, caption), ...]},
-    "skipped": {reason: count}, <modality>: {"data": Float[N_m, ...], "items": Long[N_m], "keys": [...]}}``
-    where ``items`` indexes ``keys``. Every caption of every item is listed (restricted to
-    ``languages`` when given). Use a ``Preprocessor(train=False)``.
+    "skipped": {reason: count}, "notes": {"caption truncated": count}, <modality>: {"data": Float[N_m, ...],
+    "items": Long[N_m], "keys": [...]}}`` where ``items`` indexes ``keys``. Every caption of every item is listed
+    (restricted to ``languages`` when given; over-long ones cut as in training). Samples that break the schema or do
+    not decode, and the unreadable rest of a corrupt shard, are skipped and counted per reason in ``skipped`` (each
+    reason logged once). Use a ``Preprocessor(train=False)``.
     """
     unknown = [m for m in modalities if m not in MEDIA or m not in preprocessor.shapes]
     if unknown:
@@ -330,14 +380,20 @@ def load_eval_items(shards_spec: str | Sequence[str], preprocessor: Preprocessor
     items: dict[str, list[int]] = {m: [] for m in modalities}
     captions: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
     skipped: collections.Counter[str] = collections.Counter()
-    for raw in tqdm(iter_samples(shards), desc="eval items", leave=False):
-        if not any(raw.get(e) is not None for m in modalities for e in EXTENSIONS[m]):
-            skipped[f"no {'/'.join(modalities)}"] += 1
-            continue
+    notes: collections.Counter[str] = collections.Counter()
+    for raw in tqdm(iter_samples(shards, errors="yield"), desc="eval items", leave=False):
         try:
+            if "__error__" in raw:  # the unreadable rest of a shard
+                reason, _, detail = raw["__error__"].partition(": ")
+                raise SampleError(reason, detail)
+            text = preprocessor.check(raw)
+            if not any(raw.get(e) is not None for m in modalities for e in EXTENSIONS[m]):
+                skipped[f"no {'/'.join(modalities)}"] += 1
+                continue
             media = preprocessor.media(raw)
         except SampleError as e:
-            log.warning("eval: skipping %s", e)
+            if not skipped[e.reason]:
+                log.warning("eval: skipping %s (further ones with this reason are only counted)", e)
             skipped[e.reason] += 1
             continue
         index = len(keys)
@@ -347,10 +403,11 @@ def load_eval_items(shards_spec: str | Sequence[str], preprocessor: Preprocessor
             if m in media:
                 tensors[m].append(media[m])
                 items[m].append(index)
-        for lang, caps in sorted((raw["json"].get("captions") or {}).items()):
+        for lang, caps in sorted(text.items()):
             if languages is None or lang in languages:
-                captions[lang].extend((index, c) for c in ([caps] if isinstance(caps, str) else caps))
-    out: dict[str, Any] = {"keys": keys, "meta": metas, "captions": dict(captions), "skipped": dict(skipped)}
+                captions[lang].extend((index, preprocessor.cut_caption(c, notes)) for c in caps)
+    out: dict[str, Any] = {"keys": keys, "meta": metas, "captions": dict(captions), "skipped": dict(skipped),
+                           "notes": dict(notes)}
     for m in modalities:
         if tensors[m]:
             out[m] = {"data": torch.stack(tensors[m]), "items": torch.tensor(items[m], dtype=torch.long),

@@ -234,6 +234,9 @@ def _sizes_file(url: str, required: bool) -> tuple[tuple[str, int], ...]:
 
 
 # ------------------------------------------------------------------------------------------ reading
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's meta entries (skipped, as its tar_file_iterator does)
+
+
 def _split_name(name: str) -> tuple[str, str]:
     """'dir/key.ext.more' -> ('dir/key', 'ext.more') — WebDataset's key/extension convention."""
     base = name.rsplit("/", 1)
@@ -242,13 +245,18 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def _samples(stream: Any, url: str) -> Iterator[dict[str, Any]]:
-    """Complete samples of one open tar stream (webdataset's tar_file_iterator, grouped by key); a sample is given
-    out when the next one starts or the tar ends, so a stream cut mid-sample never yields a partial sample."""
-    from webdataset.tariterators import tar_file_iterator
-
+    """Complete samples of one open tar stream (regular members grouped by key, as webdataset's tar_file_iterator
+    reads them); a sample is given out when the next one starts or the tar ends, so a stream cut mid-sample never
+    yields a partial sample. tarfile stops without an error at a corrupt member header: data after the archive's end
+    raises here instead (a clean tar ends in zero blocks)."""
     current: Optional[dict[str, Any]] = None
-    for f in tar_file_iterator(stream):
-        key, ext = _split_name(f["fname"])
+    tar = tarfile.open(fileobj=stream, mode="r|*")
+    for member in tar:
+        if not member.isreg() or _META.match(member.name):
+            continue
+        key, ext = _split_name(member.name)
+        data = tar.extractfile(member).read()
+        tar.members = []  # a stream: keep no member list
         if not ext:
             continue
         if current is not None and current["__key__"] != key:
@@ -256,7 +264,10 @@ def _samples(stream: Any, url: str) -> Iterator[dict[str, Any]]:
             current = None
         if current is None:
             current = {"__key__": key, "__url__": url}
-        current[ext.lower()] = f["data"]
+        current[ext.lower()] = data
+    while chunk := tar.fileobj.read(1 << 16):  # the rest of tarfile's buffer, then of the stream
+        if chunk.strip(b"\0"):
+            raise tarfile.ReadError(f"unreadable tar header near byte {tar.offset} (the rest of the shard is lost)")
     if current is not None:
         yield current
 

@@ -58,11 +58,7 @@ def resolve_shards(spec: str) -> list[str]:
         if path.is_dir():
             index = path / "index.json"
             if index.is_file():
-                with open(index, encoding="utf-8") as f:
-                    found = [str(path / s["name"]) for s in json.load(f)["shards"]]
-                missing = [p for p in found if not Path(p).is_file()]
-                if missing:
-                    raise FileNotFoundError(f"shard spec {spec!r}: {index} lists missing shards {missing[:3]}")
+                found = [str(path / name) for name in check_index(path)]
             else:
                 found = sorted(str(p) for p in path.glob("*.tar"))
         elif any(c in part for c in "*?["):
@@ -79,14 +75,40 @@ def resolve_shards(spec: str) -> list[str]:
     return files
 
 
+def check_index(folder: Path) -> list[str]:
+    """The shard names ``folder/index.json`` lists, after checking it agrees with the tars beside it: every listed
+    shard exists, no other tar is there, and ``n_samples`` is the sum of the shards' counts (each shard's own count
+    is checked when the training stream reads it, :meth:`mlmm.data.shardio.ShardReader.read`). A disagreement raises
+    FileNotFoundError naming both counts."""
+    index_path = folder / "index.json"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        entries = {e["name"]: e for e in index["shards"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FileNotFoundError(f"{index_path}: unreadable shard index: {e}") from None
+    tars = sorted(p.name for p in folder.glob("*.tar"))
+    missing, unlisted = sorted(set(entries) - set(tars)), sorted(set(tars) - set(entries))
+    if missing or unlisted:
+        raise FileNotFoundError(f"{index_path} lists {len(entries)} shards, the folder holds {len(tars)} .tar files "
+                                f"(missing: {missing[:3]}, not listed: {unlisted[:3]}): the index and the shards "
+                                "disagree (rewrite them together)")
+    total = sum(int(e.get("n", 0)) for e in entries.values())
+    if "n_samples" in index and int(index["n_samples"]) != total:
+        raise FileNotFoundError(f"{index_path}: n_samples is {index['n_samples']}, its shards count {total}")
+    return list(entries)
+
+
 def _parse(sample: dict[str, Any]) -> dict[str, Any]:
-    """Raw tar entry group -> {"__key__", "__url__", <ext>: bytes, "json": dict}."""
+    """Raw tar entry group -> {"__key__", "__url__", <ext>: bytes, "json": dict}; a json member that is not UTF-8,
+    not JSON or not an object becomes ``{"__error__": ...}`` (a counted bad sample downstream)."""
     out = {k.lower() if not k.startswith("__") else k: v for k, v in sample.items()}
     raw = out.get("json")
     try:
         out["json"] = json.loads(raw) if isinstance(raw, (bytes, str)) else (raw or {})
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         out["json"] = {"__error__": f"invalid json: {e}"}
+    if not isinstance(out["json"], dict):
+        out["json"] = {"__error__": f"json is a {type(out['json']).__name__}, not an object"}
     return out
 
 

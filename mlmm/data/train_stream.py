@@ -1,7 +1,8 @@
 """The training stream: raw samples -> shuffle buffer -> decode -> batches, resumable mid-epoch.
 
 Each batch carries ``batch.data_state`` = the position of the slot that made it (see
-:mod:`mlmm.data.stream`) plus its bad-sample counts. The trainer keeps the latest state per slot
+:mod:`mlmm.data.stream`) plus its bad-sample counts (``skipped``: {reason: n}, what ``data.max_bad_fraction``
+bounds) and ``notes`` ({"caption truncated": n}: samples used after a change). The trainer keeps the latest state per slot
 and stores them in the checkpoint; ``build_train_loader(..., state=...)`` continues exactly there.
 
 DataLoader workers are served round-robin. On resume, worker ``w`` plays the *role* (slot within
@@ -13,7 +14,6 @@ from __future__ import annotations
 import collections
 import logging
 import random
-import re
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -27,24 +27,6 @@ from mlmm.data.shardio import ShardReader, redact
 from mlmm.data.stream import ShuffleBuffer, restore
 
 log = logging.getLogger("mlmm.data")
-LANG_CODE = re.compile(r"^[a-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")  # BCP-47-like: en, de, pt-BR, zh_Hant
-
-
-def check_captions(meta: dict) -> None:
-    """Reject captions under an invalid language code, or a language whose captions are all blank strings."""
-    captions = meta.get("captions")
-    if not isinstance(captions, dict):
-        return  # no captions: the sample may still serve its media (caught later if nothing is usable)
-    for lang, caps in captions.items():
-        if not LANG_CODE.match(str(lang)):
-            raise SampleError("unknown language code", f"{lang!r}")
-        caps = [caps] if isinstance(caps, str) else caps
-        if not isinstance(caps, list):
-            raise SampleError("bad captions",
-                              f"language {lang!r}: expected a list of strings, got {type(caps).__name__}")
-        # an empty list means "no caption" (e.g. an uncaptioned clip); blank strings are broken data
-        if caps and not any(isinstance(c, str) and c.strip() for c in caps):
-            raise SampleError("empty captions", f"language {lang!r} has only blank captions")
 
 
 class TrainStream(torch.utils.data.IterableDataset):
@@ -59,6 +41,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.state = state or {}
         self.skipped: collections.Counter[str] = collections.Counter()  # num_workers=0 only
+        self.notes: collections.Counter[str] = collections.Counter()  # num_workers=0 only
 
     def slot(self) -> tuple[int, int]:
         """(slot, n_slots) of the calling process from the rank, worker id and resume role offset."""
@@ -67,7 +50,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         role = (worker + int(self.state.get("next_role", 0))) % workers
         return self.rank * workers + role, self.world_size * workers
 
-    def _process(self, raw: dict[str, Any], counts: collections.Counter) -> list[dict[str, Any]]:
+    def _process(self, raw: dict[str, Any], counts: collections.Counter,
+                 notes: collections.Counter) -> list[dict[str, Any]]:
         if "__error__" in raw:
             reason, _, detail = raw["__error__"].partition(": ")
             error = SampleError(reason, detail)
@@ -75,13 +59,15 @@ class TrainStream(torch.utils.data.IterableDataset):
             key = raw.get("__key__", "?")
             rng = random.Random(f"{self.cfg.seed}/{raw.get('__epoch__', 0)}/{key}")
             try:
-                raw = _parse(raw)
-                if "__error__" not in raw["json"]:
-                    check_captions(raw["json"])
-                return self.pre(raw, rng, language_policy=self.cfg.language_policy, languages=self.cfg.languages,
-                                text_field=getattr(self.cfg, "text_field", "captions"), tokenize=False)
+                return self.pre(_parse(raw), rng, language_policy=self.cfg.language_policy,
+                                languages=self.cfg.languages, text_field=getattr(self.cfg, "text_field", "captions"),
+                                tokenize=False, notes=notes)
             except SampleError as e:
                 error = e
+            except Exception as e:  # noqa: BLE001 - one sample must not stop the run: counted, bounded, logged
+                error = SampleError(f"error: {type(e).__name__}", f"{key}: {e}")
+                if not counts[error.reason]:
+                    log.exception("unexpected error on sample %s", key)
         if not counts[error.reason]:
             log.warning("skipping bad sample (%s) in %s: %s — further ones with this reason are only counted",
                         error.reason, redact(raw.get("__url__", "?")), redact(str(error)))
@@ -93,7 +79,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         own = (self.state.get("slots") or {}).get(str(slot), {})
         emitted, used = int(own.get("emitted", 0)), int(own.get("used", 0))
         counts = collections.Counter(own.get("skipped", {}))
-        self.skipped = counts
+        notes = collections.Counter(own.get("notes", {}))
+        self.skipped, self.notes = counts, notes
         plan = build_source(self.shards, seed=self.cfg.seed, slot=slot, n_slots=n_slots,
                             resplit=self.state.get("resplit"), reader=ShardReader.from_config(self.cfg))
         buffer = ShuffleBuffer(self.cfg.shuffle_buffer, f"shuffle/{self.cfg.seed}/{slot}")
@@ -109,7 +96,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             if out is None:
                 continue
             emitted += 1
-            items = self._process(out, counts)
+            items = self._process(out, counts, notes)
             barren = 0 if items else barren + 1
             if barren > limit:
                 raise RuntimeError(f"slot {slot}/{n_slots} got no usable sample in {barren} consecutive samples "
@@ -125,7 +112,8 @@ class TrainStream(torch.utils.data.IterableDataset):
                     n_items = first + len(items)
                     position = {"emitted": emitted, "used": 0 if k == n_items - 1 else k + 1}
                     b = self.pre.collate(batch)
-                    b.data_state = {"slot": slot, "n_slots": n_slots, **position, "skipped": dict(counts)}
+                    b.data_state = {"slot": slot, "n_slots": n_slots, **position, "skipped": dict(counts),
+                                    "notes": dict(notes)}
                     yield b
                     batch = []
 
@@ -174,7 +162,7 @@ class LoaderState:
         st = batch.data_state
         if st is None:
             return
-        self.slots[str(st["slot"])] = {k: st[k] for k in ("emitted", "used", "skipped")}
+        self.slots[str(st["slot"])] = {k: st[k] for k in ("emitted", "used", "skipped", "notes") if k in st}
         self.next_role = (self.next_role + 1) % self.workers
 
     def to_dict(self) -> dict:

@@ -1,7 +1,9 @@
 """Decoders and tensor transforms for images, videos and audio.
 
-Every decoder takes the raw encoded bytes stored in a shard and raises :class:`ValueError` with a
-message saying what could not be decoded; callers decide whether to skip the sample.
+Every decoder takes the raw encoded bytes stored in a shard and raises :class:`SampleError` (a ValueError) with a
+``reason`` (``undecodable <modality>``, or ``decompression bomb`` for media that would decode to more than
+``PIL.Image.MAX_IMAGE_PIXELS`` pixels per image / frame or :data:`MAX_AUDIO_SAMPLES` samples) and a message saying
+what could not be decoded, whatever the underlying library raised; callers count it and skip the sample.
 
 * images: PIL, RGB, shorter side resized (bicubic) + square crop, CLIP mean/std normalisation.
 * videos: PyAV, ``num_frames`` frames sampled uniformly over the clip, same transform as images.
@@ -15,11 +17,12 @@ import functools
 import io
 import math
 import random
+import warnings
 from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -27,10 +30,28 @@ LOGMEL_SHIFT = 4.5
 LOGMEL_SCALE = 5.0
 TRAIN_CROP_SCALE = (0.8, 1.0)  # fraction of the largest centred square kept by the train crop
 
+MAX_AUDIO_SAMPLES = 2**27  # decoded samples x channels (512 MiB of float32, ~23 min of 48 kHz stereo)
+
 _MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1)
 
 Box = tuple[int, int, int, int]
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; ``reason`` is a short category used for counting, ``detail`` says more."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def _check_pixels(width: int, height: int, what: str) -> None:
+    """PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``; None disables it) for any decoded picture."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise SampleError("decompression bomb", f"{what} of {width}x{height} pixels is over PIL's limit "
+                                                f"Image.MAX_IMAGE_PIXELS={limit}")
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -39,14 +60,23 @@ def decode_image(data: bytes, draft_size: Optional[int] = None) -> Image.Image:
 
     With ``draft_size`` a JPEG is decoded directly at a reduced scale (1/2, 1/4, 1/8) that keeps
     both sides >= ``draft_size`` — much faster for large photos that will be downscaled anyway.
+    Raises :class:`SampleError` (see the module doc).
     """
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        _check_pixels(*img.size, "image")
         if draft_size is not None and img.format == "JPEG" and min(img.size) >= 2 * draft_size:
             img.draft("RGB", (draft_size, draft_size))
         return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot decode image ({len(data)} bytes): {e}") from e
+    except SampleError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SampleError("decompression bomb", str(e)) from e
+    except Exception as e:  # noqa: BLE001 - whatever PIL raises on these bytes, the sample is unusable
+        raise SampleError("undecodable image", f"cannot decode image ({len(data)} bytes): "
+                                               f"{type(e).__name__}: {e}") from e
 
 
 def crop_box(width: int, height: int, train: bool, rng: Optional[random.Random] = None) -> Box:
@@ -117,14 +147,19 @@ def normalize_uint8(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torc
 
 
 def jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
-    """(width, height) of an RGB or greyscale JPEG from its header (nothing decoded), else None (PNG, CMYK JPEG,
-    undecodable...): what may go to :func:`decode_jpegs` (``data.decode_on_device``)."""
-    if data[:2] != b"\xff\xd8":
+    """(width, height) of an RGB or greyscale JPEG from its header (nothing decoded), else None (PNG, CMYK JPEG, no
+    end-of-image marker at the end (truncated), over PIL's pixel limit, undecodable...): what may go to
+    :func:`decode_jpegs` (``data.decode_on_device``); the others decode in the loader, where errors are counted."""
+    if data[:2] != b"\xff\xd8" or data.rstrip(b"\0")[-2:] != b"\xff\xd9":
         return None
     try:
-        img = Image.open(io.BytesIO(data))
-        return img.size if img.format == "JPEG" and img.mode in ("RGB", "L") else None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        ok = img.format == "JPEG" and img.mode in ("RGB", "L") and Image.MAX_IMAGE_PIXELS is not None \
+            and img.width * img.height <= Image.MAX_IMAGE_PIXELS
+        return img.size if ok else None
+    except Exception:  # noqa: BLE001 - the loader's decode_image reports it
         return None
 
 
@@ -171,6 +206,17 @@ def decode_video(
     frame and convert the selected ones, or, without a frame count, keep every frame, downscaled, until
     the count is known.
     """
+    try:
+        return _decode_video(data, num_frames, size, train, rng, normalize)
+    except SampleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever PyAV raises on these bytes, the sample is unusable
+        raise SampleError("undecodable video", str(e) if type(e) is ValueError else
+                          f"cannot decode video ({len(data)} bytes): {type(e).__name__}: {e}") from e
+
+
+def _decode_video(data: bytes, num_frames: int, size: int, train: bool, rng: Optional[random.Random],
+                  normalize: bool) -> torch.Tensor:
     import av  # local: PyAV is only needed when videos are decoded
 
     from mlmm.data.video import sample_frames_sparse
@@ -190,6 +236,7 @@ def decode_video(
         if not container.streams.video:
             raise ValueError("video container has no video stream")
         stream = container.streams.video[0]
+        _check_pixels(stream.codec_context.width or 0, stream.codec_context.height or 0, "video frame")
         stream.thread_type = "AUTO"
         expected = int(stream.frames or 0)
         wanted = set(sample_indices(expected, num_frames)) if expected > 0 else None
@@ -226,11 +273,18 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     try:
+        info = sf.info(io.BytesIO(data))
+        if info.frames * info.channels > MAX_AUDIO_SAMPLES:
+            raise SampleError("decompression bomb", f"audio of {info.frames} frames x {info.channels} channels is over "
+                                                    f"MAX_AUDIO_SAMPLES={MAX_AUDIO_SAMPLES}")
         wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # [samples, channels]
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise ValueError(f"cannot decode audio ({len(data)} bytes): {e}") from e
-    if wave.shape[0] == 0:
-        raise ValueError("audio has no samples")
+    except SampleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever libsndfile raises on these bytes, the sample is unusable
+        raise SampleError("undecodable audio", f"cannot decode audio ({len(data)} bytes): {type(e).__name__}: "
+                                               f"{e}") from e
+    if wave.shape[0] == 0 or int(sr) <= 0:
+        raise SampleError("undecodable audio", f"audio has no samples or a sample rate of {sr}")
     return wave.mean(axis=1).astype(np.float32), int(sr)  # [samples]
 
 

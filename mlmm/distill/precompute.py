@@ -16,6 +16,10 @@ Every input shard is copied to ``OUT`` under the same name with, per sample:
 
 ``OUT/index.json`` is the input's index plus a ``teacher`` entry. The pipeline carries the arrays to
 ``Batch.extras``; the distillation losses use them when present and run the teacher online otherwise.
+The inputs are resolved and the teacher built before ``OUT`` is touched; ``OUT`` (which may only hold ``*.tar`` and
+``index.json`` of an earlier run) is replaced as a whole when every shard is written
+(:func:`mlmm.atomic.replace_folder`): a failure or a kill leaves it as it was. Samples lost to a corrupt input shard
+are logged and counted in ``index.json`` (``input_errors``).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import argparse
 import io
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -31,6 +36,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from mlmm.atomic import fault, replace_folder
 from mlmm.config import ConfigError, from_dict
 from mlmm.data.shard_output import remote_out
 from mlmm.distill.teacher import Teacher, TeacherConfig, build_teacher
@@ -105,58 +111,71 @@ def embed_samples(teacher: Teacher, samples: list[dict[str, Any]], frames: int) 
 def precompute(teacher_cfg: TeacherConfig, shards: str, out_dir: str | Path, frames: int = 4,
                chunk: int = 256, progress: bool = True, teacher: Optional[Teacher] = None,
                on_shard: Optional[Callable[[Path], None]] = None) -> dict:
-    """Write ``out_dir`` (shards + index.json) with teacher embeddings; returns the index. ``out_dir`` may be a
-    bucket, URL or ``pipe:`` spec (:mod:`mlmm.data.shard_output`, which passes ``on_shard``)."""
+    """Write ``out_dir`` (shards + index.json) with teacher embeddings, all at once; returns the index. ``out_dir``
+    may be a bucket, URL or ``pipe:`` spec (:mod:`mlmm.data.shard_output`, which passes ``on_shard``)."""
+    import collections
+
     import webdataset as wds
 
     from mlmm.data.pipeline import iter_samples, resolve_shards
     from mlmm.data.shardio import beside, is_local, local_path, read_json, shard_name
+    from mlmm.data.write_shards import shard_entry, write_index
 
-    teacher = teacher or build_teacher(teacher_cfg)
-    teacher.to("cpu", torch.float32)
     files = resolve_shards(shards)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if any(is_local(f) and Path(local_path(f)).resolve().parent == out.resolve() for f in files):
         raise ValueError(f"--out {out} must differ from the input shard folder")
     unnamed = [f for f in files if not shard_name(f)]
     if unnamed:
         raise ValueError(f"precompute: cannot name the output of {unnamed[0]!r}: a pipe: command must name its .tar")
+    teacher = teacher or build_teacher(teacher_cfg)
+    teacher.to("cpu", torch.float32)
     info = {"id": teacher.fingerprint, "language": teacher.cfg.language, "dim": teacher.dim}
-    counts = []
-    for shard in tqdm(files, desc="precompute", disable=not progress):
-        with wds.TarWriter(str(out / shard_name(shard))) as writer:
-            n = 0
-            buf: list[dict[str, Any]] = []
+    entries, lost, total = [], collections.Counter(), 0
+    with replace_folder(out, owned=("*.tar", "index.json"), what="--out") as tmp:
+        for shard in tqdm(files, desc="precompute", disable=not progress):
+            with wds.TarWriter(str(tmp / shard_name(shard))) as writer:
+                n = 0
+                buf: list[dict[str, Any]] = []
 
-            def flush() -> None:
-                for s, arrays in zip(buf, embed_samples(teacher, buf, frames)):
-                    sample = {k: v for k, v in s.items() if k not in ("__url__", "json")
-                              and not (k.startswith("teacher_") and k.endswith(".npy"))}
-                    meta = {**s["json"], "teacher": info}
-                    sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-                    writer.write({**sample, **arrays})
-                buf.clear()
+                def flush() -> None:
+                    nonlocal total
+                    for s, arrays in zip(buf, embed_samples(teacher, buf, frames)):
+                        sample = {k: v for k, v in s.items() if k not in ("__url__", "json")
+                                  and not (k.startswith("teacher_") and k.endswith(".npy"))}
+                        meta = {**s["json"], "teacher": info}
+                        sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+                        writer.write({**sample, **arrays})
+                        total += 1
+                        fault(f"shard_row:{total}")
+                    buf.clear()
 
-            for raw in iter_samples([shard]):
-                buf.append(raw)
-                n += 1
-                if len(buf) >= chunk:
-                    flush()
-            flush()
-        if on_shard:
-            on_shard(out / shard_name(shard))
-        counts.append({"name": shard_name(shard), "n": n})
-    src_index, index = beside(files[0], "index.json"), {}  # no index beside pipe: inputs
-    if src_index and (not is_local(src_index) or Path(src_index).is_file()):
-        try:
-            index = read_json(src_index)
-        except OSError:  # a bucket / server without an index.json beside the shards
-            if is_local(src_index):
-                raise
-    index.update(shards=counts, n_samples=sum(c["n"] for c in counts), teacher=info,
-                 teacher_config=teacher_cfg.__dict__)
-    (out / "index.json").write_text(json.dumps(index, indent=1, ensure_ascii=False), encoding="utf-8")
+                for raw in iter_samples([shard], errors="yield"):
+                    if "__error__" in raw:  # the unreadable rest of an input shard: counted, listed, logged
+                        lost[raw["__error__"].partition(": ")[0]] += 1
+                        log.warning("input %s", raw["__error__"])
+                        continue
+                    buf.append(raw)
+                    n += 1
+                    if len(buf) >= chunk:
+                        flush()
+                flush()
+            if on_shard:
+                on_shard(tmp / shard_name(shard))
+            entries.append(shard_entry(tmp / shard_name(shard), n))
+        src_index, index = beside(files[0], "index.json"), {}  # no index beside pipe: inputs
+        if src_index and (not is_local(src_index) or Path(src_index).is_file()):
+            try:
+                index = read_json(src_index)
+            except OSError:  # a bucket / server without an index.json beside the shards
+                if is_local(src_index):
+                    raise
+        index.update(shards=entries, n_samples=sum(c["n"] for c in entries), teacher=info,
+                     teacher_config=teacher_cfg.__dict__)
+        if lost:  # unreadable parts of the input shards: {reason: count}
+            index["input_errors"] = dict(sorted(lost.items()))
+            log.warning("input shards: %s (listed in %s)", dict(lost), out / "index.json")
+        write_index(tmp, index)
     return index
 
 
@@ -170,8 +189,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--frames", type=int, default=None, help="video frames (default: the loss's, else 4)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg, frames = teacher_from_yaml(args.teacher)
-    index = precompute(cfg, args.shards, args.out, frames=args.frames or frames)
+    try:
+        cfg, frames = teacher_from_yaml(args.teacher)
+        index = precompute(cfg, args.shards, args.out, frames=args.frames or frames)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # ConfigError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"{index['n_samples']} samples, teacher {index['teacher']} -> {args.out}")
 
 

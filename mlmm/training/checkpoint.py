@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+from mlmm.atomic import fault as _fault  # noqa: F401 (the trainer's test hook: checkpoint._fault)
+from mlmm.atomic import fsync_dir as _fsync_dir, fsync_tree as _fsync_tree, write_atomic as _write_atomic
 from mlmm.training import fingerprint, rng
 from mlmm.training.errors import CheckpointRefused
 
@@ -29,39 +31,6 @@ def _rank() -> int:
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fault(point: str) -> None:
-    """Test hook: MLMM_INJECT_FAULT=<point> kills this process with SIGKILL at that point of a save."""
-    if os.environ.get("MLMM_INJECT_FAULT") == point:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
