@@ -2,10 +2,15 @@
 
     cfg = load_config("recipes/configs/tiny_clip.yaml", ["train.max_steps=50", "model.text.layers=2"])
 
-Every key is checked against the dataclass that owns it; an unknown key or a value of the wrong
-type raises :class:`ConfigError` with a one-line message naming the dotted key and the file.
-Registered components (losses) carry their own config dataclass: ``loss.name`` picks the class
+Every key is checked against the dataclass that owns it; an unknown key, a value of the wrong type or out of its
+range raises :class:`ConfigError` with a one-line message naming the dotted key and the file.
+Registered components (losses, heads) carry their own config dataclass: ``loss.name`` picks the class
 from :mod:`mlmm.registry` and the rest of the ``loss`` section is validated against it.
+
+Every numeric field declares its range in its class's ``RANGES`` (``{"lr": "> 0", "max_bad_fraction": "[0, 1]"}``,
+see :mod:`mlmm.ranges`), which :func:`from_dict` checks before the class's ``validate``.
+:func:`load_config` also refuses a local shard spec that resolves to no shard and a tokenizer / pretrained path that
+looks local and does not exist.
 """
 from __future__ import annotations
 
@@ -15,9 +20,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import yaml
+
+from mlmm.ranges import check_ranges
 
 MODALITIES = ("image", "video", "audio", "text")
 
@@ -69,6 +76,8 @@ class DataConfig:
     # the training device: nvJPEG via torchvision.io.decode_jpeg on CUDA, so loader workers only read shards.
     # Implies normalize_on_device. Other images, video frames and extra images decode in the workers as usual
     decode_on_device: bool = False
+    RANGES: ClassVar[dict] = {"io_retries": ">= 0", "io_backoff": ">= 0", "batch_size": ">= 1", "num_workers": ">= 0",
+                              "shuffle_buffer": ">= 0", "seed": ">= 0", "max_bad_fraction": "[0, 1]"}
 
     def validate(self, where: str) -> None:
         policies = ("random_language", "all_languages", "fixed")
@@ -76,12 +85,6 @@ class DataConfig:
             raise ConfigError(f"{where}.language_policy: must be one of {policies}, got {self.language_policy!r}")
         if self.language_policy == "fixed" and not self.languages:
             raise ConfigError(f"{where}.languages: language_policy 'fixed' needs a list of languages")
-        if self.batch_size < 1:
-            raise ConfigError(f"{where}.batch_size: must be >= 1, got {self.batch_size}")
-        if self.io_retries < 0:
-            raise ConfigError(f"{where}.io_retries: must be >= 0, got {self.io_retries}")
-        if self.io_backoff < 0:
-            raise ConfigError(f"{where}.io_backoff: must be >= 0, got {self.io_backoff}")
         if self.parallel_jsonl and (not self.train_shards or re.search(r"://|^pipe:|[,*?\[{]", self.train_shards)):
             raise ConfigError(f"{where}.train_shards: data.parallel_jsonl needs one local folder to prepare the shards "
                               f"in, got {self.train_shards!r}")
@@ -99,6 +102,8 @@ class ImageTowerConfig:
     # open_clip weights for this tower (+ its projection when embed_dim matches), loaded when the model is built:
     # "ARCH:TAG" (ViT-B-32:laion2b_s34b_b79k), "hf-hub:org/name[@rev]", "local-dir:DIR" or a weights file
     pretrained: Optional[str] = None
+    RANGES: ClassVar[dict] = {"image_size": ">= 1", "patch_size": ">= 1", "width": ">= 1", "layers": ">= 1",
+                              "heads": ">= 1", "mlp_ratio": "> 0"}
 
     def validate(self, where: str) -> None:
         if self.pooling not in ("cls", "mean", "gpo"):
@@ -120,6 +125,7 @@ class VideoTowerConfig:
     # (VideoTower.forward_tokens(video, audio_tokens=..., audio_mask=...)); off by default
     audio_context: bool = False
     audio_width: int = 32
+    RANGES: ClassVar[dict] = {"frames": ">= 1", "temporal_layers": ">= 0", "heads": ">= 1", "audio_width": ">= 1"}
 
 
 @dataclass
@@ -134,6 +140,9 @@ class AudioTowerConfig:
     layers: int = 2
     heads: int = 2
     mlp_ratio: float = 4.0
+    RANGES: ClassVar[dict] = {"sample_rate": ">= 1", "seconds": "> 0", "n_mels": ">= 1", "n_fft": ">= 1",
+                              "hop_length": ">= 1", "patch_size": ">= 1", "width": ">= 1", "layers": ">= 1",
+                              "heads": ">= 1", "mlp_ratio": "> 0"}
 
     @property
     def frames(self) -> int:
@@ -179,6 +188,8 @@ class TextTowerConfig:
     pooling: str = "mean"  # mean | cls | gpo (generalized pooling operator over the real tokens)
     hf_config: Optional[dict] = None  # set by exports of a `pretrained` tower: its transformers config
     extend_vocab: Optional[VocabExtensionConfig] = None  # new-language words added to a pretrained WordPiece vocab
+    RANGES: ClassVar[dict] = {"hidden": ">= 1", "layers": ">= 1", "heads": ">= 1", "intermediate": ">= 1",
+                              "max_length": ">= 1"}
 
     def validate(self, where: str) -> None:
         if self.pooling not in ("mean", "cls", "gpo"):
@@ -204,6 +215,7 @@ class ModelConfig:
     # projections tower -> embed_dim: "normal" (random, std = width^-0.5) or "identity" (needs every tower's
     # width == embed_dim): a pretrained tower then starts exactly where its teacher is (distillation)
     proj_init: str = "normal"
+    RANGES: ClassVar[dict] = {"embed_dim": ">= 1", "init_logit_scale": "any"}
 
     def validate(self, where: str) -> None:
         from mlmm.registry import HEADS, build_component_config
@@ -262,14 +274,15 @@ class TrainConfig:
     # e.g. "model\\.heads\\..*", "loss\\..*") selecting the trainable parameters; None = all trainable
     init_from: Optional[str] = None
     trainable: Optional[list[str]] = None
+    RANGES: ClassVar[dict] = {
+        "max_steps": ">= 1", "lr": "> 0", "weight_decay": ">= 0", "betas": "[0, 1)", "eps": "> 0",
+        "warmup_steps": ">= 0", "min_lr_ratio": "[0, 1]", "grad_clip": ">= 0", "zero_stage": "[0, 3]",
+        "grad_accum": ">= 1", "log_every": ">= 1", "save_every": ">= 0", "keep_checkpoints": ">= 0",
+        "nan_patience": ">= 1"}
 
     def validate(self, where: str) -> None:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"{where}.precision: must be auto|fp32|bf16|fp16, got {self.precision!r}")
-        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{where}.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.max_steps < 1:
-            raise ConfigError(f"{where}.max_steps: must be >= 1, got {self.max_steps}")
         if self.resume not in ("auto", "force", "never") and not re.fullmatch(r"step_\d+", self.resume):
             raise ConfigError(f"{where}.resume: must be auto, force, never or a checkpoint tag step_N, "
                               f"got {self.resume!r}")
@@ -290,6 +303,7 @@ class RunConfig:
     loss: Any = None  # a registered loss config dataclass (see mlmm.registry), chosen by loss.name
     train: TrainConfig = field(default_factory=TrainConfig)
     config_path: str = ""  # set by load_config; not read from YAML
+    RANGES: ClassVar[dict] = {"seed": ">= 0"}
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -366,6 +380,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             raise ConfigError(f"{prefix + '.' if prefix else ''}{k}: unknown key{hint}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix + '.' if prefix else ''}{k}") for k, v in data.items()}
     obj = cls(**kwargs)
+    check_ranges(obj, prefix)
     if hasattr(obj, "validate"):
         obj.validate(prefix or cls.__name__)
     return obj
@@ -376,7 +391,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"{text}: overrides look like section.key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key.strip()}: value {raw!r} is not valid YAML: {' '.join(str(e).split())}") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -410,16 +428,52 @@ def build_config(raw: dict) -> RunConfig:
     return cfg
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:")  # http://, https://, s3://, gs://, pipe:, ...
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Local inputs that must exist: a non-empty ``data.train_shards`` without a URL scheme must resolve to shards
+    (whose index.json agrees with them); ``model.text.tokenizer`` / ``pretrained`` values that look like local paths
+    (starting with / . ~, or whose first component exists) must exist. Hub ids (``org/name``) and remote shard
+    specs are left to the code that opens them."""
+    from mlmm.data.shards import _split_spec, resolve_shards
+
+    spec = cfg.data.train_shards
+    parts = _split_spec(spec) if spec else []
+    if parts and not any(_SCHEME.match(part) for part in parts):
+        try:
+            resolve_shards(spec)
+        except (FileNotFoundError, ValueError) as e:
+            absent = [p for p in parts if not Path(p).exists() and not any(c in p for c in "*?[")]
+            raise ConfigError(f"data.train_shards: {absent[0]} not found" if absent and len(parts) == 1
+                              else f"data.train_shards: {e}") from None
+    for key in ("tokenizer", "pretrained"):
+        value = getattr(cfg.model.text, key) if cfg.model.text is not None else None
+        if not value:
+            continue
+        parts = Path(value).parts
+        local = value.startswith(("/", ".", "~")) or (len(parts) > 1 and Path(parts[0]).exists())
+        if local and not Path(value).expanduser().exists():
+            raise ConfigError(f"model.text.{key}: {value} not found (a local folder; a Hugging Face Hub id "
+                              "looks like org/name)")
+
+
 def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read, override, validate (keys, types, ranges, cross-field rules) and check local inputs (:func:`check_paths`);
+    any problem raises :class:`ConfigError` ``<file>: <dotted.key>: <what is wrong>`` (one line)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     try:
         cfg = build_config(apply_overrides(raw, list(overrides or [])))
+        check_paths(cfg)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     cfg.config_path = str(path)

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from mlmm.config import ConfigError, load_config
 from mlmm.training import Trainer
@@ -28,20 +29,23 @@ def main(argv=None) -> int:
     parser.add_argument("--no-export", action="store_true", help="skip writing <output_dir>/export")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
     args = parser.parse_args(argv)
-    try:
+    rank0, trainer = os.environ.get("RANK", "0") == "0", None
+    try:  # every bad value is one line naming the key and the file, exit code 2, no traceback
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    trainer = Trainer(cfg)
-    try:
+        trainer = Trainer(cfg)
         trainer.setup()
     except (ConfigError, RunRefused) as e:  # raised on every rank alike: rank 0 says it
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{'config error' if isinstance(e, ConfigError) else 'refused'}: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 3  # 3: the output folder's state forbids the run, left unchanged
+        if isinstance(e, RunRefused):
+            if rank0:
+                print(f"refused: {e}", file=sys.stderr)
+            return 3  # the output folder's state forbids the run, left unchanged
+        if rank0:
+            msg, path = " ".join(str(e).split()), str(Path(args.config))
+            print(f"config error: {msg if path in msg else f'{path}: {msg}'}", file=sys.stderr)
+        return 2
     except BaseException:
-        trainer.cleanup(failed=True)  # no barrier: see below
+        if trainer is not None:
+            trainer.cleanup(failed=True)  # no barrier: see below
         raise
     try:
         trainer.train()

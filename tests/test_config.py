@@ -7,7 +7,7 @@ from mlmm.config import ConfigError, load_config
 BASE = """
 name: t
 output_dir: {out}
-data: {{train_shards: x, batch_size: 4}}
+data: {{train_shards: {shards}, batch_size: 4}}
 model:
   embed_dim: 16
   image: {{image_size: 32, patch_size: 8, width: 32, layers: 2, heads: 2}}
@@ -18,8 +18,10 @@ train: {{max_steps: 5}}
 
 
 def write(tmp_path, text):
+    (tmp_path / "shards").mkdir(exist_ok=True)
+    (tmp_path / "shards" / "shard-000000.tar").write_bytes(b"\0" * 1024)  # only its existence is checked at load
     p = tmp_path / "c.yaml"
-    p.write_text(text.format(out=tmp_path / "run"))
+    p.write_text(text.format(out=tmp_path / "run", shards=tmp_path / "shards"))
     return p
 
 
@@ -62,9 +64,9 @@ def test_every_recipe_validates(recipe):
     try:
         cfg = load_config(path)
     except ConfigError as e:
-        assert "model.text.tokenizer" in str(e), e
+        assert "model.text.tokenizer" in str(e) or "data.train_shards" in str(e), e
         try:
-            cfg = load_config(path, ["model.text.tokenizer=some/tokenizer"])
+            cfg = load_config(path, ["model.text.tokenizer=some/tokenizer", "data.train_shards="])
         except ConfigError as e:  # a data path / stage-1 export the command line must give: named
             assert "model.heads.vqa.answers" in str(e) or "train.init_from" in str(e), e
             return

@@ -2,8 +2,8 @@
 
 Each batch carries ``batch.data_state`` = the position of the slot that made it (see
 :mod:`mlmm.data.stream`) plus its bad-sample counts (``skipped``: {reason: n}, what ``data.max_bad_fraction``
-bounds) and ``notes`` ({"caption truncated": n}: samples used after a change). The trainer keeps the latest state per slot
-and stores them in the checkpoint; ``build_train_loader(..., state=...)`` continues exactly there.
+bounds) and ``notes`` ({"caption truncated": n}: samples used after a change). The trainer keeps the latest state
+per slot and stores them in the checkpoint; ``build_train_loader(..., state=...)`` continues exactly there.
 
 DataLoader workers are served round-robin. On resume, worker ``w`` plays the *role* (slot within
 the rank) ``(w + next_role) % num_workers`` so that the first batch after resume comes from the

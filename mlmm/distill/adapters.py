@@ -15,6 +15,7 @@ with ``batch.lang`` set. Every adapter takes part in every forward (ZeRO expects
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +29,12 @@ from mlmm.registry import HEADS
 class LanguageAdapterConfig:
     languages: list[str] = field(default_factory=list)  # one adapter per language
     bottleneck: int = 32
+    RANGES: ClassVar[dict] = {"bottleneck": ">= 1"}
     name: str = field(default="language_adapter", init=False)
 
     def validate(self, where: str) -> None:
         if not self.languages:
             raise ConfigError(f"{where}.languages: at least one language is required")
-        if self.bottleneck < 1:
-            raise ConfigError(f"{where}.bottleneck: must be >= 1, got {self.bottleneck}")
 
 
 @HEADS.register("language_adapter", config=LanguageAdapterConfig)

@@ -34,7 +34,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,7 @@ class TeacherConfig:
     pooling: str = "mean"  # hf_text: mean | cls
     max_length: int = 128  # hf_text: token limit
     batch_size: int = 256  # texts/images per teacher forward
+    RANGES: ClassVar[dict] = {"max_length": ">= 1", "batch_size": ">= 1"}
 
     def validate(self, where: str) -> None:
         if self.kind not in KINDS:

@@ -2,22 +2,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch.nn.functional as F
 from torch import nn
 
-from mlmm.config import ConfigError
 from mlmm.registry import LOSSES
 
 
 @dataclass
 class CaptionLossConfig:
     label_smoothing: float = 0.0
+    RANGES: ClassVar[dict] = {"label_smoothing": "[0, 1)"}
     name: str = field(default="caption", init=False)
-
-    def validate(self, where: str) -> None:
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"{where}.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
 
 
 @LOSSES.register("caption", config=CaptionLossConfig)

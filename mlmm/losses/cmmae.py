@@ -9,7 +9,7 @@ patch dimension and then over the *masked* patches only. It reads the outputs of
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ class CMMAELossConfig:
     audio_weight: float = 1.0
     match_weight: float = 0.5
     norm_pix: bool = True
+    RANGES: ClassVar[dict] = {"video_weight": ">= 0", "audio_weight": ">= 0", "match_weight": ">= 0"}
     name: str = field(default="cmmae", init=False)
 
 

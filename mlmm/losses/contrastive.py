@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,7 @@ class ContrastiveLossConfig:
     learn_temperature: bool = True
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
+    RANGES: ClassVar[dict] = {"weights": ">= 0", "init_logit_scale": "any", "max_logit_scale": "any"}
     name: str = field(default="contrastive", init=False)
 
     def validate(self, where: str) -> None:

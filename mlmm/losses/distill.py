@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -176,6 +176,8 @@ class MLALossConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
     allow_no_init: bool = False  # stage 2 without train.init_from: adapters on an untrained tower (explicit opt-out)
+    RANGES: ClassVar[dict] = {"stage": "[1, 2]", "mse_weight": ">= 0", "nce_weight": ">= 0",
+                              "init_logit_scale": "any", "max_logit_scale": "any"}
     name: str = field(default="mla", init=False)
 
     def validate(self, where: str) -> None:
@@ -238,6 +240,8 @@ class Clip4VLALossConfig:
     learn_temperature: bool = True
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
+    RANGES: ClassVar[dict] = {"visual_weight": ">= 0", "mse_weight": ">= 0", "text_weight": ">= 0", "frames": ">= 1",
+                              "init_logit_scale": "any", "max_logit_scale": "any"}
     name: str = field(default="clip4vla", init=False)
 
 

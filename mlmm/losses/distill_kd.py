@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -40,6 +41,7 @@ class LogitKDLossConfig:
     learn_temperature: bool = True
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
+    RANGES: ClassVar[dict] = {"init_logit_scale": "any", "max_logit_scale": "any"}
     name: str = field(default="logit_kd", init=False)
 
     def validate(self, where: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,8 @@ class DIVTRLossConfig:
     learn_temperature: bool = True
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
+    RANGES: ClassVar[dict] = {"global_weight": ">= 0", "interaction_weight": ">= 0", "init_logit_scale": "any",
+                              "max_logit_scale": "any"}
     name: str = field(default="divtr", init=False)
 
     def validate(self, where: str) -> None:

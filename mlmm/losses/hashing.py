@@ -28,6 +28,7 @@ global batch (as the contrastive loss); labels / keys are gathered as objects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,9 @@ class HashingLossConfig:
     balance_weight: float = 0.1
     token_weight: float = 0.0  # fine-grained token alignment (needs hash head source: tokens)
     token_scale: float = 10.0
+    RANGES: ClassVar[dict] = {"theta_scale": "> 0", "pairwise_weight": ">= 0", "intra_weight": ">= 0",
+                              "quantization_weight": ">= 0", "balance_weight": ">= 0", "token_weight": ">= 0",
+                              "token_scale": "> 0"}
     name: str = field(default="hashing", init=False)
 
     def validate(self, where: str) -> None:
@@ -64,11 +68,6 @@ class HashingLossConfig:
             raise ConfigError(f"{where}.pairs: at least one pair is required")
         if self.similarity not in SIMILARITIES:
             raise ConfigError(f"{where}.similarity: must be one of {SIMILARITIES}, got {self.similarity!r}")
-        for key in ("pairwise_weight", "intra_weight", "quantization_weight", "balance_weight", "token_weight"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{where}.{key}: must be >= 0, got {getattr(self, key)}")
-        if self.theta_scale <= 0 or self.token_scale <= 0:
-            raise ConfigError(f"{where}.theta_scale / token_scale: must be > 0")
 
 
 # ------------------------------------------------------------------------------------ term functions

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -92,13 +92,13 @@ class ComposedLossConfig:
     learn_temperature: bool = True
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
+    RANGES: ClassVar[dict] = {"retrieval_weight": ">= 0", "dim_weight": ">= 0", "init_logit_scale": "any",
+                              "max_logit_scale": "any"}
     name: str = field(default="composed", init=False)
 
     def validate(self, where: str) -> None:
         if self.estimator not in ESTIMATORS:
             raise ConfigError(f"{where}.estimator: must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
-        if self.dim_weight < 0 or self.retrieval_weight < 0:
-            raise ConfigError(f"{where}: weights must be >= 0")
 
 
 @LOSSES.register("composed", config=ComposedLossConfig)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from mlmm.config import ConfigError
 from mlmm.data.batch import Batch
+from mlmm.ranges import check_value
 from mlmm.registry import LOSSES, build_component_config
 
 
@@ -27,6 +29,7 @@ from mlmm.registry import LOSSES, build_component_config
 class MultiLossConfig:
     terms: dict = field(default_factory=dict)  # instance -> {name?: registered loss, weight?: float, ...}
     weights: dict = field(default_factory=dict)  # instance -> weight (filled from terms.<k>.weight)
+    RANGES: ClassVar[dict] = {"weights": ">= 0"}
     name: str = field(default="multi", init=False)
 
     def validate(self, where: str) -> None:
@@ -41,8 +44,7 @@ class MultiLossConfig:
                 raise ConfigError(f"{where}.terms.{key}: expected a mapping")
             raw = dict(raw)
             weight = raw.pop("weight", self.weights.get(key, 1.0))
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool):
-                raise ConfigError(f"{where}.terms.{key}.weight: expected a number, got {weight!r}")
+            check_value(weight, self.RANGES["weights"], f"{where}.terms.{key}.weight")
             if raw.get("name", key) == "multi":
                 raise ConfigError(f"{where}.terms.{key}: a multi loss cannot nest another")
             cfg = build_component_config(LOSSES, raw, f"{where}.terms.{key}", default_name=key)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +42,13 @@ class MVSENLossConfig:
     learn_temperature: bool = True
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
+    RANGES: ClassVar[dict] = {"global_weight": ">= 0", "text_text_weight": ">= 0", "label_weight": ">= 0",
+                              "graph_weight": ">= 0", "init_logit_scale": "any", "max_logit_scale": "any"}
     name: str = field(default="mvsen", init=False)
 
     def validate(self, where: str) -> None:
         if self.media not in ("image", "video"):
             raise ConfigError(f"{where}.media: must be image or video, got {self.media!r}")
-        for k in ("global_weight", "text_text_weight", "label_weight", "graph_weight"):
-            if getattr(self, k) < 0:
-                raise ConfigError(f"{where}.{k}: must be >= 0, got {getattr(self, k)}")
 
 
 def text_text_infonce(t: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, same: torch.Tensor) -> torch.Tensor:

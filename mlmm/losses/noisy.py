@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +78,9 @@ class RCARLossConfig:
     downweight: bool = True
     complementary_weight: float = 1.0
     complementary_on: str = "noisy"  # all | noisy
+    RANGES: ClassVar[dict] = {"init_logit_scale": "any", "max_logit_scale": "any", "warmup_steps": ">= 0",
+                              "refit_every": ">= 1", "memory_size": ">= 2", "bmm_iters": ">= 1", "min_memory": ">= 1",
+                              "clean_threshold": "[0, 1]", "complementary_weight": ">= 0"}
     name: str = field(default="rcar", init=False)
 
     def validate(self, where: str) -> None:
@@ -85,12 +88,6 @@ class RCARLossConfig:
             raise ConfigError(f"{where}.pair: expected two different modalities of {MODALITIES}, got {self.pair}")
         if self.memory_size < max(self.min_memory, 2):
             raise ConfigError(f"{where}.memory_size: must be >= min_memory ({self.min_memory}), got {self.memory_size}")
-        if self.refit_every < 1:
-            raise ConfigError(f"{where}.refit_every: must be >= 1, got {self.refit_every}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"{where}.warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if not 0.0 <= self.clean_threshold <= 1.0:
-            raise ConfigError(f"{where}.clean_threshold: must be in [0, 1], got {self.clean_threshold}")
         if self.complementary_on not in ("all", "noisy"):
             raise ConfigError(f"{where}.complementary_on: must be 'all' or 'noisy', got {self.complementary_on!r}")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +79,7 @@ def triplet_local(a_local: torch.Tensor, b_local: torch.Tensor, valid_local: tor
     return norm * (weight * per_query).sum()
 
 
-def _check(where: str, margin: float, reduction: str) -> None:
-    if margin < 0:
-        raise ConfigError(f"{where}.margin: must be >= 0, got {margin}")
+def _check(where: str, reduction: str) -> None:
     if reduction not in ("mean", "sum"):
         raise ConfigError(f"{where}.reduction: must be mean or sum, got {reduction!r}")
 
@@ -92,13 +90,14 @@ class VSETripletLossConfig:
     margin: float = 0.2
     max_violation: bool = True
     reduction: str = "mean"  # mean | sum (VSE++ sums over the batch)
+    RANGES: ClassVar[dict] = {"margin": ">= 0"}
     name: str = field(default="vse_triplet", init=False)
 
     def validate(self, where: str) -> None:
         for i, pair in enumerate(self.pairs):
             if len(pair) != 2 or any(m not in MODALITIES for m in pair) or pair[0] == pair[1]:
                 raise ConfigError(f"{where}.pairs[{i}]: expected two different modalities of {MODALITIES}, got {pair}")
-        _check(where, self.margin, self.reduction)
+        _check(where, self.reduction)
 
 
 @LOSSES.register("vse_triplet", config=VSETripletLossConfig)
@@ -137,6 +136,8 @@ class VSELossConfig:
     fusion_weight: float = 1.0
     init_logit_scale: float = math.log(1 / 0.07)  # objective: infonce
     max_logit_scale: float = math.log(100.0)
+    RANGES: ClassVar[dict] = {"margin": ">= 0", "global_weight": ">= 0", "align_weight": ">= 0",
+                              "fusion_weight": ">= 0", "init_logit_scale": "any", "max_logit_scale": "any"}
     name: str = field(default="vse", init=False)
 
     def validate(self, where: str) -> None:
@@ -144,7 +145,7 @@ class VSELossConfig:
             raise ConfigError(f"{where}.media: must be image or video, got {self.media!r}")
         if self.objective not in ("triplet", "infonce"):
             raise ConfigError(f"{where}.objective: must be triplet or infonce, got {self.objective!r}")
-        _check(where, self.margin, self.reduction)
+        _check(where, self.reduction)
 
 
 @LOSSES.register("vse", config=VSELossConfig)

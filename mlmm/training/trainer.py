@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from mlmm.config import RunConfig
+from mlmm.config import ConfigError, RunConfig
 from mlmm.data.batch import Batch
 from mlmm.data.pipeline import resolve_shards
 from mlmm.data.shardio import ShardReader
@@ -61,6 +61,9 @@ class Trainer(TrainLoop):
     """Setup, resume, checkpoints and export; the updates themselves: :class:`mlmm.training.loop.TrainLoop`."""
 
     def __init__(self, cfg: RunConfig):
+        if not cfg.data.train_shards:  # refused before anything is built or written
+            raise ConfigError(f"{cfg.config_path or 'config'}: data.train_shards: required (a shard folder, a glob or "
+                              "a comma list)")
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.step = 0  # optimizer updates done (applied or skipped)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -53,6 +54,7 @@ class HierarchicalFusionHeadConfig:
     word_list: str = DEFAULT_WORD_LIST  # YAML path or package:... path
     words: dict = field(default_factory=dict)  # the loaded word lists (filled from word_list)
     chunk: int = 4096  # pairs scored at once
+    RANGES: ClassVar[dict] = {"width": ">= 1", "init_lambda": "> 0", "init_gate": "any", "chunk": ">= 1"}
     name: str = field(default="hierarchical_fusion", init=False)
 
     def validate(self, where: str) -> None:
@@ -64,8 +66,6 @@ class HierarchicalFusionHeadConfig:
                               f"of it per caption), got {self.edits}")
         if not self.edit_targets or any(t not in ("attribute", "object") for t in self.edit_targets):
             raise ConfigError(f"{where}.edit_targets: a non-empty subset of [attribute, object], got {self.edit_targets}")
-        if self.width < 1:
-            raise ConfigError(f"{where}.width: must be >= 1, got {self.width}")
         resolve_words(self, where)
 
 

@@ -12,7 +12,7 @@ The output projection is tied to the token embedding.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ class CaptionHeadConfig:
     mlp_ratio: float = 4.0
     languages: list[str] = field(default_factory=lambda: ["en"])  # language-prefix tokens
     max_length: int = 32  # decoder positions (BOS/lang + words + EOS)
+    RANGES: ClassVar[dict] = {"width": ">= 1", "layers": ">= 1", "heads": ">= 1", "mlp_ratio": "> 0",
+                              "max_length": ">= 2"}
     name: str = field(default="caption", init=False)
 
     def validate(self, where: str) -> None:

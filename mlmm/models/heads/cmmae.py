@@ -31,7 +31,7 @@ only around its own ``forward``) is not supported for this head: use ``train.zer
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -53,13 +53,12 @@ class CMMAEHeadConfig:
     decoder_width: int = 32
     decoder_layers: int = 1
     decoder_heads: int = 2
+    RANGES: ClassVar[dict] = {"mask_ratio": "[0, 1)", "audio_mask_ratio": "[0, 1)", "mixer_width": ">= 1",
+                              "mixer_layers": ">= 1", "mixer_heads": ">= 1", "decoder_width": ">= 1",
+                              "decoder_layers": ">= 1", "decoder_heads": ">= 1"}
     name: str = field(default="cmmae", init=False)
 
     def validate(self, where: str) -> None:
-        for key in ("mask_ratio", "audio_mask_ratio"):
-            v = getattr(self, key)
-            if v is not None and not 0.0 <= v < 1.0:
-                raise ConfigError(f"{where}.{key}: must be in [0, 1), got {v}")
         for w, h in (("mixer_width", "mixer_heads"), ("decoder_width", "decoder_heads")):
             if getattr(self, w) % getattr(self, h):
                 raise ConfigError(f"{where}.{h}: {getattr(self, h)} does not divide {w} {getattr(self, w)}")

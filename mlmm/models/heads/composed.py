@@ -34,6 +34,7 @@ being passed to ``forward``), called inside the head's forward, so ZeRO stage 3 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,7 @@ class ComposedHeadConfig:
     dim_width: int = 64  # Deep InfoMax critic embedding D
     dim_sources: list[str] = field(default_factory=lambda: ["reference", "text"])
     reference: str = "ref"  # Batch.extras name of the reference image
+    RANGES: ClassVar[dict] = {"width": ">= 1", "heads": ">= 1", "layers": ">= 0", "dim_width": ">= 1"}
     name: str = field(default="composed", init=False)
 
     def validate(self, where: str) -> None:

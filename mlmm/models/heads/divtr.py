@@ -22,6 +22,7 @@ the global top-k with the same combined score.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -44,6 +45,8 @@ class DIVTRHeadConfig:
     init_interaction_scale: float = 10.0  # interaction = exp(interaction_scale) * mean of the branch cosines
     tower_grad: float = 1.0  # scale of the interaction loss's gradient into the towers' tokens (0 = detached)
     frame_positions: bool = True  # media=video: a learned frame-index embedding on the frame tokens in the head
+    RANGES: ClassVar[dict] = {"width": ">= 1", "heads": ">= 1", "layers": ">= 1", "hard_negatives": ">= 1",
+                              "init_global_scale": "> 0", "init_interaction_scale": "> 0", "tower_grad": "[0, 1]"}
     name: str = field(default="divtr", init=False)
 
     def validate(self, where: str) -> None:
@@ -51,15 +54,6 @@ class DIVTRHeadConfig:
             raise ConfigError(f"{where}.media: must be video, audio or image, got {self.media!r}")
         if self.width % self.heads:
             raise ConfigError(f"{where}.heads: {self.heads} does not divide width {self.width}")
-        if self.hard_negatives < 1:
-            raise ConfigError(f"{where}.hard_negatives: must be >= 1, got {self.hard_negatives}")
-        if self.layers < 1:
-            raise ConfigError(f"{where}.layers: the interaction branches need at least one layer, got {self.layers}")
-        for key in ("init_global_scale", "init_interaction_scale"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{where}.{key}: must be > 0 (its log is learned), got {getattr(self, key)}")
-        if not 0.0 <= self.tower_grad <= 1.0:
-            raise ConfigError(f"{where}.tower_grad: must be in [0, 1], got {self.tower_grad}")
 
 
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.distributed as dist
@@ -71,6 +71,8 @@ class HashHeadConfig:
     cnn: str = "small"  # small | resnet18 (image_branch=cnn)
     cnn_width: int = 16  # channels of the first block of the small CNN (x2 per block)
     output: str = "hash"  # output key prefix: "<output>_<modality>"
+    RANGES: ClassVar[dict] = {"bits": ">= 8", "hidden": ">= 0", "token_dim": ">= 0", "tfidf_hidden": ">= 0",
+                              "cnn_width": ">= 1"}
     name: str = field(default="hash", init=False)
 
     def validate(self, where: str) -> None:
@@ -86,9 +88,6 @@ class HashHeadConfig:
                                     ("norm", self.norm, NORMS)):
             if value not in allowed:
                 raise ConfigError(f"{where}.{key}: must be one of {allowed}, got {value!r}")
-        for key in ("hidden", "token_dim", "tfidf_hidden", "cnn_width"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{where}.{key}: must be >= 0, got {getattr(self, key)}")
         if not self.output:
             raise ConfigError(f"{where}.output: must be a non-empty key prefix")
 

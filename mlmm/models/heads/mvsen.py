@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -55,6 +56,8 @@ class MVSENHeadConfig:
     word_list: str = DEFAULT_WORD_LIST
     words: dict = field(default_factory=dict)  # the loaded word lists (filled from word_list)
     chunk: int = 2048
+    RANGES: ClassVar[dict] = {"width": ">= 1", "heads": ">= 1", "gcn_layers": ">= 1", "hard_negatives": ">= 0",
+                              "label_scale": "> 0", "chunk": ">= 1"}
     name: str = field(default="mvsen", init=False)
 
     def validate(self, where: str) -> None:
@@ -62,10 +65,6 @@ class MVSENHeadConfig:
             raise ConfigError(f"{where}.media: must be image or video, got {self.media!r}")
         if self.width % self.heads:
             raise ConfigError(f"{where}.heads: {self.heads} does not divide width {self.width}")
-        if self.gcn_layers < 1:
-            raise ConfigError(f"{where}.gcn_layers: must be >= 1, got {self.gcn_layers}")
-        if self.hard_negatives < 0:
-            raise ConfigError(f"{where}.hard_negatives: must be >= 0 (0 = all in-batch pairs), got {self.hard_negatives}")
         if self.label_source not in ("meta", "captions", "auto"):
             raise ConfigError(f"{where}.label_source: must be meta, captions or auto, got {self.label_source!r}")
         resolve_words(self, where)

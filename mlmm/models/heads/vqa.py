@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import ClassVar, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +36,8 @@ class VQAHeadConfig:
     answers_from: str = ""  # training shards (folder / glob / list) to build the vocabulary from
     min_answer_count: int = 1
     max_answers: int = 3129  # VQAv2 convention
+    RANGES: ClassVar[dict] = {"width": ">= 1", "layers": ">= 1", "heads": ">= 1", "mlp_ratio": "> 0",
+                              "min_answer_count": ">= 1", "max_answers": ">= 1"}
     name: str = field(default="vqa", init=False)
 
     def validate(self, where: str) -> None:

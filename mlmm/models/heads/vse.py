@@ -22,6 +22,7 @@ At retrieval time ``head.interaction.score_pairs`` re-ranks the global top-k (``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -44,6 +45,8 @@ class VSEHeadConfig:
     align_direction: str = "both"  # both (each word to its best patch and back) | t2m | m2t
     hard_negatives: int = 4  # in-batch negatives per query scored by the fusion encoder; 0 = every in-batch pair
     chunk: int = 4096  # pairs scored at once
+    RANGES: ClassVar[dict] = {"width": ">= 1", "fusion_width": ">= 1", "fusion_layers": ">= 1", "heads": ">= 1",
+                              "hard_negatives": ">= 0", "chunk": ">= 1"}
     name: str = field(default="vse", init=False)
 
     def validate(self, where: str) -> None:
@@ -51,12 +54,8 @@ class VSEHeadConfig:
             raise ConfigError(f"{where}.media: must be image or video, got {self.media!r}")
         if self.fusion_width % self.heads:
             raise ConfigError(f"{where}.heads: {self.heads} does not divide fusion_width {self.fusion_width}")
-        if self.hard_negatives < 0:
-            raise ConfigError(f"{where}.hard_negatives: must be >= 0 (0 = all in-batch pairs), got {self.hard_negatives}")
         if self.align_direction not in ("both", "t2m", "m2t"):
             raise ConfigError(f"{where}.align_direction: must be both, t2m or m2t, got {self.align_direction!r}")
-        if self.fusion_layers < 1:
-            raise ConfigError(f"{where}.fusion_layers: must be >= 1, got {self.fusion_layers}")
 
 
 @HEADS.register("vse", config=VSEHeadConfig)
