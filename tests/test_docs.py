@@ -31,7 +31,7 @@ DEMO_COMMAND = 'pip install -e . && python -m mlmm.demo'
 TEST_COMMAND = 'pip install -e ".[dev]" && pytest -q'
 LINKED = ("recipes", "eval", "benchmarks", "tokenizers", "ds_config.json")  # what runnable blocks read from the repo
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-# paths the reader of a doc supplies (load_config checks that local ones exist; keys, types and ranges are still checked)
+# paths the reader of a doc supplies (load_config checks that local ones exist; keys, types, ranges still checked)
 READER_INPUTS = ("data.train_shards", "model.text.tokenizer", "model.text.pretrained")
 
 

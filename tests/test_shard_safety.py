@@ -220,7 +220,8 @@ def test_from_hf_keeps_the_previous_shards_on_a_failure_or_a_kill(tmp_path, monk
     from mlmm.data import from_hf
 
     n = 8
-    datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(n - 1)] + ["   "]}).save_to_disk(str(tmp_path / "hf"))
+    rows = [f"row {i}" for i in range(n - 1)] + ["   "]
+    datasets.Dataset.from_dict({"text": rows}).save_to_disk(str(tmp_path / "hf"))
     out = tmp_path / "shards"
     index = from_hf.convert(str(tmp_path / "hf"), out, split="train", caption_columns=["text:en"], shard_size=3,
                             progress=False)
