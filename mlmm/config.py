@@ -165,14 +165,13 @@ class VocabExtensionConfig:
     min_frequency: int = 3  # a word must occur this often in those languages
     max_words: int = 10000  # at most this many new tokens (the most frequent first)
     keep_language: Optional[str] = "en"  # words that would change how this language's corpus words split are left out
+    RANGES: ClassVar[dict] = {"min_frequency": ">= 1", "max_words": ">= 1"}
 
     def validate(self, where: str) -> None:
         if not self.corpus:
             raise ConfigError(f"{where}.corpus: a parallel-caption JSONL to take the words from is required")
         if not self.languages:
             raise ConfigError(f"{where}.languages: name the caption languages whose words are added")
-        if self.min_frequency < 1 or self.max_words < 1:
-            raise ConfigError(f"{where}: min_frequency and max_words must be >= 1")
 
 
 @dataclass
@@ -275,7 +274,7 @@ class TrainConfig:
     init_from: Optional[str] = None
     trainable: Optional[list[str]] = None
     RANGES: ClassVar[dict] = {
-        "max_steps": ">= 1", "lr": "> 0", "weight_decay": ">= 0", "betas": "[0, 1)", "eps": "> 0",
+        "max_steps": ">= 1", "lr": ">= 0", "weight_decay": ">= 0", "betas": "[0, 1)", "eps": "> 0",
         "warmup_steps": ">= 0", "min_lr_ratio": "[0, 1]", "grad_clip": ">= 0", "zero_stage": "[0, 3]",
         "grad_accum": ">= 1", "log_every": ">= 1", "save_every": ">= 0", "keep_checkpoints": ">= 0",
         "nan_patience": ">= 1"}
@@ -433,14 +432,18 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:")  # http://, https://, s3://,
 
 def check_paths(cfg: RunConfig) -> None:
     """Local inputs that must exist: a non-empty ``data.train_shards`` without a URL scheme must resolve to shards
-    (whose index.json agrees with them); ``model.text.tokenizer`` / ``pretrained`` values that look like local paths
+    (whose index.json agrees with them), unless ``data.parallel_jsonl`` (which must exist) prepares them;
+    ``model.text.tokenizer`` / ``pretrained`` values that look like local paths
     (starting with / . ~, or whose first component exists) must exist. Hub ids (``org/name``) and remote shard
     specs are left to the code that opens them."""
     from mlmm.data.shards import _split_spec, resolve_shards
 
     spec = cfg.data.train_shards
     parts = _split_spec(spec) if spec else []
-    if parts and not any(_SCHEME.match(part) for part in parts):
+    if cfg.data.parallel_jsonl:  # the shards are prepared from it on first use: the JSONL must exist, not the shards
+        if not Path(cfg.data.parallel_jsonl).expanduser().is_file():
+            raise ConfigError(f"data.parallel_jsonl: {cfg.data.parallel_jsonl} not found")
+    elif parts and not any(_SCHEME.match(part) for part in parts):
         try:
             resolve_shards(spec)
         except (FileNotFoundError, ValueError) as e:

@@ -259,7 +259,8 @@ def test_extend_vocab_appends_new_language_words_and_starts_them_at_their_pieces
     pieces = word_pieces("footballers", vocab)
     assert pieces and len(pieces) >= 2
     clash = "footballers"[:len(pieces[0]) + 1]
-    rows = [(*r[:1], r[1] + " " + clash, *r[2:]) for r in ROWS] + [(english, "die fußballer", "les footballeurs", "")]
+    extra = (english, "die fußballer", "les footballeurs")  # no cs caption
+    rows = [(*r[:1], r[1] + " " + clash, *r[2:]) for r in ROWS] + [extra]
     jsonl = write_jsonl(tmp_path / "corpus.jsonl", rows)
     cfg = from_dict(VocabExtensionConfig, {"corpus": str(jsonl), "languages": ["de", "fr", "cs"]}, "x")
     cfg.min_frequency = 1

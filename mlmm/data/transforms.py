@@ -221,7 +221,8 @@ def _decode_video(data: bytes, num_frames: int, size: int, train: bool, rng: Opt
 
     from mlmm.data.video import sample_frames_sparse
 
-    sparse = sample_frames_sparse(data, lambda n: sample_indices(n, num_frames))
+    sparse = sample_frames_sparse(data, lambda n: sample_indices(n, num_frames),
+                                  check_size=lambda w, h: _check_pixels(w, h, "video frame"))
     if sparse is not None:
         rgb = sparse[0]  # RGB uint8 [H, W, 3] per sampled frame
         box = crop_box(rgb[0].shape[1], rgb[0].shape[0], train, rng)

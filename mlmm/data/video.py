@@ -82,13 +82,15 @@ def decode_plan(packet_info: list[tuple[int, bool, bool, bool]], wanted: set[int
     return plan
 
 
-def sample_frames_sparse(data: bytes, indices_for, thread_type: str = "AUTO"
+def sample_frames_sparse(data: bytes, indices_for, thread_type: str = "AUTO", check_size=None
                          ) -> Optional[tuple[list[np.ndarray], int]]:
     """Decode only what the sampled frames need; None when that is not provably exact (see the module doc).
 
     Args:
         data: encoded video bytes.
         indices_for: ``n_frames -> list of display indices`` (e.g. ``lambda n: sample_indices(n, 8)``).
+        check_size: ``(width, height) -> None``, called before anything is decoded; it may raise (e.g. a
+            decompression-bomb limit).
     Returns:
         (RGB uint8 [H, W, 3] frames in the order of ``indices_for(n)``, n), or None.
     """
@@ -103,6 +105,8 @@ def sample_frames_sparse(data: bytes, indices_for, thread_type: str = "AUTO"
             return None
         stream = container.streams.video[0]
         cc = stream.codec_context
+        if check_size is not None:
+            check_size(cc.width or 0, cc.height or 0)
         if cc.name != "h264":
             return None
         length_size = _avcc_length_size(cc.extradata)

@@ -121,13 +121,12 @@ class MClipLossConfig:
     max_logit_scale: float = math.log(100.0)
     use_stored: bool = True  # use precomputed teacher embeddings of the shards when present
     name: str = field(default="mclip", init=False)
+    RANGES: ClassVar[dict] = {"anchor_weight": ">= 0", "nce_weight": ">= 0", "init_logit_scale": "any",
+                              "max_logit_scale": "any"}
 
     def validate(self, where: str) -> None:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"{where}.objective: must be one of {OBJECTIVES}, got {self.objective!r}")
-        for key in ("anchor_weight", "nce_weight"):
-            if not getattr(self, key) >= 0:
-                raise ConfigError(f"{where}.{key}: must be >= 0, got {getattr(self, key)}")
 
 
 @LOSSES.register("mclip", config=MClipLossConfig)
