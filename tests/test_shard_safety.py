@@ -130,10 +130,10 @@ def test_failure_at_a_row_leaves_the_previous_shards(tmp_path, previous, monkeyp
     out, before = previous
     real = ws._read_row
 
-    def read_row(row, base, where):
+    def read_row(row, *args):
         if row["key"] == "new-004":
             raise RuntimeError("disk on fire")
-        return real(row, base, where)
+        return real(row, *args)
 
     monkeypatch.setattr(ws, "_read_row", read_row)
     with pytest.raises(RuntimeError, match="disk on fire"):
