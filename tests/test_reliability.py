@@ -80,6 +80,20 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(rel_data, tmp_path
     assert not list(ckpt.glob("*.tmp"))
 
 
+def test_kill_between_rename_and_latest_at_the_last_step_moves_latest_on_the_rerun(rel_data, tmp_path):
+    """The run is killed after step_8 (its last) was renamed into place but before `latest` named it; the rerun
+    resumes from step 4, trains to 8 and saves step 8 again: `latest` must name it afterwards."""
+    common = ["train.max_steps=8", "train.save_every=4", "train.log_every=100"]
+    run_killed(rel_data, tmp_path / "run", "before_latest:8", *common)
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert (ckpt / "step_00000008" / "mlmm_state.json").is_file() and (ckpt / "latest").read_text() == "step_00000004"
+    trainer = Trainer(load_config(TINY, overrides(rel_data, tmp_path / "run", *common))).setup()
+    assert trainer.step == 4
+    trainer.train()
+    trainer.cleanup()
+    assert (ckpt / "latest").read_text() == "step_00000008"
+
+
 def _rewrite_tar(path: Path, mutate) -> None:
     """Rewrite a shard, passing each (name, bytes) through `mutate` (None drops the member)."""
     with tarfile.open(path) as tar:

@@ -74,8 +74,10 @@ def save(engine, root: str | Path, step: int, state: dict[str, Any], keep: int =
     root = Path(root)
     tag = tag_for(step)
     tmp = f"{tag}.tmp"
-    if (root / tag / STATE_NAME).is_file():  # this step is saved already (e.g. resumed at max_steps)
+    if (root / tag / STATE_NAME).is_file() and latest_tag(root) == tag:  # saved already (e.g. resumed at max_steps)
         return root / tag
+    # a complete step_N that `latest` does not name (a run killed between the rename and `latest`) is from before the
+    # resume: it is saved again below, from this run's state, and only then named by `latest`
     if is_main:
         for stale in root.glob("*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
