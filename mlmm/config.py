@@ -274,7 +274,7 @@ class TrainConfig:
     init_from: Optional[str] = None
     trainable: Optional[list[str]] = None
     RANGES: ClassVar[dict] = {
-        "max_steps": ">= 1", "lr": ">= 0", "weight_decay": ">= 0", "betas": "[0, 1)", "eps": "> 0",
+        "max_steps": ">= 1", "lr": "> 0", "weight_decay": ">= 0", "betas": "[0, 1)", "eps": "> 0",
         "warmup_steps": ">= 0", "min_lr_ratio": "[0, 1]", "grad_clip": ">= 0", "zero_stage": "[0, 3]",
         "grad_accum": ">= 1", "log_every": ">= 1", "save_every": ">= 0", "keep_checkpoints": ">= 0",
         "nan_patience": ">= 1"}

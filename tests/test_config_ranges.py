@@ -115,7 +115,7 @@ def recipe(tmp_path):
 
 
 @pytest.mark.parametrize("override,key", [
-    ("train.lr=-1e-3", "train.lr"), ("train.lr=.nan", "train.lr"),
+    ("train.lr=0", "train.lr"), ("train.lr=-1e-3", "train.lr"), ("train.lr=.nan", "train.lr"),
     ("train.lr=.inf", "train.lr"), ("train.lr=nan", "train.lr"), ("train.warmup_steps=-1", "train.warmup_steps"),
     ("data.shuffle_buffer=-1", "data.shuffle_buffer"), ("train.save_every=-5", "train.save_every"),
     ("model.embed_dim=0", "model.embed_dim"), ("train.grad_accum=0", "train.grad_accum"),
