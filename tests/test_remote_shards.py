@@ -22,7 +22,7 @@ from mlmm.data.shardio import ShardReader, redact, shard_name
 from mlmm.data.stream import ShuffleBuffer, SlotPlan
 from mlmm.data.tokenization import load_tokenizer
 from mlmm.data.train_stream import TrainStream
-from mlmm.data.write_shards import write_shards
+from mlmm.data.write_shards import main as write_shards_main, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -348,7 +348,7 @@ def test_s3_and_gs_outputs_write_through_the_cli_tools(remote_data, tmp_path, mo
         shutil.rmtree(tmp_path / "bucket")
 
 
-def test_unwritable_output_specs_are_refused_in_one_line_before_any_work(tmp_path):
+def test_unwritable_output_specs_are_refused_in_one_line_before_any_work(tmp_path, capsys):
     from mlmm.distill.precompute import precompute
 
     missing = tmp_path / "never-read.jsonl"  # the spec is refused first: no "manifest not found"
@@ -361,9 +361,14 @@ def test_unwritable_output_specs_are_refused_in_one_line_before_any_work(tmp_pat
         assert "hunter2" not in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"needs \{name\}"):  # before the teacher is built (None would fail)
         precompute(None, str(missing), "pipe:cat > x", progress=False)
+    with pytest.raises(SystemExit) as e:  # the command line: one line, exit 2
+        write_shards_main(["--manifest", str(missing), "--out", "pipe:cat"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "error: --out: 'pipe:cat': a pipe: output needs {name} where each file goes, e.g. "
+        "'pipe:aws s3 cp - s3://bucket/shards/{name}'\n")
 
 
-def test_a_failed_upload_names_the_file_and_writes_no_index(remote_data, tmp_path, caplog):
+def test_a_failed_upload_names_the_file_and_writes_no_index(remote_data, tmp_path, caplog, capsys):
     manifest = remote_data / "gen" / "manifest.jsonl"
     dest = tmp_path / "dest"
     dest.mkdir()
@@ -376,6 +381,10 @@ def test_a_failed_upload_names_the_file_and_writes_no_index(remote_data, tmp_pat
                             "status 1 (index.json not written)")
     assert sorted(os.listdir(dest)) == ["shard-000000.tar"]
     assert "hunter2" not in caplog.text and "1 files uploaded before the failure" in caplog.text
-    with pytest.raises(UploadError, match="writing shard-000000.tar to .* failed: pipe command exited with status 2"):
-        write_shards(manifest, f"pipe:cat > {tmp_path / 'missing'}/{{name}}", shard_size=16, progress=False)
+    with pytest.raises(SystemExit) as e:  # the command line: one line naming the file
+        write_shards_main(["--manifest", str(manifest), "--out", f"pipe:cat > {tmp_path / 'missing'}/{{name}}"])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and err[-1] == (f"error: --out: writing shard-000000.tar to pipe:cat > {tmp_path}/missing/"
+                                             "shard-000000.tar failed: pipe command exited with status 2 (index.json "
+                                             "not written)")
     assert not (tmp_path / "missing").exists()

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from tqdm import tqdm
 
 from mlmm.atomic import fault, replace_folder
-from mlmm.data.shard_output import remote_out
+from mlmm.data.shard_output import UploadError, remote_out
 from mlmm.data.write_shards import (LANG_CODE, MEDIA_KEYS, SHARD_FILES, CaptionError, ShardSink, SkipSample,
                                     check_media, normalise_captions, summary, write_index)
 
@@ -325,7 +325,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         caption_columns=args.caption_column, language=args.language, keep_columns=args.keep_column,
                         key_column=args.key_column, shard_size=args.shard_size, limit=args.limit,
                         config_name=args.config_name)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, UploadError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(summary(index, args.out))

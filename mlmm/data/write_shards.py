@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Optional
 from tqdm import tqdm
 
 from mlmm.atomic import fault, replace_folder
-from mlmm.data.shard_output import remote_out
+from mlmm.data.shard_output import UploadError, remote_out
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         index = write_shards(args.manifest, args.out, args.shard_size, video_fps=args.video_fps,
                              video_size=args.video_size)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, UploadError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(summary(index, args.out))

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from mlmm.atomic import fault, replace_folder
 from mlmm.config import ConfigError, from_dict
-from mlmm.data.shard_output import remote_out
+from mlmm.data.shard_output import UploadError, remote_out
 from mlmm.distill.teacher import Teacher, TeacherConfig, build_teacher
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         cfg, frames = teacher_from_yaml(args.teacher)
         index = precompute(cfg, args.shards, args.out, frames=args.frames or frames)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # ConfigError is a ValueError
+    except (ValueError, FileNotFoundError, FileExistsError, UploadError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"{index['n_samples']} samples, teacher {index['teacher']} -> {args.out}")
