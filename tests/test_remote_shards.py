@@ -381,6 +381,11 @@ def test_a_failed_upload_names_the_file_and_writes_no_index(remote_data, tmp_pat
                             "status 1 (index.json not written)")
     assert sorted(os.listdir(dest)) == ["shard-000000.tar"]
     assert "hunter2" not in caplog.text and "1 files uploaded before the failure" in caplog.text
+    with pytest.raises(UploadError, match=r"writing index.json to .* failed: pipe command exited with status 1 "
+                                          r"\(every tar was uploaded; delete any partial index.json"):
+        write_shards(manifest, f"pipe:test {{name}} != index.json && cat > {dest}/{{name}}", shard_size=64,
+                     progress=False)
+    assert sorted(os.listdir(dest)) == ["shard-000000.tar", "shard-000001.tar"]
     with pytest.raises(SystemExit) as e:  # the command line: one line naming the file
         write_shards_main(["--manifest", str(manifest), "--out", f"pipe:cat > {tmp_path / 'missing'}/{{name}}"])
     err = capsys.readouterr().err.splitlines()

@@ -24,7 +24,8 @@ The writer builds each file in a local staging folder (``$TMPDIR``) and uploads 
 remaining files are uploaded, ``index.json`` last: a reader never finds an ``index.json`` whose tars are not all there.
 Any non-zero exit status of the transfer tool is a failed upload: it raises an :class:`UploadError` naming the file,
 nothing more is uploaded, and ``index.json`` is not written (tars uploaded before the failure stay where they are:
-object stores have no folder to swap; run the writer again to overwrite them).
+object stores have no folder to swap; run the writer again to overwrite them). When the upload of ``index.json``
+itself fails, the error says so: an HTTP PUT or an object store keeps no part of it, a ``pipe:`` command may have.
 """
 from __future__ import annotations
 
@@ -47,7 +48,11 @@ INDEX = "index.json"
 
 
 class UploadError(OSError):
-    """An upload that failed (the transfer tool's exit status, a broken pipe); the message names the file."""
+    """An upload that failed (the transfer tool's exit status, a broken pipe); the message names the file, ``name``."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
 
 
 def check_output(out: str, where: str) -> None:
@@ -93,7 +98,7 @@ def upload(path: Path, target: str, chunk: int = 1 << 16) -> None:
             status = _close(stream, quiet=True, wait=10.0)
         why = (f"the command exited with status {status} before reading the whole file"
                if isinstance(e, BrokenPipeError) and not status else _describe(e, stream, status))
-        raise UploadError(f"writing {path.name} to {redact(target)} failed: {why}") from None
+        raise UploadError(f"writing {path.name} to {redact(target)} failed: {why}", path.name) from None
 
 
 class RemoteOutput:
@@ -133,10 +138,12 @@ def remote_output(out: str, what: str) -> Iterator[RemoteOutput]:
             dest.finish()
         except BaseException as e:
             if dest.uploaded:
-                log.error("%s %s: %d files uploaded before the failure (%s ...); %s not written", what, redact(out),
-                          len(dest.uploaded), dest.uploaded[0], INDEX)
-            if isinstance(e, UploadError):
-                raise UploadError(f"{what}: {e} ({INDEX} not written)") from None
+                log.error("%s %s: %d files uploaded before the failure (%s ...)", what, redact(out),
+                          len(dest.uploaded), dest.uploaded[0])
+            if isinstance(e, UploadError):  # the destination may hold part of the file the tool was writing
+                tail = (f"{INDEX} not written" if e.name != INDEX else
+                        f"every tar was uploaded; delete any partial {INDEX} the tool left, or run again")
+                raise UploadError(f"{what}: {e} ({tail})", e.name) from None
             raise
         log.info("%s: %d files uploaded to %s", what, len(dest.uploaded), redact(out))
 
