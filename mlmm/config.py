@@ -24,9 +24,8 @@ from typing import Any, ClassVar, Optional
 
 import yaml
 
+from mlmm.modalities import BUILT_IN, MODALITIES, modality
 from mlmm.ranges import check_ranges
-
-MODALITIES = ("image", "video", "audio", "text")
 
 
 class ConfigError(ValueError):
@@ -209,6 +208,9 @@ class ModelConfig:
     video: Optional[VideoTowerConfig] = None
     audio: Optional[AudioTowerConfig] = None
     text: Optional[TextTowerConfig] = None
+    # towers of modalities registered beyond image/video/audio/text (mlmm.modalities.register): written as
+    # model.<name>: {...} like the four above, kept here as {name: its tower config}
+    more: dict = field(default_factory=dict)
     # task heads / fusion modules run after the towers: {instance: {name: <registered head>, ...}}
     heads: dict = field(default_factory=dict)
     # projections tower -> embed_dim: "normal" (random, std = width^-0.5) or "identity" (needs every tower's
@@ -222,6 +224,12 @@ class ModelConfig:
         if self.proj_init not in ("normal", "identity"):
             raise ConfigError(f"{where}.proj_init: must be 'normal' or 'identity', got {self.proj_init!r}")
 
+        for m, raw in self.more.items():
+            if m not in MODALITIES or m in BUILT_IN:
+                raise ConfigError(f"{where}.{m}: unknown key (not a registered modality)")
+            if not dataclasses.is_dataclass(raw):
+                self.more[m] = None if raw is None else _coerce(raw, modality(m).load("config"), f"{where}.{m}")
+        self.more = {m: c for m, c in self.more.items() if c is not None}
         self.heads = {k: v if dataclasses.is_dataclass(v) else build_component_config(HEADS, v, f"{where}.heads.{k}")
                       for k, v in self.heads.items()}
         if self.video is not None and self.video.share_image_tower and self.image is None:
@@ -234,9 +242,21 @@ class ModelConfig:
         if not self.modalities:
             raise ConfigError(f"{where}: no tower configured (set at least one of {MODALITIES})")
 
+    @classmethod
+    def gather_sections(cls, data: dict) -> dict:
+        """``model.<name>`` sections of registered modalities that are not fields here -> ``more``."""
+        extra = {k: v for k, v in data.items() if k in MODALITIES and k not in BUILT_IN}
+        if not extra:
+            return data
+        return {**{k: v for k, v in data.items() if k not in extra}, "more": {**data.get("more", {}), **extra}}
+
+    def tower(self, m: str) -> Any:
+        """The tower config of modality ``m`` (None when the model has no such tower)."""
+        return getattr(self, m) if m in BUILT_IN else self.more.get(m)
+
     @property
     def modalities(self) -> list[str]:
-        return [m for m in MODALITIES if getattr(self, m) is not None]
+        return [m for m in MODALITIES if self.tower(m) is not None]
 
 
 @dataclass
@@ -370,6 +390,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from `data`, checking keys and types; `prefix` names the section."""
+    if hasattr(cls, "gather_sections"):  # sections named by a registry rather than by fields (ModelConfig)
+        data = cls.gather_sections(data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     for k in data:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from mlmm.config import MODALITIES, ConfigError
+from mlmm.config import ConfigError
+from mlmm.modalities import MODALITIES
 
 TOKEN_SUFFIXES = ("_tokens", "_token_mask")
 

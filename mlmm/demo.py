@@ -17,19 +17,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "recipes" / "configs" / "demo.yaml"
 DEFAULT_SHARED = REPO.parent / "shared" / "data"
 HELD_OUT_SPEAKER = "theo"
-MEDIA = ("image", "video", "audio")
-
-
-def absolute(row: dict, base: Path) -> dict:
-    row = dict(row)
-    for m in MEDIA:
-        if m in row:
-            row[m] = str((base / row[m]).resolve())
-    return row
 
 
 def split_generated(rows: list[dict], test_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -57,9 +49,9 @@ def make_data(work: Path, shared: Optional[Path], seed: int = 0) -> dict[str, Pa
     """Generate / convert data, split it, write shards and train a tokenizer; returns their paths."""
     from mlmm.data.generate import generate
     from mlmm.data.tokenization import train_tokenizer
-    from mlmm.data.write_shards import read_manifest, shared_data_manifest, write_shards
+    from mlmm.data.write_shards import absolute_paths, read_manifest, shared_data_manifest, write_shards
 
-    gen = [absolute(r, work / "generated") for r in generate(work / "generated", seed=seed, progress=False)]
+    gen = [absolute_paths(r, work / "generated") for r in generate(work / "generated", seed=seed, progress=False)]
     train, tests = split_generated(gen, 0.2, seed)
     tests = {"generated": tests}
     if shared is not None:

@@ -17,6 +17,7 @@ import sys
 from mlmm.evaluation.cli import add_model_arguments, open_model, report
 from mlmm.evaluation.distributed import cleanup, init_eval_distributed
 from mlmm.evaluation.zeroshot import evaluate_zeroshot
+from mlmm.modalities import MEDIA
 
 
 def main(argv=None) -> int:
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
     add_model_arguments(p)
     p.add_argument("--shards", required=True, help="shard folder, glob, brace range or comma list")
     p.add_argument("--classes", default=None, help="dataset name | classes YAML | shard folder (default: --shards)")
-    p.add_argument("--modality", choices=("image", "video", "audio"), default=None,
+    p.add_argument("--modality", choices=list(MEDIA), default=None,
                    help="default: the class set's modality, else image")
     p.add_argument("--prompts", action="append", default=[], help="extra prompts YAML (repeatable)")
     p.add_argument("--languages", default=None, help="comma list; default: every language with names and templates")

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-MASKED = ("image", "video", "audio", "text")  # the modalities with a ``<m>_mask``
+from mlmm.modalities import MODALITIES
 
 
 @dataclass
@@ -40,6 +40,8 @@ class Batch:
     # device sync) and ``row_index`` Long[n_m] tensors that travel with the batch (:meth:`to`, :meth:`pin_memory`)
     present: dict = field(default_factory=dict)
     row_index: dict = field(default_factory=dict)
+    # modalities registered beyond the built-in four (mlmm.modalities): "<m>" [B, ...] and "<m>_mask" Bool[B]
+    more: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -48,7 +50,7 @@ class Batch:
         """Move tensors to `device` (asynchronously from pinned memory); floating tensors are cast to `dtype` when
         given. The host row lists (``present``) are filled in first, from the CPU masks, so that reading them later
         never waits for the device."""
-        present = {m: self.rows(m) for m in MASKED}
+        present = {m: self.rows(m) for m in MODALITIES}
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -56,7 +58,7 @@ class Batch:
                 v = v.to(device, non_blocking=True)
                 if dtype is not None and v.is_floating_point():
                     v = v.to(dtype)
-            elif f.name in ("extras", "row_index"):
+            elif f.name in ("extras", "row_index", "more"):
                 v = {k: t.to(device, dtype, non_blocking=True) if dtype is not None and t.is_floating_point()
                      else t.to(device, non_blocking=True) for k, t in v.items()}
             elif f.name == "present":
@@ -84,7 +86,7 @@ class Batch:
         """The rows that carry `modality`, as host ints (from collate: no device read)."""
         if modality in self.present:
             return tuple(self.present[modality])
-        mask = getattr(self, f"{modality}_mask", None)
+        mask = self.presence(modality)
         if mask is None:
             return ()
         return tuple(torch.nonzero(mask.cpu()).flatten().tolist())  # a batch not made by collate
@@ -136,8 +138,19 @@ class Batch:
     def has(self, modality: str) -> bool:
         return len(self.rows(modality)) > 0
 
+    def input(self, modality: str) -> Optional[torch.Tensor]:
+        """The tower input of ``modality``, [B, ...] (text: the token ids), or None."""
+        if modality == "text":
+            return self.text_ids
+        return getattr(self, modality) if hasattr(self, f"{modality}_mask") else self.more.get(modality)
+
+    def presence(self, modality: str) -> Optional[torch.Tensor]:
+        """Bool[B] ``<modality>_mask`` as collate made it, or None when the batch has no such modality."""
+        name = f"{modality}_mask"
+        return getattr(self, name) if hasattr(self, name) else self.more.get(name)
+
     def mask(self, modality: str) -> torch.Tensor:
-        mask = getattr(self, f"{modality}_mask")
+        mask = self.presence(modality)
         if mask is None:
             return torch.zeros(len(self), dtype=torch.bool)
         return mask

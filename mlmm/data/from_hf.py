@@ -38,8 +38,9 @@ from tqdm import tqdm
 
 from mlmm.atomic import fault, replace_folder
 from mlmm.data.shard_output import UploadError, remote_out
-from mlmm.data.write_shards import (LANG_CODE, MEDIA_KEYS, SHARD_FILES, CaptionError, ShardSink, SkipSample,
-                                    check_media, normalise_captions, summary, write_index)
+from mlmm.data.write_shards import (LANG_CODE, SHARD_FILES, CaptionError, ShardSink, SkipSample, check_media,
+                                    normalise_captions, summary, write_index)
+from mlmm.modalities import MEDIA
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def row_to_sample(row: dict[str, Any], key: str, *, media: dict[str, str], capti
         meta[name] = class_names[col].int2str(value) if col in class_names and isinstance(value, int) else value
     sample: dict[str, Any] = {"__key__": key}
     modalities = []
-    for modality in MEDIA_KEYS:
+    for modality in MEDIA:
         col = media.get(modality)
         if col is None or _field(row, col) is None:
             continue

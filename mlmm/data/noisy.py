@@ -17,9 +17,6 @@ import random
 from pathlib import Path
 from typing import Any, Optional
 
-MEDIA_KEYS = ("image", "video", "audio")
-
-
 def shuffle_captions(rows: list[dict[str, Any]], fraction: float, seed: int = 0) -> list[dict[str, Any]]:
     """Copies of ``rows`` with the captions of ``round(fraction * #captioned)`` rows permuted among them."""
     if not 0.0 <= fraction <= 1.0:
@@ -58,15 +55,11 @@ def make_noisy_shards(manifest: str | Path, out_dir: str | Path, fraction: float
 
     Returns the shard index plus ``"noisy_keys"`` (sorted keys whose pair is mismatched).
     """
-    from mlmm.data.write_shards import read_manifest, write_shards
+    from mlmm.data.write_shards import absolute_paths, read_manifest, write_shards
 
     manifest = Path(manifest)
     base = manifest.parent
-    rows = read_manifest(manifest)
-    for r in rows:  # make media paths absolute: the new manifest lives elsewhere
-        for m in MEDIA_KEYS:
-            if r.get(m) and not Path(r[m]).is_absolute():
-                r[m] = str((base / r[m]).resolve())
+    rows = [absolute_paths(r, base) for r in read_manifest(manifest)]  # the new manifest lives elsewhere
     noisy = shuffle_captions(rows, fraction, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

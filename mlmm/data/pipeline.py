@@ -22,6 +22,7 @@ is reproducible for a fixed ``world_size`` and ``num_workers``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import random
 from typing import Any, Optional, Sequence
@@ -32,27 +33,31 @@ from tqdm import tqdm
 from mlmm.config import ModelConfig
 from mlmm.data.batch import Batch
 from mlmm.data.shards import _parse, epoch_shards, iter_samples, resolve_shards, slot_samples  # noqa: F401 (re-exported)
-from mlmm.data.transforms import (SampleError, audio_to_logmel, crop_box, decode_audio, decode_image, decode_video,
-                                  image_to_tensor, jpeg_size)
+from mlmm.data.transforms import SampleError, decode_image, image_to_tensor
 from mlmm.data.write_shards import CaptionError, normalise_captions
+from mlmm.modalities import MEDIA, MODALITIES, modality
 
 log = logging.getLogger(__name__)
 
-MEDIA = ("image", "video", "audio")
-EXTENSIONS = {"image": ("jpg", "jpeg", "png", "webp"), "video": ("mp4", "avi", "webm", "mkv"),
-              "audio": ("wav", "flac", "ogg")}
+BATCH_FIELDS = {f.name for f in dataclasses.fields(Batch)}
 POLICIES = ("random_language", "all_languages", "fixed")
-KNOWN_EXTENSIONS = {"json", *(e for exts in EXTENSIONS.values() for e in exts)}  # + "<name>.npy", "<name>.<image>"
 CAPTION_CHARS_PER_TOKEN = 32  # captions are cut to this many characters per model.text.max_length token
+
+
+def known_extensions() -> set[str]:
+    """The sample members the reader knows: ``json`` and every media modality's extensions (:mod:`mlmm.modalities`),
+    besides ``<name>.npy`` and ``<name>.<image extension>``."""
+    return {"json", *(e for m in MEDIA for e in modality(m).extensions)}
 
 
 def unknown_extension(raw: dict[str, Any]) -> Optional[str]:
     """The first member extension of a raw sample that the reader does not know (None when all are known)."""
+    known = known_extensions()
     for ext in raw:
-        if not isinstance(ext, str) or ext.startswith("__") or ext in KNOWN_EXTENSIONS or ext.endswith(".npy"):
+        if not isinstance(ext, str) or ext.startswith("__") or ext in known or ext.endswith(".npy"):
             continue
         name, _, suffix = ext.rpartition(".")
-        if not (name and suffix in EXTENSIONS["image"]):  # extra images: "<name>.jpg", ...
+        if not (name and suffix in modality("image").extensions):  # extra images: "<name>.jpg", ...
             return ext
     return None
 
@@ -103,18 +108,11 @@ class Preprocessor:
         self.modalities = list(model_cfg.modalities)
         if "text" in self.modalities and tokenizer is None:
             raise ValueError("Preprocessor: the model has a text tower, so a tokenizer is required")
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        if model_cfg.image is not None:
-            self.shapes["image"] = (3, model_cfg.image.image_size, model_cfg.image.image_size)
-        if model_cfg.video is not None:
-            enc = model_cfg.image if model_cfg.video.share_image_tower else model_cfg.video.frame_encoder
-            if enc is None:
-                raise ValueError("Preprocessor: model.video needs model.image or model.video.frame_encoder")
-            self.shapes["video"] = (model_cfg.video.frames, 3, enc.image_size, enc.image_size)
-        if model_cfg.audio is not None:
-            self.shapes["audio"] = (1, model_cfg.audio.n_mels, model_cfg.audio.frames)
-        if model_cfg.text is not None:
-            self.shapes["text"] = (model_cfg.text.max_length,)
+        self.shapes: dict[str, tuple[int, ...]] = {}  # per modality of the model, one sample's tensor shape
+        for m in MODALITIES:
+            shape = modality(m).load("shape")(model_cfg) if model_cfg.tower(m) is not None else None
+            if shape is not None:
+                self.shapes[m] = tuple(shape)
         for m, shape in (extra_shapes or {}).items():
             if m not in ("image", "video"):
                 raise ValueError(f"Preprocessor: extra_shapes supports image/video, got {m!r}")
@@ -135,7 +133,7 @@ class Preprocessor:
             raise SampleError("bad json", f"{key}: {meta['__error__']}")
         ext = unknown_extension(raw)
         if ext is not None:
-            raise SampleError("unknown extension", f"{key}: .{ext} (known: {sorted(KNOWN_EXTENSIONS)}, <name>.npy, "
+            raise SampleError("unknown extension", f"{key}: .{ext} (known: {sorted(known_extensions())}, <name>.npy, "
                                                    "<name>.<image extension>)")
         try:
             text = normalise_captions(meta.get(text_field), key)
@@ -160,30 +158,17 @@ class Preprocessor:
     def media(self, raw: dict[str, Any], rng: Optional[random.Random] = None) -> dict[str, torch.Tensor]:
         """Decode and transform every media modality that both the sample and the model have."""
         key, out = raw.get("__key__", "?"), {}
-        for modality in (m for m in MEDIA if m in self.shapes):
-            data = next((raw[e] for e in EXTENSIONS[modality] if raw.get(e) is not None), None)
+        for m in (m for m in MEDIA if m in self.shapes):
+            spec = modality(m)
+            data = spec.member(raw)
             if data is None:
                 continue
             try:
-                if modality == "image" and self.encoded and (wh := jpeg_size(data)) is not None:
-                    out["image_jpeg"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # [n_bytes]
-                    out["image_box"] = torch.tensor(crop_box(*wh, self.train, rng), dtype=torch.long)  # [4]
-                elif modality == "image":
-                    size = self.shapes["image"][-1]
-                    out["image"] = image_to_tensor(decode_image(data, draft_size=size), size, self.train, rng,
-                                                   normalize=self.normalize)
-                elif modality == "video":
-                    frames, _, _, size = self.shapes["video"]
-                    out["video"] = decode_video(data, frames, size, train=self.train, rng=rng, normalize=self.normalize)
-                else:
-                    a = self.cfg.audio
-                    wave, sr = decode_audio(data)
-                    out["audio"] = audio_to_logmel(wave, sr, sample_rate=a.sample_rate, seconds=a.seconds,
-                                                   n_mels=a.n_mels, n_fft=a.n_fft, hop_length=a.hop_length)
+                out.update(spec.load("decoder")(self, data, rng))
             except SampleError as e:
                 raise SampleError(e.reason, f"{key}: {e.detail}") from e
             except Exception as e:  # noqa: BLE001 - a transform failing on what the decoder gave: unusable sample
-                raise SampleError(f"undecodable {modality}", f"{key}: {type(e).__name__}: {e}") from e
+                raise SampleError(f"undecodable {m}", f"{key}: {type(e).__name__}: {e}") from e
         return out
 
     def extra_images(self, raw: dict[str, Any], rng: Optional[random.Random] = None) -> dict[str, torch.Tensor]:
@@ -195,7 +180,7 @@ class Preprocessor:
         out, size = {}, self.shapes["image"][-1]
         for ext, data in raw.items():
             name, _, suffix = ext.rpartition(".") if isinstance(ext, str) else ("", "", "")
-            if not name or name.startswith("__") or suffix not in EXTENSIONS["image"] or data is None:
+            if not name or name.startswith("__") or suffix not in modality("image").extensions or data is None:
                 continue
             try:
                 out[name] = image_to_tensor(decode_image(data, draft_size=size), size, self.train, rng,
@@ -311,10 +296,12 @@ def collate(samples: Sequence[dict[str, Any]], *, shapes: Optional[dict[str, tup
     # which rows carry each modality, built here on the CPU: the model and losses read them without a device sync
     present = {m: tuple(i for i, h in enumerate(fields[f"{m}_mask"].tolist()) if h)
                for m in (*MEDIA, "text") if f"{m}_mask" in fields}
+    more = {k: fields.pop(k) for k in list(fields) if k not in BATCH_FIELDS}  # registered beyond the built-ins
     return Batch(keys=[s["key"] for s in samples], lang=[s.get("lang", "") for s in samples],
                  meta=[s.get("meta", {}) for s in samples], captions=[s.get("caption", "") for s in samples],
                  extras=collate_extras(samples), present=present,
-                 row_index={m: torch.tensor(rows, dtype=torch.long) for m, rows in present.items()}, **fields)
+                 row_index={m: torch.tensor(rows, dtype=torch.long) for m, rows in present.items()}, more=more,
+                 **fields)
 
 
 def decode_extras(raw: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -387,7 +374,7 @@ def load_eval_items(shards_spec: str | Sequence[str], preprocessor: Preprocessor
                 reason, _, detail = raw["__error__"].partition(": ")
                 raise SampleError(reason, detail)
             text = preprocessor.check(raw)
-            if not any(raw.get(e) is not None for m in modalities for e in EXTENSIONS[m]):
+            if all(modality(m).member(raw) is None for m in modalities):
                 skipped[f"no {'/'.join(modalities)}"] += 1
                 continue
             media = preprocessor.media(raw)

@@ -12,8 +12,9 @@ JSON, not an object, a bad or duplicate ``key``, a path that is not a string, ``
 BCP-47-like language codes to a string or a list of strings, a language whose captions are all blank). ``extra_images``
 (``{name: path}``, e.g. ``{"ref": "images/3.jpg"}``) stores further images as ``<name>.jpg`` entries of the
 sample; the reader decodes them into ``Batch.extras[name]`` (see ``Preprocessor.extra_images``). Each
-sample in ``out/shard-000000.tar ...`` holds the raw file bytes under the file's extension
-(``jpg`` (also for .jpeg), ``png``, ``mp4``, ``avi``, ``wav``, ``flac``) and ``json`` = the row
+sample in ``out/shard-000000.tar ...`` holds the raw file bytes under the file's extension (the ones its modality
+lists in :mod:`mlmm.modalities`, which the reader takes too: ``jpg`` (also for .jpeg), ``png``, ``webp``, ``mp4``,
+``avi``, ``webm``, ``mkv``, ``wav``, ``flac``, ``ogg``) and ``json`` = the row
 without the path keys, captions normalised to ``{lang: [str, ...]}`` (stripped, empty strings
 removed) plus ``"modalities"``. ``out/index.json`` lists shards, counts, languages, modalities and
 every skipped sample with its reason (a missing or undecodable file, or nothing to learn from); the run ends with
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import json
 import logging
 import re
@@ -40,15 +40,11 @@ from tqdm import tqdm
 
 from mlmm.atomic import fault, replace_folder
 from mlmm.data.shard_output import UploadError, remote_out
+from mlmm.modalities import MEDIA
+from mlmm.modalities import modality as spec_of
 
 log = logging.getLogger(__name__)
 
-MEDIA_KEYS = ("image", "video", "audio")
-EXTENSIONS = {  # file suffix -> (modality, shard extension)
-    ".jpg": ("image", "jpg"), ".jpeg": ("image", "jpg"), ".png": ("image", "png"),
-    ".mp4": ("video", "mp4"), ".avi": ("video", "avi"),
-    ".wav": ("audio", "wav"), ".flac": ("audio", "flac"),
-}
 SHARD_FILES = ("shard-*.tar", "index.json")  # what a shard folder written by mlmm holds
 # WebDataset splits "<key>.<ext>" at the first dot of the file name: keys may not hold "." or "/".
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-:+=@,]+$")
@@ -94,27 +90,13 @@ def normalise_captions(captions: Any, where: str) -> dict[str, list[str]]:
     return out
 
 
-def check_media(modality: str, data: bytes) -> None:
-    """Cheap decodability check; raises :class:`SkipSample` with the reason."""
+def check_media(name: str, data: bytes) -> None:
+    """Cheap decodability check (the modality's ``check``, :mod:`mlmm.modalities`); raises :class:`SkipSample` with
+    the reason."""
     try:
-        if modality == "image":
-            from PIL import Image
-
-            Image.open(io.BytesIO(data)).verify()
-        elif modality == "audio":
-            import soundfile as sf
-
-            info = sf.info(io.BytesIO(data))
-            if info.frames <= 0:
-                raise ValueError("no audio frames")
-        else:
-            import av
-
-            with av.open(io.BytesIO(data)) as container:
-                if not container.streams.video:
-                    raise ValueError("no video stream")
+        spec_of(name).load("check")(data)
     except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
-        raise SkipSample(f"undecodable {modality}: {type(e).__name__}: {e}") from e
+        raise SkipSample(f"undecodable {name}: {type(e).__name__}: {e}") from e
 
 
 def _read_row(row: dict[str, Any], base: Path, where: str, video_fps: Optional[float] = None,
@@ -125,18 +107,18 @@ def _read_row(row: dict[str, Any], base: Path, where: str, video_fps: Optional[f
     shorter side, all-intra H.264 mp4); what was done goes into the json as ``video_transcode``.
     """
     sample: dict[str, Any] = {"__key__": row["key"]}
-    meta = {k: v for k, v in row.items() if k not in MEDIA_KEYS}
+    meta = {k: v for k, v in row.items() if k not in MEDIA}
     meta["captions"] = normalise_captions(row.get("captions"), where)
     modalities = []
-    for modality in MEDIA_KEYS:
+    for modality in MEDIA:
         rel = row.get(modality)
         if rel is None:
             continue
         path = Path(rel) if Path(rel).is_absolute() else base / rel
-        kind = EXTENSIONS.get(path.suffix.lower())
-        if kind is None or kind[0] != modality:
-            allowed = sorted(s for s, (m, _) in EXTENSIONS.items() if m == modality)
-            raise SkipSample(f"unsupported {modality} file type {path.suffix!r} (allowed: {allowed})")
+        suffixes = spec_of(modality).writer_suffixes()  # file suffix -> the sample member it is stored as
+        ext = suffixes.get(path.suffix.lower())
+        if ext is None:
+            raise SkipSample(f"unsupported {modality} file type {path.suffix!r} (allowed: {sorted(suffixes)})")
         if not path.is_file():
             raise SkipSample(f"missing {modality} file: {path}")
         try:
@@ -151,21 +133,21 @@ def _read_row(row: dict[str, Any], base: Path, where: str, video_fps: Optional[f
                 data, meta["video_transcode"] = transcode_video(data, fps=video_fps, size=video_size)
             except ValueError as e:
                 raise SkipSample(f"video {path.name} not transcoded: {e}") from e
-            kind = ("video", "mp4")
-        sample[kind[1]] = data
+            ext = "mp4"
+        sample[ext] = data
         modalities.append(modality)
     extra = row.get("extra_images") or {}  # {name: path}: further images stored as "<name>.<ext>" (e.g. ref.jpg)
     meta.pop("extra_images", None)
     for name, rel in sorted(extra.items()):
         path = Path(rel) if Path(rel).is_absolute() else base / rel
-        kind = EXTENSIONS.get(path.suffix.lower())
-        if kind is None or kind[0] != "image":
+        ext = spec_of("image").writer_suffixes().get(path.suffix.lower())
+        if ext is None:
             raise SkipSample(f"extra image {name!r}: expected an image file, got {path.name}")
         if not path.is_file():
             raise SkipSample(f"missing extra image {name!r}: {path}")
         data = path.read_bytes()
         check_media("image", data)
-        sample[f"{name}.{kind[1]}"] = data
+        sample[f"{name}.{ext}"] = data
     if not modalities and not any(meta["captions"].values()):
         raise SkipSample("no media file and no caption")
     meta["modalities"] = modalities
@@ -201,7 +183,7 @@ def check_row(row: Any, where: str) -> None:
     if not isinstance(key, str) or not _KEY_RE.match(key):
         raise ValueError(f"{where}: 'key' must be a non-empty string of letters, digits and "
                          f"_-:+=@, (no '.' or '/'), got {key!r}")
-    for field in MEDIA_KEYS:
+    for field in MEDIA:
         value = row.get(field)
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise ValueError(f"{where}: {field!r} must be a file path (a non-empty string), got {value!r}")
@@ -210,6 +192,12 @@ def check_row(row: Any, where: str) -> None:
             isinstance(n, str) and re.fullmatch(r"[a-z0-9_]+", n) and isinstance(p, str) for n, p in extra.items())):
         raise ValueError(f"{where}: 'extra_images' must map lower-case names [a-z0-9_] to image paths, got {extra!r}")
     normalise_captions(row.get("captions"), where)
+
+
+def absolute_paths(row: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A copy of a manifest row whose media paths are absolute (relative ones resolved against ``base``, the
+    manifest's folder): for a manifest written elsewhere."""
+    return {**row, **{m: str((base / row[m]).resolve()) for m in MEDIA if row.get(m)}}
 
 
 def read_manifest(manifest_path: str | Path) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ from mlmm.atomic import fault, replace_folder
 from mlmm.config import ConfigError, from_dict
 from mlmm.data.shard_output import UploadError, remote_out
 from mlmm.distill.teacher import Teacher, TeacherConfig, build_teacher
+from mlmm.modalities import modality as spec_of
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,6 @@ def _npy(array: torch.Tensor) -> bytes:
 
 def embed_samples(teacher: Teacher, samples: list[dict[str, Any]], frames: int) -> list[dict[str, bytes]]:
     """Teacher arrays (``{"teacher_text.npy": bytes, ...}``) of raw samples ``{ext: bytes, "json": dict}``."""
-    from mlmm.data.pipeline import EXTENSIONS
     from mlmm.data.transforms import decode_image, decode_video, image_to_tensor
 
     out: list[dict[str, bytes]] = [{} for _ in samples]
@@ -88,7 +88,7 @@ def embed_samples(teacher: Teacher, samples: list[dict[str, Any]], frames: int) 
     for modality in ("image", "video"):
         idx, data = [], []
         for i, s in enumerate(samples):
-            raw = next((s[e] for e in EXTENSIONS[modality] if s.get(e) is not None), None)
+            raw = spec_of(modality).member(s)
             if raw is None:
                 continue
             try:

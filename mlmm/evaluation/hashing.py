@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 
 from mlmm.evaluation.retrieval import result_record
+from mlmm.modalities import modality
 from mlmm.search.codes import hamming_distances, pack_codes
 
-SHORT = {"image": "i", "video": "v", "audio": "a"}
 
 
 # ---------------------------------------------------------------------------------------- relevance
@@ -295,9 +295,9 @@ def evaluate_hashing(model, shards, *, head: Optional[str] = None, languages: Op
                                     for lab in item_labels[r]}) for j in range(len(texts))]
                 rel = relevance_from_labels(t_labels, item_labels, "any" if relevance == "labels" else "all")
             metrics = bidirectional_hash_metrics(
-                x_codes, t_codes, rel, SHORT.get(m, m[0]), ks, radius, map_at,
+                x_codes, t_codes, rel, modality(m).code, ks, radius, map_at,
                 x_emb=x_emb if float_baseline else None, t_emb=t_emb if float_baseline else None)
             metrics["bits"] = hh.bits
             metrics["n_texts"] = len(texts)
-            records.append(result_record(f"{m}-text-hashing", dataset, lang, metrics, n=len(item_ids)))
+            records.append(result_record(modality(m).hashing_task, dataset, lang, metrics, n=len(item_ids)))
     return records

@@ -31,9 +31,11 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from mlmm.modalities import MODALITIES, modality
+
 # A positive relation: Bool[Q, G] mask, Long[Q] (one positive per query) or one index list per query.
 Positives = Union[Tensor, Sequence[Sequence[int]]]
-TEXT_SHORT = "t"
+TEXT_SHORT = modality("text").code
 
 
 # ------------------------------------------------------------------------------- positives (CSR)
@@ -206,7 +208,7 @@ def retrieval_metrics(
 
 
 def _short_name(x_name: str, x_short: Optional[str]) -> str:
-    short = x_short if x_short is not None else x_name[:1].lower()
+    short = x_short if x_short is not None else modality(x_name).code if x_name in MODALITIES else x_name[:1].lower()
     if not short or short == TEXT_SHORT:
         raise ValueError(f"short name {short!r} for modality {x_name!r} is empty or clashes with text ('t'); "
                          "pass x_short=")
@@ -229,12 +231,13 @@ def bidirectional_retrieval(
         x_emb: [N, D] item embeddings (images, videos, audio clips).
         t_emb: [M, D] text embeddings.
         text_to_item: Long[M] (or list) — the item index of each text.
-        x_name: modality name; keys use its first letter ("image" -> "i", "video" -> "v", "audio" -> "a").
+        x_name: modality name; keys use its code (mlmm.modalities: "image" -> "i", "video" -> "v", "audio" -> "a"),
+            the first letter of a name that is not a registered modality.
         ks: recall cut-offs.
         chunk_size: queries per chunk.
         text_positives: optional Bool[M, N] relation replacing ``text_to_item`` as the set of
             positives (e.g. identical captions shared by several items); must contain each text's own item.
-        x_short: explicit short name overriding ``x_name[0]``.
+        x_short: explicit short name overriding that.
 
     t2x: every text queries all N items (items without texts stay in the gallery).
     x2t: every item with at least one positive text queries all M texts; its positives are the

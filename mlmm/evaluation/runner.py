@@ -20,8 +20,8 @@ from mlmm.evaluation.distributed import split_encode
 from mlmm.evaluation.models.mlmm_model import as_eval_model
 from mlmm.evaluation.report import chance_recall
 from mlmm.evaluation.retrieval import bidirectional_retrieval, result_record, retrieval_metrics
+from mlmm.modalities import MEDIA, modality
 
-SHORT = {"image": "i", "video": "v", "audio": "a"}
 
 
 @torch.no_grad()
@@ -100,19 +100,22 @@ def evaluate_retrieval(model, shards, *, languages: Optional[Sequence[str]] = No
                 continue
             t_emb = split_encode(lambda t: model.encode_text(t, batch_size), texts, batch_size)  # [M, E]
             first = positives.float().argmax(1)
-            metrics = bidirectional_retrieval(x_emb, t_emb, first, x_name=m, ks=ks, text_positives=positives)
-            metrics.update(chance_metrics(positives, SHORT.get(m, m[0]), ks))
+            code = modality(m).code  # t2<code>, <code>2t
+            metrics = bidirectional_retrieval(x_emb, t_emb, first, x_name=m, ks=ks, text_positives=positives,
+                                              x_short=code)
+            metrics.update(chance_metrics(positives, code, ks))
             metrics["n_texts"] = len(texts)
-            records.append(result_record(f"{m}-text", dataset, lang, metrics, n=len(rows)))
+            records.append(result_record(modality(m).text_task, dataset, lang, metrics, n=len(rows)))
             if m in rerank_media:
                 from mlmm.evaluation.rerank import rerank_retrieval
 
                 head, media_data = rerank_media[m]
                 rr = rerank_retrieval(model.mlmm, head, m, media_data, texts, positives, k=rerank_topk, ks=ks,
-                                      batch_size=batch_size, device=model.device, x_short=SHORT.get(m, m[0]))
-                rr.update(chance_metrics(positives, SHORT.get(m, m[0]), ks))
+                                      batch_size=batch_size, device=model.device, x_short=code)
+                rr.update(chance_metrics(positives, code, ks))
                 rr["n_texts"] = len(texts)
-                records.append(result_record(f"{m}-text+rerank@{rerank_topk}", dataset, lang, rr, n=len(rows)))
+                records.append(result_record(f"{modality(m).text_task}+rerank@{rerank_topk}", dataset, lang, rr,
+                                             n=len(rows)))
     records.extend(media_pair_records(data, dataset, ks))
     return annotate(records, model, data.skipped)
 
@@ -136,9 +139,11 @@ def _rerank_media(model, shards, data, media: Sequence[str], languages) -> dict:
 
 
 def media_pair_records(data, dataset: str, ks: Sequence[int],
-                       pairs: Sequence[tuple[str, str]] = (("video", "audio"),)) -> list[dict]:
-    """Media-media retrieval (e.g. video<->audio) over the samples that have both: positives = the same sample."""
+                       pairs: Optional[Sequence[tuple[str, str]]] = None) -> list[dict]:
+    """Media-media retrieval over the samples that have both, positives = the same sample: ``pairs`` or every
+    modality's ``pairs`` in :mod:`mlmm.modalities` (video <-> audio)."""
     records = []
+    pairs = pairs if pairs is not None else [(a, b) for a in MEDIA for b in modality(a).pairs]
     for a, b in pairs:
         if a not in data.emb or b not in data.emb:
             continue
@@ -148,12 +153,12 @@ def media_pair_records(data, dataset: str, ks: Sequence[int],
             continue
         ia, ib = (torch.tensor(x, dtype=torch.long) for x in zip(*both))
         za, zb = data.emb[a][ia], data.emb[b][ib]  # [N, E] each
-        sa, sb, n = SHORT.get(a, a[0]), SHORT.get(b, b[0]), len(both)
+        sa, sb, n = modality(a).code, modality(b).code, len(both)
         metrics = {}
         for (q, g, name) in ((za, zb, f"{sa}2{sb}"), (zb, za, f"{sb}2{sa}")):
             metrics.update({f"{name}_{k}": v for k, v in retrieval_metrics(q, g, torch.arange(n), ks=ks).items()})
         for k in ks:
             metrics[f"chance_{sa}2{sb}_R@{k}"] = metrics[f"chance_{sb}2{sa}_R@{k}"] = chance_recall(n, 1, k)
         metrics["rsum"] = sum(metrics[f"{x}_R@{k}"] for x in (f"{sa}2{sb}", f"{sb}2{sa}") for k in ks)
-        records.append(result_record(f"{a}-{b}", dataset, "-", metrics, n=n))
+        records.append(result_record(modality(a).pair_task(b), dataset, "-", metrics, n=n))
     return records

@@ -27,7 +27,7 @@ from mlmm.data.pipeline import SampleError
 from mlmm.data.shards import _parse, resolve_shards
 from mlmm.data.shardio import ShardReader
 from mlmm.evaluation.distributed import gather_objects, world
-from mlmm.evaluation.models.base import media_bytes
+from mlmm.modalities import modality
 
 log = logging.getLogger(__name__)
 Keep = Callable[[dict], dict]
@@ -98,7 +98,7 @@ class EvalShards(torch.utils.data.IterableDataset):
                 raise SampleError("bad json", f"{raw['__key__']}: json is a {type(meta).__name__}, not an object")
             if "__error__" in meta:
                 raise SampleError("bad json", f"{raw['__key__']}: {meta['__error__']}")
-            if not any(media_bytes(raw, m) is not None for m in self.modalities):
+            if all(modality(m).member(raw) is None for m in self.modalities):
                 raise SampleError(f"no {'/'.join(self.modalities)}", f"{raw['__key__']}: extensions "
                                   f"{sorted(k for k in raw if not k.startswith('__') and k != 'json')}")
             kept = self.keep(meta)

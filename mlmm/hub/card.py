@@ -16,6 +16,9 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from mlmm.modalities import MEDIA, MODALITIES
+from mlmm.modalities import modality as spec_of
+
 LANG_CODE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
 SPECIAL_LANGUAGES = ("multilingual", "code")
 DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
@@ -98,7 +101,8 @@ def card_metadata(config: Mapping[str, Any], records: Sequence[Mapping[str, Any]
         if not DATASET_ID.match(d):
             raise ValueError(f"datasets: {d!r} is not a Hub dataset id ('org/name')")
     modalities = list(config.get("modalities") or [])
-    all_tags = BASE_TAGS + [f"{m}-text" for m in modalities if m != "text" and "text" in modalities]
+    all_tags = BASE_TAGS + [spec_of(m).text_task for m in modalities
+                            if m in MEDIA and "text" in modalities]
     for f in formats:
         all_tags += FORMAT_TAGS.get(f, [f])
     eval_results = records_to_eval_results(records) or None
@@ -116,7 +120,8 @@ def _usage(where: str, formats: Sequence[str], modalities: Sequence[str]) -> lis
         lines.append('z_text = model.encode_text(["a red circle", "ein roter Kreis"])   # [2, E], L2-normalised')
     for m in modalities:
         if m != "text":
-            lines.append(f'z_{m} = model.encode("{m}", x)   # x: a batch of {m} tensors -> [B, E]')
+            what = spec_of(m).input if m in MODALITIES else f"a {m} tensor"
+            lines.append(f'z_{m} = model.encode("{m}", x)   # x: [B, ...], each {what} -> [B, E]')
     lines.append("```")
     if "open_clip" in formats:
         spec = f"hf-hub:{where}" if "/" in where and not where.startswith(("/", ".")) else f"local-dir:{where}"
@@ -163,7 +168,8 @@ def build_model_card(config: Mapping[str, Any], records: Sequence[Mapping[str, A
     data = card_metadata(config, records, repo_id=repo_id, license=license, languages=languages,
                          datasets=datasets, tags=tags, formats=formats)
     model = config["model"]
-    modalities = list(config.get("modalities") or [m for m in ("image", "video", "audio", "text") if model.get(m)])
+    modalities = list(config.get("modalities") or [m for m in MODALITIES
+                                                    if model.get(m) or (model.get("more") or {}).get(m)])
     title = repo_id or str(config.get("name", "mlmm model"))
     lines = ["---", data.to_yaml(), "---", f"# {title}", "",
              f"Multimodal embedding model trained with mlmm. Towers: {', '.join(modalities)}; "

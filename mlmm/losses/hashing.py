@@ -35,7 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mlmm.config import MODALITIES, ConfigError
+from mlmm.config import ConfigError
+from mlmm.modalities import MODALITIES
 from mlmm.data.batch import string_ids
 from mlmm.losses.contrastive import at_least_fp32, covered_pairs, gather_no_grad, gather_with_grad, rank_and_world
 from mlmm.registry import LOSSES

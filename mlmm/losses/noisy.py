@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlmm.config import MODALITIES, ConfigError
+from mlmm.config import ConfigError
+from mlmm.modalities import MODALITIES
 from mlmm.data.batch import Batch
 from mlmm.losses.bmm import BetaMixture, normalise_losses
 from mlmm.losses.contrastive import at_least_fp32, gather_with_grad, local_vs_global

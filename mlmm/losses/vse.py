@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlmm.config import MODALITIES, ConfigError
+from mlmm.config import ConfigError
+from mlmm.modalities import MODALITIES
 from mlmm.losses.contrastive import (at_least_fp32, covered_pairs, gather_with_grad, local_vs_global,
                                     pair_name, rank_and_world)
 from mlmm.losses.divtr import interaction_ce

@@ -17,7 +17,7 @@ from torch import nn
 from mlmm.config import ConfigError, ModelConfig
 from mlmm.contracts import token_modalities, writers
 from mlmm.data.batch import Batch
-from mlmm.models.towers import AudioTower, ImageTower, NativeTextTower, TextTower, VideoTower
+from mlmm.modalities import modality as spec_of
 from mlmm.registry import HEADS
 
 
@@ -27,23 +27,10 @@ class MultimodalModel(nn.Module):
         self.cfg = cfg
         self.tokenizer = tokenizer
         towers: dict[str, nn.Module] = {}
-        if cfg.image is not None:
-            towers["image"] = ImageTower(cfg.image)
-        if cfg.video is not None:
-            frames = towers["image"] if cfg.video.share_image_tower else None
-            towers["video"] = VideoTower(cfg.video, frame_encoder=frames)
-        if cfg.audio is not None:
-            towers["audio"] = AudioTower(cfg.audio)
-        if cfg.text is not None:
-            if tokenizer is None:
-                raise ValueError("model.text needs a tokenizer (model.text.tokenizer folder)")
-            native = cfg.text.arch == "clip" and not cfg.text.pretrained and not cfg.text.hf_config
-            text_cls = NativeTextTower if native else TextTower
-            towers["text"] = text_cls(cfg.text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-            if cfg.text.pretrained and cfg.text.extend_vocab is not None:  # rows for the appended words
-                from mlmm.data.vocab import init_new_embeddings
-
-                init_new_embeddings(towers["text"].model, tokenizer)
+        for m in cfg.modalities:  # in registration order (mlmm.modalities): video after the image tower it shares
+            spec = spec_of(m)
+            build = spec.load("build")
+            towers[m] = build(cfg, towers, tokenizer) if build is not None else spec.load("tower")(cfg.tower(m))
         self.towers = nn.ModuleDict(towers)
         self.proj = nn.ModuleDict({m: nn.Linear(t.width, cfg.embed_dim, bias=False) for m, t in towers.items()})
         for m, p in self.proj.items():
@@ -151,7 +138,7 @@ class MultimodalModel(nn.Module):
             order = [m for m in order if m != "video"] + ["video"]
         context: dict[str, torch.Tensor] = {}
         for m in order:
-            x = batch.text_ids if m == "text" else getattr(batch, m)
+            x = batch.input(m)
             if x is None:
                 continue
             attention = batch.text_attention if m == "text" else None

@@ -16,14 +16,8 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from mlmm.data.pipeline import EXTENSIONS, SampleError
-
-MEDIA = ("image", "video", "audio")
-
-
-def media_bytes(raw: dict[str, Any], modality: str) -> Optional[bytes]:
-    """The encoded bytes of ``modality`` in a raw shard sample (first known extension), or None."""
-    return next((raw[e] for e in EXTENSIONS[modality] if raw.get(e) is not None), None)
+from mlmm.data.pipeline import SampleError
+from mlmm.modalities import MEDIA, modality
 
 
 class MediaTransform:
@@ -38,7 +32,7 @@ class MediaTransform:
     def __call__(self, raw: dict[str, Any], modalities: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
         out = {}
         for m in (modalities or self.modalities):
-            data = media_bytes(raw, m) if m in self.modalities else None
+            data = modality(m).member(raw) if m in self.modalities else None
             if data is None:
                 continue
             try:

@@ -46,7 +46,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mlmm.config import MODALITIES, ConfigError
+from mlmm.config import ConfigError
+from mlmm.modalities import MODALITIES
 from mlmm.contracts import token_keys
 from mlmm.registry import HEADS
 
