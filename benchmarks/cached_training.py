@@ -19,7 +19,8 @@ import torch
 
 
 def decode_rows(shards: str, preprocessor, languages=None) -> list[dict]:
-    from mlmm.data.pipeline import SampleError, iter_samples, resolve_shards
+    from mlmm.data.shards import iter_samples, resolve_shards
+    from mlmm.data.transforms import SampleError
 
     rows = []
     for raw in iter_samples(resolve_shards(str(shards))):

@@ -8,8 +8,8 @@ normalised with the CLIP mean/std, with a train-time random crop:
   * plain: ``webdataset.WebDataset(...).decode("pil")`` + open_clip's own train transform
     (``open_clip.image_transform(224, is_train=True)``: RandomResizedCrop bicubic, ToTensor, Normalize), batched
     in the workers, the way open_clip's training data module does it (no caption tokenisation: a head start);
-  * mlmm: ``mlmm.data.build_train_loader`` (shuffle buffer, caption choice + tokenisation, resumable position),
-    whose JPEG decoding uses PIL ``draft()`` (DCT-domain downscaling to the smallest scale >= 224 px) and
+  * mlmm: ``mlmm.data.train_stream.build_train_loader`` (shuffle buffer, caption choice + tokenisation, resumable
+    position), whose JPEG decoding uses PIL ``draft()`` (DCT-domain downscaling to the smallest scale >= 224 px) and
     resizes on uint8 before normalising.
 Images: the photos of ../shared/data/images_vi upscaled to 512 px with film grain (realistic JPEG entropy), or
 generated shapes with grain when that folder is absent. One epoch per measurement after a warm-up batch;
@@ -103,7 +103,8 @@ def plain_loader(spec: str, batch: int, workers: int):
 
 def mlmm_loader(spec: str, batch: int, workers: int, tok_dir: Path, uint8: bool = False, encoded: bool = False):
     from mlmm.config import DataConfig, ImageTowerConfig, ModelConfig, TextTowerConfig
-    from mlmm.data.pipeline import Preprocessor, build_train_loader
+    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.train_stream import build_train_loader
     from mlmm.data.tokenization import load_tokenizer, train_tokenizer
 
     if not (tok_dir / "tokenizer.json").is_file():

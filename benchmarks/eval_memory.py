@@ -2,7 +2,7 @@
 
     python -m benchmarks.eval_memory [--items 1000,10000] [--size 64] [--work runs/bench_eval_memory]
 
-Generates N labelled images (``mlmm.data.generate``, en/de/fr captions) into shards, then, each in a fresh process
+Generates N labelled images (``mlmm.synthetic.shapes``, en/de/fr captions) into shards, then, each in a fresh process
 with 1 thread and no loader workers (so all memory is in the measured process):
 
 * ``streamed``: :func:`mlmm.evaluation.runner.evaluate_retrieval` (what eval/run_retrieval.py and run_suite.py do);
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from mlmm.config import build_config
-    from mlmm.data.generate import generate
+    from mlmm.synthetic.shapes import generate
     from mlmm.data.tokenization import train_tokenizer
     from mlmm.data.write_shards import write_shards
     from mlmm.hub import save_pretrained

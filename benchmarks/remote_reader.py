@@ -10,7 +10,7 @@ Two levels, each timed on the same shards (benchmarks/dataloader.py's 512-px JPE
     through webdataset's gopen (curl), as a bucket behind HTTP would be;
   * ``pipe``: ``pipe:cat shards/bench-{...}.tar``.
 ``raw``: :meth:`mlmm.data.shardio.ShardReader.read` over every shard (transport + tar parsing, no decoding).
-``stream``: the training loader (``mlmm.data.build_train_loader`` with 224-px crops and tokenised captions) in this
+``stream``: the training loader (``train_stream.build_train_loader``, with 224-px crops and tokenised captions) in this
 process (``num_workers=0``: with a worker process, a box shared with other jobs schedules the worker differently for
 each spec and the figures swing by 2-3x), one epoch after a warm-up batch; also its samples per CPU second of this
 process (curl and cat run in their own processes and are not in it). Repetitions are interleaved (local, http, pipe,

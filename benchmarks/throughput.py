@@ -158,7 +158,7 @@ def build_trainer(shape: dict, precision: str, batch: int, zero_stage: int, text
     once) with its own BPE tokenizer (so a smaller text vocabulary than `shape`), the loader, the language and
     bad-data checks, the NaN guard and logging every `log_every` updates."""
     from mlmm.config import build_config
-    from mlmm.data.generate import generate
+    from mlmm.synthetic.shapes import generate
     from mlmm.data.tokenization import train_tokenizer
     from mlmm.data.write_shards import write_shards
     from mlmm.training import Trainer

@@ -15,7 +15,8 @@ Loaders:
     ``Resize(224, bicubic) + CenterCrop + ToTensor + Normalize`` on the 8 sampled frames;
   * decord (when ``pip install decord`` works): ``VideoReader(..., num_threads=1).get_batch(indices)``, then the same
     resize / crop / normalise on uint8 tensors;
-  * mlmm: ``mlmm.data.build_train_loader`` (its video decoding: ``mlmm.data.video``'s sparse H.264 decode, exact).
+  * mlmm: ``mlmm.data.train_stream.build_train_loader`` (its video decoding: ``mlmm.data.video``'s sparse H.264
+    decode, exact).
 Each loader is timed on the original shards and on the transcoded ones, once per repetition in turn (``--reps``,
 interleaved; ``--max-load`` waits for a quiet machine first and the load seen is recorded); the median counts.
 Ratios are against the plain loader on the original shards. Writes ``benchmarks/results/video_loader.json``.
@@ -107,7 +108,8 @@ def decord_loader(shards: str, frames: int = FRAMES, size: int = SIZE):
 
 def mlmm_loader(shards: str, tok_dir: Path, frames: int = FRAMES, size: int = SIZE):
     from mlmm.config import DataConfig, ImageTowerConfig, ModelConfig, TextTowerConfig, VideoTowerConfig
-    from mlmm.data.pipeline import Preprocessor, build_train_loader
+    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.train_stream import build_train_loader
     from mlmm.data.tokenization import load_tokenizer, train_tokenizer
 
     if not (tok_dir / "tokenizer.json").is_file():

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m benchmarks.video_rerank [--steps 1000] [--topk 10] [--train-repeats 6]
 
-Data (:func:`mlmm.data.generate_av.generate_order`): every clip shows one object (colour x shape) and
+Data (:func:`mlmm.synthetic.av.generate_order`): every clip shows one object (colour x shape) and
 then another; captions say them in order ("a red circle, then a blue square"; en, de, fr, two phrasings
 each). With 3 colours x 3 shapes there are 72 ordered pairs. Train: ``--train-repeats`` renderings of each
 (seed 0); test: one fresh rendering of each (seed 100), so every test caption has exactly one correct clip,
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def build_data(work: Path, repeats: int, size: int) -> dict:
-    from mlmm.data.generate_av import generate_order
+    from mlmm.synthetic.av import generate_order
     from mlmm.data.tokenization import train_tokenizer
     from mlmm.data.write_shards import write_shards
 
@@ -47,7 +47,7 @@ def build_data(work: Path, repeats: int, size: int) -> dict:
 
 def caption_rows(shards, pre) -> list[dict]:
     """Decode every clip once; one row per caption (all languages, all phrasings)."""
-    from mlmm.data.pipeline import iter_samples, resolve_shards
+    from mlmm.data.shards import iter_samples, resolve_shards
 
     rows = []
     for raw in iter_samples(resolve_shards(str(shards))):

@@ -47,7 +47,7 @@ def write_manifest(rows: list[dict], path: Path) -> Path:
 
 def make_data(work: Path, shared: Optional[Path], seed: int = 0) -> dict[str, Path]:
     """Generate / convert data, split it, write shards and train a tokenizer; returns their paths."""
-    from mlmm.data.generate import generate
+    from mlmm.synthetic.shapes import generate
     from mlmm.data.tokenization import train_tokenizer
     from mlmm.data.write_shards import absolute_paths, read_manifest, shared_data_manifest, write_shards
 

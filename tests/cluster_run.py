@@ -25,7 +25,7 @@ TINY = REPO / "recipes" / "configs" / "tiny_clip.yaml"
 def make_data(root: Path) -> None:
     """``mixed``: shard 0 image-only, shard 1 audio-only (so each of 2 ranks reads one modality);
     ``img``: 3 shards of images + captions; one tokenizer for both."""
-    from mlmm.data.generate import generate
+    from mlmm.synthetic.shapes import generate
     from mlmm.data.tokenization import train_tokenizer
     from mlmm.data.write_shards import write_shards
 

@@ -21,7 +21,7 @@ def import_benchmark(name):
 
 def build_tiny_data(root, *, n_images, n_videos, n_audio, shard_size, seed, vocab_size=300):
     """Generated samples -> ``root/shards`` + a BPE tokenizer in ``root/tok`` (trained on their captions)."""
-    from mlmm.data.generate import generate
+    from mlmm.synthetic.shapes import generate
     from mlmm.data.tokenization import train_tokenizer
     from mlmm.data.write_shards import write_shards
 

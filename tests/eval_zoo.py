@@ -16,7 +16,7 @@ OC_ARCH = "MlmmTestTinyViT"
 
 def build_shards(root: Path, n_images: int = 16):
     """Generated shapes (en/de/fr captions, 32 px) in 2 shards + a BPE tokenizer trained on their captions."""
-    from mlmm.data.generate import generate
+    from mlmm.synthetic.shapes import generate
     from mlmm.data.tokenization import train_tokenizer
     from mlmm.data.write_shards import write_shards
 
@@ -111,7 +111,7 @@ def mclip_folder(root: Path) -> Path:
 
 def shapes_prompts(path: Path) -> Path:
     """A user prompts YAML: the 18 generated classes (colour + shape) in en / de / fr, with their own templates."""
-    from mlmm.data.generate import COLORS, SHAPES
+    from mlmm.synthetic.shapes import COLORS, SHAPES
 
     ids = [f"{c} {s}" for c in COLORS for s in SHAPES]
     names = {"en": ids,

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from mlmm.config import AudioTowerConfig, DataConfig, ImageTowerConfig, ModelConfig, TextTowerConfig, VideoTowerConfig
-from mlmm.data.pipeline import CAPTION_CHARS_PER_TOKEN, Preprocessor, build_train_loader, load_eval_items
+from mlmm.data.pipeline import CAPTION_CHARS_PER_TOKEN, load_eval_items, Preprocessor
+from mlmm.data.train_stream import build_train_loader
 from mlmm.data.stream import SlotPlan
 
 
@@ -44,7 +45,7 @@ def js(obj) -> bytes:
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     """Real encoded media (jpg, mp4, wav) and a tokenizer."""
-    from mlmm.data.generate import generate
+    from mlmm.synthetic.shapes import generate
     from mlmm.data.tokenization import train_tokenizer
 
     root = tmp_path_factory.mktemp("bad_samples")

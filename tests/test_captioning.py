@@ -92,7 +92,7 @@ def tiny_caption_model(tok_dir, languages=("en", "de")):
 
 @pytest.fixture(scope="module")
 def caption_data(tmp_path_factory):
-    from mlmm.data.generate import generate
+    from mlmm.synthetic.shapes import generate
     from mlmm.data.tokenization import train_tokenizer
 
     root = tmp_path_factory.mktemp("cap")

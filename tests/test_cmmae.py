@@ -107,7 +107,7 @@ def test_masked_patch_mse_equals_reference_on_fixed_mask():
 def tiny(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from mlmm.data.generate_av import av_captions
+    from mlmm.synthetic.av import av_captions
     from mlmm.data.tokenization import train_tokenizer
     from mlmm.models.model import MultimodalModel
 

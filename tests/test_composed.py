@@ -81,7 +81,7 @@ def test_target_ranks_remove_the_reference_from_the_gallery():
 @pytest.fixture(scope="module")
 def cir_data(tmp_path_factory):
     """200 training scenes (800 triplets, no gallery) + 60 test scenes (180 gallery images, 240 triplets)."""
-    from mlmm.data.composed import all_texts, write_composed_shards
+    from mlmm.synthetic.composed import all_texts, write_composed_shards
     from mlmm.data.tokenization import train_tokenizer
 
     root = tmp_path_factory.mktemp("cir")
@@ -95,8 +95,9 @@ def cir_data(tmp_path_factory):
 def test_generator_triplets_and_reference_image_reach_the_batch(cir_data):
     from transformers import AutoTokenizer
 
-    from mlmm.data.composed import color_modification, shape_modification
-    from mlmm.data.pipeline import Preprocessor, iter_samples, resolve_shards
+    from mlmm.synthetic.composed import color_modification, shape_modification
+    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.shards import iter_samples, resolve_shards
 
     assert color_modification("square", "blue")["de"][0] == "mach das Quadrat blau"
     assert shape_modification("triangle", "circle")["de"][0] == "mach aus dem Dreieck einen Kreis"

@@ -12,22 +12,13 @@ import pytest
 import torch
 
 from mlmm.config import AudioTowerConfig, DataConfig, ImageTowerConfig, ModelConfig, TextTowerConfig, VideoTowerConfig
-from mlmm.data import (
-    Preprocessor,
-    SampleError,
-    build_train_loader,
-    collate,
-    iter_samples,
-    load_eval_items,
-    load_tokenizer,
-    resolve_shards,
-    select_captions,
-    shared_data_manifest,
-    train_tokenizer,
-)
-from mlmm.data.write_shards import write_shards
-from mlmm.data.generate import audio_captions, generate, image_captions, video_captions
-from mlmm.data.pipeline import epoch_shards, slot_samples
+from mlmm.data.pipeline import Preprocessor, collate, load_eval_items, select_captions
+from mlmm.data.shards import epoch_shards, iter_samples, resolve_shards, slot_samples
+from mlmm.data.tokenization import load_tokenizer, train_tokenizer
+from mlmm.data.train_stream import build_train_loader
+from mlmm.data.transforms import SampleError
+from mlmm.data.write_shards import shared_data_manifest, write_shards
+from mlmm.synthetic.shapes import audio_captions, generate, image_captions, video_captions
 from mlmm.data.tokenization import main as tokenization_main
 from mlmm.data.transforms import audio_to_logmel, decode_audio, decode_image, decode_video, image_to_tensor
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from mlmm.config import ConfigError, from_dict, load_config
 from mlmm.data.batch import Batch
-from mlmm.data.pipeline import Preprocessor, iter_samples, resolve_shards
+from mlmm.data.pipeline import Preprocessor
+from mlmm.data.shards import iter_samples, resolve_shards
 from mlmm.distill.teacher import TeacherConfig, build_teacher
 from mlmm.hub import from_pretrained, load_state_dict
 from mlmm.training import Trainer
@@ -24,7 +25,7 @@ CONFIGS = REPO / "recipes" / "configs"
 def distill_data(tmp_path_factory):
     """Generated images/videos/audio (audio paired with an image or a video) + tokenizer + tiny teacher
     + precomputed shards."""
-    from mlmm.data.generate import generate
+    from mlmm.synthetic.shapes import generate
     from mlmm.data.tokenization import train_tokenizer
     from mlmm.data.write_shards import write_shards
     from mlmm.distill.precompute import precompute

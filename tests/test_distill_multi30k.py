@@ -152,7 +152,7 @@ def test_mclip_anchor_weight_and_nce_match_reference(tiny_bert):
 
 # --------------------------------------------------------------------------- shards prepared on first use
 def test_parallel_shards_prepared_once_and_rebuilt_when_teacher_or_jsonl_change(tiny_bert, tmp_path, caplog):
-    from mlmm.data.pipeline import iter_samples, resolve_shards
+    from mlmm.data.shards import iter_samples, resolve_shards
     from mlmm.distill.prepare import MARKER, prepare_parallel_shards
 
     jsonl = write_jsonl(tmp_path / "train.jsonl")

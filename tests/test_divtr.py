@@ -88,8 +88,8 @@ def test_hard_negatives_match_brute_force():
 # ----------------------------------------------------------------------------------- head + loss
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    from mlmm.data.generate import video_captions
-    from mlmm.data.generate_av import order_captions
+    from mlmm.synthetic.shapes import video_captions
+    from mlmm.synthetic.av import order_captions
     from mlmm.data.tokenization import train_tokenizer
 
     caps = [c for col in ("red", "blue", "green") for sh in ("circle", "square") for d in ("left", "right")
@@ -167,7 +167,7 @@ def test_divtr_head_selects_valid_hard_negatives_and_scores_pairs(tok_dir):
 
 
 def test_other_renderings_captioned_alike_are_never_hard_negatives(tok_dir):
-    from mlmm.data.generate_av import order_captions
+    from mlmm.synthetic.av import order_captions
 
     same = order_captions(("red", "circle"), ("blue", "square"))
     other = order_captions(("blue", "square"), ("red", "circle"))  # the reversed twin

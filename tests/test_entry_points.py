@@ -21,7 +21,7 @@ TARGETS = {target.partition(":")[0]: name for name, target in SCRIPTS.items()}  
 
 def synthetic_kinds() -> dict[str, str]:
     """``mlmm-synthetic KIND``: kind -> generator module (each one an entry point behind that one command)."""
-    from mlmm.data.synthetic import GENERATORS
+    from mlmm.synthetic.cli import GENERATORS
 
     return {kind: module for kind, (module, _) in GENERATORS.items()}
 
@@ -86,7 +86,7 @@ def test_console_command_main_answers_help(command, capsys):
 
 @pytest.mark.parametrize("kind", sorted(synthetic_kinds()))
 def test_synthetic_generator_answers_help(kind, capsys):
-    from mlmm.data.synthetic import main
+    from mlmm.synthetic.cli import main
 
     with pytest.raises(SystemExit) as e:
         main([kind, "--help"])
@@ -94,7 +94,7 @@ def test_synthetic_generator_answers_help(kind, capsys):
 
 
 def test_synthetic_command_refuses_an_unknown_kind(capsys):
-    from mlmm.data.synthetic import main
+    from mlmm.synthetic.cli import main
 
     assert main(["nope"]) == 2 and "unknown KIND 'nope'" in capsys.readouterr().err
 

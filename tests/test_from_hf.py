@@ -9,7 +9,8 @@ from PIL import Image
 
 from mlmm.config import AudioTowerConfig, ImageTowerConfig, ModelConfig, VideoTowerConfig
 from mlmm.data.from_hf import convert, main, open_dataset
-from mlmm.data.pipeline import Preprocessor, iter_samples, load_eval_items, resolve_shards
+from mlmm.data.pipeline import load_eval_items, Preprocessor
+from mlmm.data.shards import iter_samples, resolve_shards
 from mlmm.data.write_shards import write_shards
 
 
@@ -19,7 +20,7 @@ def hf_data(tmp_path_factory):
     import datasets
     from datasets import Audio, ClassLabel, Features, Image as HFImage, List, Value, Video
 
-    from mlmm.data.generate import generate
+    from mlmm.synthetic.shapes import generate
 
     root = tmp_path_factory.mktemp("hf")
     rows = generate(root / "gen", n_images=4, n_videos=2, n_audio=2, size=32, seed=0, progress=False)

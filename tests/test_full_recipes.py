@@ -29,7 +29,7 @@ XLMR_BASE = {"hidden": 768, "layers": 12, "heads": 12, "intermediate": 3072, "vo
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Generated data (raw shards + the manifest as a parallel-caption JSONL) and the teacher stand-in's folder."""
-    from mlmm.data.generate import generate
+    from mlmm.synthetic.shapes import generate
     from mlmm.data.write_shards import write_shards
 
     root = tmp_path_factory.mktemp("full_recipes")

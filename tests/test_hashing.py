@@ -123,7 +123,7 @@ def test_similarity_modes():
 # ------------------------------------------------------------------------------------------ head / model
 @pytest.fixture(scope="module")
 def hash_data(tmp_path_factory):
-    from mlmm.data.generate import generate
+    from mlmm.synthetic.shapes import generate
     from mlmm.data.write_shards import write_shards
 
     root = build_tiny_data(tmp_path_factory.mktemp("hash_data"), n_images=192, n_videos=0, n_audio=0, shard_size=64,
@@ -140,7 +140,8 @@ def config(data: Path, out: Path, *overrides):
 
 
 def fixed_batch(cfg, tokenizer):
-    from mlmm.data.pipeline import Preprocessor, build_train_loader
+    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.train_stream import build_train_loader
 
     return next(iter(build_train_loader(cfg.data, Preprocessor(cfg.model, tokenizer, train=False), rank=0,
                                         world_size=1)))

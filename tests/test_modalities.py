@@ -17,7 +17,8 @@ from torch import nn
 
 from mlmm.config import ConfigError, load_config
 from mlmm.data.from_hf import AUDIO_FORMATS, IMAGE_FORMATS
-from mlmm.data.pipeline import Preprocessor, iter_samples, resolve_shards
+from mlmm.data.pipeline import Preprocessor
+from mlmm.data.shards import iter_samples, resolve_shards
 from mlmm.data.write_shards import write_shards
 from mlmm.modalities import MEDIA, MODALITIES, Modality, modality, register, unregister
 

@@ -109,7 +109,8 @@ def data():
 
 
 def test_head_targets_siblings_and_gradients(data, tmp_path):
-    from mlmm.data.pipeline import Preprocessor, build_train_loader
+    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.train_stream import build_train_loader
     from mlmm.models.model import MultimodalModel
     from mlmm.training.trainer import load_tokenizer
 

@@ -164,7 +164,7 @@ def test_rcar_before_first_fit_is_plain_infonce_and_memory_refit_schedule():
 
 # ------------------------------------------------------------------------------------------ data
 def test_shuffle_captions_marks_every_mismatched_pair():
-    from mlmm.data.noisy import shuffle_captions
+    from mlmm.synthetic.noisy import shuffle_captions
 
     rng = random.Random(0)
     classes = [f"c{k}" for k in range(6)]
@@ -193,8 +193,8 @@ def test_auroc_matches_pairwise_definition():
 @pytest.fixture(scope="module")
 def noisy_data(tmp_path_factory):
     """160 generated images with 30 % of the captions shuffled (train) + 300 clean held-out images (test)."""
-    from mlmm.data.generate import generate
-    from mlmm.data.noisy import make_noisy_shards
+    from mlmm.synthetic.shapes import generate
+    from mlmm.synthetic.noisy import make_noisy_shards
     from mlmm.data.tokenization import train_tokenizer
     from mlmm.data.write_shards import write_shards
 

@@ -24,7 +24,7 @@ def corpus_file(tmp_path_factory):
     if SHARED.is_file():
         rows = [json.loads(line) for line in SHARED.read_text(encoding="utf-8").splitlines()[:1500]]
     else:
-        from mlmm.data.generate import image_captions
+        from mlmm.synthetic.shapes import image_captions
 
         rows = [{"captions": {k: v[0] for k, v in image_captions(c, s).items()}}
                 for c in ("red", "blue", "green") for s in ("circle", "square", "triangle")] * 40

@@ -16,9 +16,9 @@ def suite_setup(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from mlmm.config import build_config
-    from mlmm.data.generate import generate
+    from mlmm.synthetic.shapes import generate
     from mlmm.data.tokenization import train_tokenizer
-    from mlmm.data.vqa_generate import generate_vqa
+    from mlmm.synthetic.vqa import generate_vqa
     from mlmm.data.write_shards import write_shards
     from mlmm.hub import save_pretrained
     from mlmm.models.model import MultimodalModel

@@ -20,7 +20,7 @@ RECIPE = REPO / "recipes" / "configs" / "tiny_divtr_av.yaml"
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    from mlmm.data.generate_av import av_captions
+    from mlmm.synthetic.av import av_captions
     from mlmm.data.tokenization import train_tokenizer
 
     caps = [c for col in ("red", "green", "blue") for sh in ("circle", "square") for d in ("left", "right")
@@ -113,7 +113,7 @@ def test_default_path_unchanged_and_clear_config_errors(tok_dir):
 
 @pytest.fixture(scope="module")
 def av_shards(tmp_path_factory, tok_dir):
-    from mlmm.data.generate_av import generate_av
+    from mlmm.synthetic.av import generate_av
     from mlmm.data.write_shards import write_shards
 
     root = tmp_path_factory.mktemp("av_ctx")

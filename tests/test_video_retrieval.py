@@ -22,7 +22,7 @@ SHARED = REPO.parent / "shared" / "data"
 @pytest.fixture(scope="module")
 def av_data(tmp_path_factory):
     """Paired video+audio clips + a small temporal-order set, in one shard folder, + a tokenizer."""
-    from mlmm.data.generate_av import generate_av, generate_order
+    from mlmm.synthetic.av import generate_av, generate_order
     from mlmm.data.tokenization import train_tokenizer
     from mlmm.data.write_shards import write_shards
 
@@ -90,7 +90,8 @@ def test_tiny_cmmae_trains_and_evaluates_video_audio(av_data, tmp_path):
     cfg = config("tiny_cmmae.yaml", av_data, tmp_path / "run", "train.max_steps=8", "data.batch_size=8",
                  "train.log_every=4", "train.lr=3e-3", shards="av_shards")
     trainer = Trainer(cfg).setup()
-    from mlmm.data.pipeline import Preprocessor, build_train_loader
+    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.train_stream import build_train_loader
 
     batch = next(iter(build_train_loader(cfg.data, Preprocessor(cfg.model, trainer.tokenizer, train=False),
                                          rank=0, world_size=1)))

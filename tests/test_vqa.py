@@ -108,8 +108,9 @@ def test_fusion_ignores_padding_and_is_causal_when_asked():
 # ------------------------------------------------------------------------------------------ learning
 @pytest.fixture(scope="module")
 def vqa_data(tmp_path_factory):
+    from mlmm.data.answers import write_answer_vocab
     from mlmm.data.tokenization import train_tokenizer
-    from mlmm.data.vqa_generate import generate_vqa
+    from mlmm.synthetic.vqa import generate_vqa
     from mlmm.data.write_shards import write_shards
 
     root = tmp_path_factory.mktemp("vqa")
@@ -118,6 +119,7 @@ def vqa_data(tmp_path_factory):
     write_shards(root / "train" / "manifest.jsonl", root / "shards_train", shard_size=300, progress=False)
     write_shards(root / "test" / "manifest.jsonl", root / "shards_test", shard_size=300, progress=False)
     train_tokenizer([q for r in train for q in r["question"].values()], root / "tok", vocab_size=300)
+    write_answer_vocab(str(root / "shards_train"), root / "answers.json", progress=False)  # the data step
     return root, train
 
 
@@ -140,7 +142,7 @@ def test_vqa_head_learns_above_majority_baseline(vqa_data, tmp_path):
     root, _ = vqa_data
     cfg = load_config(REPO / "recipes" / "configs" / "tiny_vqa.yaml", [
         f"data.train_shards={root / 'shards_train'}", f"model.text.tokenizer={root / 'tok'}",
-        f"model.heads.vqa.answers_from={root / 'shards_train'}", f"output_dir={tmp_path / 'run'}",
+        f"model.heads.vqa.answers_from={root / 'answers.json'}", f"output_dir={tmp_path / 'run'}",
         f"train.ds_config={REPO / 'ds_config.json'}", "train.progress=false", "train.max_steps=300",
         "train.log_every=50"])
     trainer = Trainer(cfg).setup()
@@ -159,3 +161,38 @@ def test_vqa_head_learns_above_majority_baseline(vqa_data, tmp_path):
     mean_acc = sum(r["metrics"]["accuracy"] for r in records) / 3
     mean_prior = sum(r["metrics"]["acc_majority_qtype"] for r in records) / 3
     assert mean_acc > mean_prior, (mean_acc, mean_prior)  # it looks at the image, not only the question type
+
+
+def test_the_answer_vocabulary_is_a_data_step_read_at_config_load(vqa_data, tmp_path, monkeypatch):
+    """mlmm-vqa-answers counts the training answers once; the head config reads its file; building the model reads
+    no shard (the head used to scan the training shards in its constructor, on every rank)."""
+    from collections import Counter
+
+    from mlmm.config import ConfigError, load_config
+    from mlmm.data import shards
+    from mlmm.data.answers import main as answers_main, read_answer_vocab
+    from mlmm.models.model import MultimodalModel
+    from mlmm.data.tokenization import load_tokenizer
+
+    root, rows = vqa_data
+    counts = Counter(normalize_answer(a) for r in rows for answers in r["answers"].values() for a in answers)
+    assert read_answer_vocab(root / "answers.json") == sorted(counts, key=lambda a: (-counts[a], a))
+    assert answers_main(["--shards", str(root / "shards_train"), "--out", str(tmp_path / "top3.json"),
+                         "--max-answers", "3"]) == 0
+    assert read_answer_vocab(tmp_path / "top3.json") == sorted(counts, key=lambda a: (-counts[a], a))[:3]
+    base = [f"data.train_shards={root / 'shards_train'}", f"model.text.tokenizer={root / 'tok'}",
+            f"output_dir={tmp_path / 'run'}"]
+    with pytest.raises(ConfigError, match=r"answers_from: .*shards_train is not an answer vocabulary file \(build "
+                                          r"one from the training shards: mlmm-vqa-answers --shards SHARDS"):
+        load_config(REPO / "recipes" / "configs" / "tiny_vqa.yaml", [*base,
+                    f"model.heads.vqa.answers_from={root / 'shards_train'}"])
+    cfg = load_config(REPO / "recipes" / "configs" / "tiny_vqa.yaml", [*base,
+                      f"model.heads.vqa.answers_from={tmp_path / 'top3.json'}"])
+    assert cfg.model.heads["vqa"].answers == read_answer_vocab(tmp_path / "top3.json")
+
+    def no_shards(*args, **kwargs):
+        raise AssertionError("a shard was read while building the model")
+
+    monkeypatch.setattr(shards, "iter_samples", no_shards)
+    model = MultimodalModel(cfg.model, load_tokenizer(root / "tok"))
+    assert model.heads["vqa"].answers == cfg.model.heads["vqa"].answers

@@ -104,7 +104,7 @@ def test_prompts_yaml_merge_and_errors(tmp_path):
 
 
 def test_generated_shapes_zero_shot_with_a_trained_tiny_model(tmp_path):
-    from mlmm.data.generate import generate
+    from mlmm.synthetic.shapes import generate
     from mlmm.data.tokenization import train_tokenizer
     from mlmm.data.write_shards import write_shards
     from mlmm.evaluation.zeroshot import evaluate_zeroshot
@@ -171,7 +171,7 @@ def test_video_zero_shot_with_an_image_model_averages_frame_embeddings(tmp_path)
     zero-shot records come out per language with the video modality."""
     import torch.nn.functional as F
 
-    from mlmm.data.generate import generate
+    from mlmm.synthetic.shapes import generate
     from mlmm.data.write_shards import write_shards
     from mlmm.evaluation.models import load_model
     from mlmm.evaluation.zeroshot import evaluate_zeroshot

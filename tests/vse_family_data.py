@@ -22,8 +22,8 @@ BASELINE = ("tiny_clip.yaml", ("model.video=null", "model.audio=null", "loss.pai
 
 @functools.lru_cache(maxsize=None)
 def attribute_data(n_train: int = 384, n_test: int = 64) -> Path:
-    """Attribute scenes (mlmm.data.generate_scenes) -> shards + test shards + tokenizer in a temp folder."""
-    from mlmm.data.generate_scenes import attribute_scenes
+    """Attribute scenes (mlmm.synthetic.scenes) -> shards + test shards + tokenizer in a temp folder."""
+    from mlmm.synthetic.scenes import attribute_scenes
 
     return _scene_data(attribute_scenes, "mlmm_attr_", n_train, n_test)
 
@@ -99,7 +99,7 @@ OBJECT_STEPS = 150
 def object_data(n_train: int = 600, n_test: int = 96) -> Path:
     """Two-object scenes whose captions name both objects ("a red circle and a blue square", both orders)
     -> shards + test shards + tokenizer."""
-    from mlmm.data.generate_scenes import object_scenes
+    from mlmm.synthetic.scenes import object_scenes
 
     return _scene_data(functools.partial(object_scenes, n_objects=(2,), describe="all"), "mlmm_obj_", n_train, n_test)
 

@@ -1,24 +1,15 @@
-"""Data: shard writing, decoding/transforms, the training/eval pipeline and tokenizers.
+"""Data: what turns files into batches. Import from the module that defines a name (no re-exports here).
 
-Names are imported lazily so that ``python -m mlmm.data.write_shards`` does not import its own
-module twice (and so that ``import mlmm.data`` stays cheap).
+* writers: :mod:`~mlmm.data.write_shards` (a JSONL manifest), :mod:`~mlmm.data.from_hf` (a Hugging Face dataset),
+  :mod:`~mlmm.data.shard_output` (their ``--out`` to a bucket, URL or ``pipe:``), :mod:`~mlmm.data.answers` (the VQA
+  answer vocabulary);
+* the reader: :mod:`~mlmm.data.shards` (shard specs, per-slot sample streams), :mod:`~mlmm.data.shardio` (opening,
+  retries, counts), :mod:`~mlmm.data.stream` / :mod:`~mlmm.data.train_stream` (the resumable training stream and
+  its loader), :mod:`~mlmm.data.pipeline` (samples -> model inputs: ``Preprocessor``, ``collate``,
+  ``load_eval_items``), :mod:`~mlmm.data.decoders` and :mod:`~mlmm.data.transforms` (per-modality decoding),
+  :mod:`~mlmm.data.video`, :mod:`~mlmm.data.batch` (``Batch``);
+* text: :mod:`~mlmm.data.tokenization`, :mod:`~mlmm.data.sentencepiece`, :mod:`~mlmm.data.vocab`,
+  :mod:`~mlmm.data.word_edits`; :mod:`~mlmm.data.resplit` (re-splitting shard sets).
+
+Generated data for tests and the demo lives in :mod:`mlmm.synthetic`.
 """
-import importlib
-
-_EXPORTS = {
-    "Batch": "batch",
-    "Preprocessor": "pipeline", "SampleError": "pipeline", "build_train_loader": "pipeline", "collate": "pipeline",
-    "iter_samples": "pipeline", "load_eval_items": "pipeline", "resolve_shards": "pipeline",
-    "select_captions": "pipeline",
-    "load_tokenizer": "tokenization", "train_tokenizer": "tokenization",
-    "shared_data_manifest": "write_shards",
-}
-# (the function `write_shards` lives in the module of the same name: `from mlmm.data.write_shards import
-# write_shards`; exporting it here would be shadowed by the submodule once that is imported)
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"mlmm.data.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'mlmm.data' has no attribute {name!r}")

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from mlmm.config import ModelConfig
 from mlmm.data.batch import Batch
-from mlmm.data.shards import _parse, epoch_shards, iter_samples, resolve_shards, slot_samples  # noqa: F401 (re-exported)
+from mlmm.data.shards import iter_samples, resolve_shards
 from mlmm.data.transforms import SampleError, decode_image, image_to_tensor
 from mlmm.data.write_shards import CaptionError, normalise_captions
 from mlmm.modalities import MEDIA, MODALITIES, modality
@@ -401,11 +401,3 @@ def load_eval_items(shards_spec: str | Sequence[str], preprocessor: Preprocessor
                       "keys": [keys[i] for i in items[m]]}
     return out
 
-
-def __getattr__(name: str):
-    """The training stream lives in :mod:`mlmm.data.train_stream` (resumable reading); re-exported lazily."""
-    if name in ("TrainStream", "build_train_loader"):
-        from mlmm.data import train_stream
-
-        return getattr(train_stream, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,8 @@ import torch
 
 from mlmm.config import DataConfig
 from mlmm.data.batch import Batch
-from mlmm.data.pipeline import Preprocessor, SampleError
+from mlmm.data.pipeline import Preprocessor
+from mlmm.data.transforms import SampleError
 from mlmm.data.shards import _parse, resolve_shards
 from mlmm.data.resplit import build_source
 from mlmm.data.shardio import ShardReader, redact

@@ -117,7 +117,7 @@ def precompute(teacher_cfg: TeacherConfig, shards: str, out_dir: str | Path, fra
 
     import webdataset as wds
 
-    from mlmm.data.pipeline import iter_samples, resolve_shards
+    from mlmm.data.shards import iter_samples, resolve_shards
     from mlmm.data.shardio import beside, is_local, local_path, read_json, shard_name
     from mlmm.data.write_shards import shard_entry, write_index
 

@@ -40,7 +40,7 @@ def load_composed_items(shards: str | Sequence[str], preprocessor, reference: st
     """``{"gallery_keys": [G], "gallery": Float[G, 3, S, S], "queries": [{"key", "target", "reference",
     "modification"}], "ref_images": Float[Q, 3, S, S], "skipped": int}`` (queries whose target is not in the gallery
     are skipped). Use a ``Preprocessor(train=False)``."""
-    from mlmm.data.pipeline import iter_samples, resolve_shards
+    from mlmm.data.shards import iter_samples, resolve_shards
 
     files = resolve_shards(shards) if isinstance(shards, str) else list(shards)
     gallery: dict[str, torch.Tensor] = {}

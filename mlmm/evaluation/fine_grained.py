@@ -4,7 +4,7 @@
     m = distractor_accuracy(model, "shards/test", head=find_interaction_head(model, "image"))   # head's pair score
 
 Each evaluated sample's json holds ``"distractors": {lang: {type: caption}}`` (see
-:func:`mlmm.data.generate_scenes.attribute_scenes`): the sample's first caption in ``lang`` with exactly one
+:func:`mlmm.synthetic.scenes.attribute_scenes`): the sample's first caption in ``lang`` with exactly one
 attribute changed (``size`` / ``color`` / ``shape`` swapped, ``insert``: an attribute the image does not have).
 For every (image, language) the candidates are the true caption and its distractors:
 

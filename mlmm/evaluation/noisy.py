@@ -2,7 +2,7 @@
 
     report = noisy_split_report(trainer.loss, "data/noisy/shards")   # {"auroc": 0.97, "n": 400, ...}
 
-Ground truth is the ``"noisy"`` flag that :mod:`mlmm.data.noisy` writes into the sample json (used
+Ground truth is the ``"noisy"`` flag that :mod:`mlmm.synthetic.noisy` writes into the sample json (used
 for evaluation only). The score of a sample is ``1 - w`` with ``w`` its clean posterior from the last
 BMM fit; AUROC = P(score of a random noisy sample > score of a random clean one), ties counting 1/2
 (the Mann-Whitney U statistic, equal to ``sklearn.metrics.roc_auc_score``).
@@ -41,7 +41,7 @@ def find_rcar(loss: nn.Module) -> Optional[nn.Module]:
 
 def noisy_split_report(loss: nn.Module, shards: str) -> dict[str, Any]:
     """AUROC of the clean/noisy split over the training samples that had a posterior at the last fit."""
-    from mlmm.data.pipeline import iter_samples, resolve_shards
+    from mlmm.data.shards import iter_samples, resolve_shards
 
     rcar = find_rcar(loss)
     if rcar is None:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from mlmm.data.pipeline import SampleError
+from mlmm.data.transforms import SampleError
 from mlmm.data.shards import _parse, resolve_shards
 from mlmm.data.shardio import ShardReader
 from mlmm.evaluation.distributed import gather_objects, world

@@ -178,7 +178,8 @@ def load_vqa_items(shards, preprocessor, media: str, languages: Optional[Sequenc
     (``no question``, ``no <media>``, ``truncated shard``, the decoders' reasons), each reason logged once."""
     import logging
 
-    from mlmm.data.pipeline import SampleError, iter_samples, resolve_shards
+    from mlmm.data.shards import iter_samples, resolve_shards
+    from mlmm.data.transforms import SampleError
 
     shards = resolve_shards(shards) if isinstance(shards, str) else list(shards)
     skipped = Counter() if skipped is None else skipped

@@ -92,7 +92,7 @@ def _digest(obj: Any) -> str:
 def shards_fingerprint(data_cfg) -> dict[str, Any]:
     """{"n": shards, "samples": total (None if unknown), "digest": of names + counts} of ``data.train_shards``
     (counts from ``data.shard_sizes`` or the index.json / sizes.json beside the shards)."""
-    from mlmm.data.pipeline import resolve_shards
+    from mlmm.data.shards import resolve_shards
     from mlmm.data.shardio import ShardReader, shard_name
 
     shards = resolve_shards(data_cfg.train_shards)

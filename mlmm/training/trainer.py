@@ -17,7 +17,7 @@ import torch
 
 from mlmm.config import ConfigError, RunConfig
 from mlmm.data.batch import Batch
-from mlmm.data.pipeline import resolve_shards
+from mlmm.data.shards import resolve_shards
 from mlmm.data.shardio import ShardReader
 from mlmm.data.train_stream import LoaderState
 from mlmm.distill.prepare import prepare_train_data
@@ -111,7 +111,8 @@ class Trainer(TrainLoop):
             self.lock.release()
 
     def _build(self) -> "Trainer":
-        from mlmm.data.pipeline import Preprocessor, build_train_loader
+        from mlmm.data.pipeline import Preprocessor
+        from mlmm.data.train_stream import build_train_loader
         from mlmm.models.model import MultimodalModel
 
         cfg = self.cfg

@@ -6,7 +6,7 @@
     media = model.transform(raw_sample)     # {modality: tensor}: decoding + the library's own preprocessing
 
 ``transform`` is a small picklable object without the network: DataLoader workers run it (decode in the workers,
-encode in the main process). It raises :class:`~mlmm.data.pipeline.SampleError` for anything it cannot decode, so
+encode in the main process). It raises :class:`~mlmm.data.transforms.SampleError` for anything it cannot decode, so
 readers count the sample as a skip.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from mlmm.data.pipeline import SampleError
+from mlmm.data.transforms import SampleError
 from mlmm.modalities import MEDIA, modality
 
 

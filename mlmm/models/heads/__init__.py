@@ -9,7 +9,7 @@ reading ``"<m>_tokens"`` / ``"<m>_token_mask"`` makes the model add tower m's to
 Configured under ``model.heads: {<instance>: {name: <registered head>, ...}}``. Importing this
 package registers every head.
 """
-from mlmm.distill import adapters as _distill_adapters  # noqa: E402,F401  (language_adapter)
+from mlmm.models.heads import language_adapter as _language_adapter  # noqa: E402,F401  (MLA stage-2 adapters)
 from mlmm.models.heads import hashing as _hashing  # noqa: E402,F401  (hash: cross-modal hashing)
 from mlmm.models.heads import divtr as _divtr  # noqa: E402,F401  (divtr: DI-vTR dual interaction)
 from mlmm.models.heads import cmmae as _cmmae  # noqa: E402,F401  (cmmae: cross-modal mixer + masked autoencoder)

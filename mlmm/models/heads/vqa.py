@@ -1,9 +1,9 @@
 """VQA head: question tokens (text tower) attend to image / video tokens through a cross-attention fusion
-encoder; the pooled fused question is classified over an answer vocabulary built from training answers
-(the standard VQAv2 setup: answers normalised as the official evaluation does, kept when seen at least
-``min_answer_count`` times, at most ``max_answers`` of them, most frequent first).
+encoder; the pooled fused question is classified over an answer vocabulary built once from the training answers
+by a data step (the standard VQAv2 setup, :mod:`mlmm.data.answers`: ``mlmm-vqa-answers --shards SHARDS --out
+answers.json``); the config reads that file when it loads, and no rank scans shards to build the head.
 
-    model.heads: {vqa: {name: vqa, media: image, width: 64, layers: 2, heads: 4, answers_from: SHARDS}}
+    model.heads: {vqa: {name: vqa, media: image, width: 64, layers: 2, heads: 4, answers_from: answers.json}}
 
 Outputs: ``vqa_logits`` [B, A], ``vqa_targets`` [B, A] (the soft VQA score every vocabulary answer would get,
 :func:`mlmm.evaluation.vqa.soft_scores`, from the human answers ``meta["answers"][lang]``; zeros on rows without) and
@@ -12,9 +12,8 @@ in the head config (``answers``), so it lands in the export's ``config.json``.
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterable, Optional, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -32,12 +31,10 @@ class VQAHeadConfig:
     layers: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
-    answers: list[str] = field(default_factory=list)  # the answer vocabulary (filled from answers_from if empty)
-    answers_from: str = ""  # training shards (folder / glob / list) to build the vocabulary from
-    min_answer_count: int = 1
-    max_answers: int = 3129  # VQAv2 convention
-    RANGES: ClassVar[dict] = {"width": ">= 1", "layers": ">= 1", "heads": ">= 1", "mlp_ratio": "> 0",
-                              "min_answer_count": ">= 1", "max_answers": ">= 1"}
+    answers: list[str] = field(default_factory=list)  # the answer vocabulary (read from answers_from if empty)
+    # the vocabulary file that `mlmm-vqa-answers --shards TRAIN_SHARDS --out FILE` wrote (mlmm.data.answers)
+    answers_from: str = ""
+    RANGES: ClassVar[dict] = {"width": ">= 1", "layers": ">= 1", "heads": ">= 1", "mlp_ratio": "> 0"}
     name: str = field(default="vqa", init=False)
 
     def validate(self, where: str) -> None:
@@ -46,26 +43,15 @@ class VQAHeadConfig:
         if self.width % self.heads:
             raise ConfigError(f"{where}.heads: {self.heads} does not divide width {self.width}")
         if not self.answers and not self.answers_from:
-            raise ConfigError(f"{where}.answers: give the answer vocabulary or answers_from (training shards)")
+            raise ConfigError(f"{where}.answers: give the answer vocabulary or answers_from (the file "
+                              "mlmm-vqa-answers writes from the training shards)")
+        if not self.answers:
+            from mlmm.data.answers import read_answer_vocab
 
-
-def build_answer_vocab(answer_lists: Iterable[Sequence[str]], min_count: int = 1,
-                       max_answers: Optional[int] = None) -> list[str]:
-    """Normalised answers counted over every human answer; most frequent first (ties: alphabetical)."""
-    from mlmm.evaluation.vqa import normalize_answer
-
-    counts = Counter(normalize_answer(a) for answers in answer_lists for a in answers)
-    vocab = sorted((a for a, c in counts.items() if c >= min_count and a), key=lambda a: (-counts[a], a))
-    return vocab[:max_answers] if max_answers else vocab
-
-
-def shard_answers(shards: str) -> Iterable[list[str]]:
-    """Every answer list (every language) of every sample in ``shards``."""
-    from mlmm.data.pipeline import iter_samples, resolve_shards
-
-    for raw in iter_samples(resolve_shards(shards)):
-        for answers in (raw["json"].get("answers") or {}).values():
-            yield list(answers)
+            try:
+                self.answers = read_answer_vocab(self.answers_from)
+            except ValueError as e:
+                raise ConfigError(f"{where}.answers_from: {e}") from None
 
 
 @HEADS.register("vqa", config=VQAHeadConfig)
@@ -80,10 +66,6 @@ class VQAHead(nn.Module):
 
     def __init__(self, cfg: VQAHeadConfig, model):
         super().__init__()
-        if not cfg.answers:
-            cfg.answers = build_answer_vocab(shard_answers(cfg.answers_from), cfg.min_answer_count, cfg.max_answers)
-            if not cfg.answers:
-                raise ValueError(f"vqa head: no answers found in {cfg.answers_from}")
         self.cfg = cfg
         self.answers = list(cfg.answers)
         self.index = {a: i for i, a in enumerate(self.answers)}

@@ -1,9 +1,9 @@
 """A small multilingual VQA set over procedurally drawn scenes (en / de / fr), in the mlmm manifest format.
 
-    python -m mlmm.data.vqa_generate --out data/vqa --n-images 400 --questions-per-image 3
+    python -m mlmm.synthetic.vqa --out data/vqa --n-images 400 --questions-per-image 3
 
 Scenes: 1-3 objects, each a distinct colour and a distinct shape, in distinct cells of a 2x2 grid over a grey
-background (drawn with :func:`mlmm.data.generate.draw_shape`). Question types (VQAv2 answer types in brackets):
+background (drawn with :func:`mlmm.synthetic.shapes.draw_shape`). Question types (VQAv2 answer types in brackets):
 ``color`` "What color is the circle?" (other), ``shape`` "What shape is the red object?" (other), ``count``
 "How many shapes are there?" (number), ``position`` "Is the red circle on the left or on the right?" (other),
 ``exists`` "Is there a blue square?" (yes/no). Every question is asked in every language.
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mlmm.data.generate import COLORS, SHAPES, _background, draw_shape
+from mlmm.synthetic.shapes import COLORS, SHAPES, _background, draw_shape
 from mlmm.evaluation.vqa import normalize_answer
 
 LANGUAGES = ("en", "de", "fr")

@@ -1,6 +1,6 @@
 """Noisy correspondence for tests and benchmarks: shuffle the captions of a fraction of the samples.
 
-    python -m mlmm.data.noisy --manifest data/synth/manifest.jsonl --out data/noisy --fraction 0.3 --seed 0
+    python -m mlmm.synthetic.noisy --manifest data/synth/manifest.jsonl --out data/noisy --fraction 0.3 --seed 0
 
 A seeded ``fraction`` of the captioned rows exchange their captions (a permutation among themselves,
 repaired so that no row keeps captions of its own ``class`` when rows carry one, i.e. every shuffled

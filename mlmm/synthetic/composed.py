@@ -1,7 +1,7 @@
 """Composed image retrieval triplets over generated scenes (reference image + modification text -> target image).
 
-    python -m mlmm.data.composed --out data/cir_train --n-scenes 300 --seed 0 --no-gallery
-    python -m mlmm.data.composed --out data/cir_test --n-scenes 60 --seed 1
+    python -m mlmm.synthetic.composed --out data/cir_train --n-scenes 300 --seed 0 --no-gallery
+    python -m mlmm.synthetic.composed --out data/cir_test --n-scenes 60 --seed 1
 
 A *scene* is one shape (circle / square / triangle) of one colour (6) at a random position and size
 on a random grey, plain or noisy background. Each scene is rendered three times: the **reference**
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mlmm.data.generate import COLORS, SHAPES, _background, draw_shape, image_captions
+from mlmm.synthetic.shapes import COLORS, SHAPES, _background, draw_shape, image_captions
 
 LANGUAGES = ("en", "de", "fr")
 

@@ -1,6 +1,6 @@
 """Procedurally generated paired video + audio clips, and a temporal-order video set with known answers.
 
-    python -m mlmm.data.generate_av --out data/av --n-av 120 --n-order 144
+    python -m mlmm.synthetic.av --out data/av --n-av 120 --n-order 144
 
 * :func:`generate_av` — ``av-*.mp4`` + ``av-*.wav`` per sample (one manifest row with both ``video``
   and ``audio``): a coloured shape moving left / right / up / down, and a tone whose **pitch is set
@@ -14,7 +14,7 @@
   order-blind global pooling cannot. Rows carry ``"class"`` (``"red circle>blue square"``) and
   ``"order"`` (the objects in order).
 
-Both reuse the drawing / tone / mp4 helpers of :mod:`mlmm.data.generate` and are deterministic
+Both reuse the drawing / tone / mp4 helpers of :mod:`mlmm.synthetic.shapes` and are deterministic
 functions of the seed.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from mlmm.data.generate import (AUDIO_SR, COLORS, DIRECTIONS, PATTERNS, PITCHES, SHAPES, VIDEO_FRAMES, _background,
+from mlmm.synthetic.shapes import (AUDIO_SR, COLORS, DIRECTIONS, PATTERNS, PITCHES, SHAPES, VIDEO_FRAMES, _background,
                                 _de_np, _write_mp4, draw_shape, tone, video_captions)
 
 AV_COLORS = ("red", "green", "blue")

@@ -1,7 +1,7 @@
 """Generated scenes for the fine-grained image-text methods of issue 8 (ASCL, VSE, MVSEN), in en/de/fr.
 
-    python -m mlmm.data.generate_scenes --kind attributes --out data/attr --n 600
-    python -m mlmm.data.generate_scenes --kind objects --out data/objects --n 600
+    python -m mlmm.synthetic.scenes --kind attributes --out data/attr --n 600
+    python -m mlmm.synthetic.scenes --kind objects --out data/objects --n 600
 
 * :func:`attribute_scenes` — **one object** with four attributes: colour (6) x shape (3) x size (small / big) x
   pattern (plain / striped: horizontal gaps through the shape). Captions name every attribute ("a big striped red
@@ -16,7 +16,7 @@
   while matching each word to its best patch finds the object. ``labels`` lists every colour and shape in the scene
   (informative beyond the one-object caption) and ``objects`` the (colour, shape) pairs.
 
-Rows also carry ``"class"`` and ``"labels"`` like :mod:`mlmm.data.generate`. Deterministic functions of the seed.
+Rows also carry ``"class"`` and ``"labels"`` like :mod:`mlmm.synthetic.shapes`. Deterministic functions of the seed.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from mlmm.data.generate import COLORS, SHAPES, _background, draw_shape
+from mlmm.synthetic.shapes import COLORS, SHAPES, _background, draw_shape
 
 # name -> (German adjective stem, French adjective); French adjectives of size go before the noun
 SIZES: dict[str, tuple[str, str, tuple[float, float]]] = {

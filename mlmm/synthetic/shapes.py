@@ -2,7 +2,7 @@
 
 A tiny model can learn retrieval on it from scratch in a few hundred steps::
 
-    python -m mlmm.data.generate --out data/synth --n-images 300 --n-videos 60 --n-audio 200
+    python -m mlmm.synthetic.shapes --out data/synth --n-images 300 --n-videos 60 --n-audio 200
 
 writes ``images/*.jpg``, ``videos/*.mp4`` (h264, 8 frames), ``audio/*.wav`` (16 kHz, 0.5 s) and
 ``manifest.jsonl`` in the mlmm manifest format (see :mod:`mlmm.data.write_shards`). Each row also

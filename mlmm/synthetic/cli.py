@@ -13,12 +13,12 @@ import sys
 from typing import Optional
 
 GENERATORS = {  # kind -> (module, what it writes)
-    "shapes": ("mlmm.data.generate", "labelled shapes, moving shapes and tones with en/de/fr captions"),
-    "av": ("mlmm.data.generate_av", "paired video + audio clips and a temporal-order video set"),
-    "scenes": ("mlmm.data.generate_scenes", "fine-grained attribute / object scenes (ASCL, VSE, MVSEN)"),
-    "vqa": ("mlmm.data.vqa_generate", "a multilingual VQA set over drawn scenes"),
-    "composed": ("mlmm.data.composed", "composed image retrieval triplets (reference + modification -> target)"),
-    "noisy": ("mlmm.data.noisy", "a manifest with a fraction of its captions shuffled (noisy correspondence)"),
+    "shapes": ("mlmm.synthetic.shapes", "labelled shapes, moving shapes and tones with en/de/fr captions"),
+    "av": ("mlmm.synthetic.av", "paired video + audio clips and a temporal-order video set"),
+    "scenes": ("mlmm.synthetic.scenes", "fine-grained attribute / object scenes (ASCL, VSE, MVSEN)"),
+    "vqa": ("mlmm.synthetic.vqa", "a multilingual VQA set over drawn scenes"),
+    "composed": ("mlmm.synthetic.composed", "composed image retrieval triplets (reference + modification -> target)"),
+    "noisy": ("mlmm.synthetic.noisy", "a manifest with a fraction of its captions shuffled (noisy correspondence)"),
 }
 
 
