@@ -219,6 +219,9 @@ def test_multi30k_recipe_runs_in_one_command_from_a_fresh_checkout(tmp_path, mon
 
     cfg = load_config(RECIPE)
     assert cfg.data.parallel_jsonl and cfg.model.proj_init == "identity"
+    # the levers docs/distillation.md measured (dev split): English anchor + InfoNCE + 1 - cos, 64 tokens
+    assert (cfg.loss.anchor_weight, cfg.loss.nce_weight, cfg.loss.objective) == (1.0, 1.0, "cosine")
+    assert cfg.model.text.max_length == 64 and cfg.model.text.extend_vocab is None
     monkeypatch.setattr(distributed, "cleanup", distributed.barrier)  # keep the process group for later tests
     jsonl, shards = write_jsonl(tmp_path / "train.jsonl"), tmp_path / "fresh" / "multi30k_train"
     train = runpy.run_path(str(REPO / "recipes" / "train.py"))["main"]
