@@ -37,7 +37,7 @@ from torch import nn
 
 from mlmm.config import ConfigError
 from mlmm.data.word_edits import EDIT_KINDS
-from mlmm.losses.contrastive import ContrastiveLoss, ContrastiveLossConfig
+from mlmm.losses.contrastive import media_text_term
 from mlmm.registry import LOSSES
 
 NEG = float("-inf")
@@ -120,10 +120,7 @@ class ASCLLoss(nn.Module):
     def __init__(self, cfg: ASCLLossConfig, modalities: list[str]):
         super().__init__()
         self.cfg = cfg
-        self.contrastive = ContrastiveLoss(
-            ContrastiveLossConfig(pairs=[[cfg.media, "text"]], learn_temperature=cfg.learn_temperature,
-                                  init_logit_scale=cfg.init_logit_scale, max_logit_scale=cfg.max_logit_scale),
-            modalities)
+        self.contrastive = media_text_term(cfg, modalities)
         self.logit_scale = nn.Parameter(torch.full((1,), cfg.init_logit_scale), requires_grad=cfg.learn_temperature)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:

@@ -35,8 +35,7 @@ class ContrastiveLossConfig:
 
     def validate(self, where: str) -> None:
         for i, pair in enumerate(self.pairs):
-            if len(pair) != 2 or any(m not in MODALITIES for m in pair) or pair[0] == pair[1]:
-                raise ConfigError(f"{where}.pairs[{i}]: expected two different modalities of {MODALITIES}, got {pair}")
+            check_pair(pair, f"{where}.pairs[{i}]")
 
 
 def pair_name(a: str, b: str) -> str:
@@ -130,6 +129,17 @@ def masked_info_nce(a_local: torch.Tensor, b_local: torch.Tensor, valid_local: t
     return norm * (weight * per_row).sum()
 
 
+def check_pair(pair, where: str) -> None:
+    """ConfigError naming ``where`` unless ``pair`` is two different registered modalities."""
+    if len(pair) != 2 or any(m not in MODALITIES for m in pair) or pair[0] == pair[1]:
+        raise ConfigError(f"{where}: expected two different modalities of {MODALITIES}, got {pair}")
+
+
+def paired_modalities(pairs: list[list[str]], modalities: list[str]) -> set[str]:
+    """The modalities of the configured pairs whose two towers the model has: what a pair loss reads."""
+    return {m for pair in covered_pairs(pairs, modalities) for m in pair}
+
+
 def covered_pairs(pairs: list[list[str]], modalities: list[str]) -> list[tuple[str, str]]:
     """The configured ``loss.pairs`` whose two towers the model has; ConfigError when none is."""
     out = [(a, b) for a, b in pairs if a in modalities and b in modalities]
@@ -144,7 +154,7 @@ class ContrastiveLoss(nn.Module):
 
     @staticmethod
     def reads(cfg: ContrastiveLossConfig, model) -> set[str]:
-        return {m for pair in covered_pairs(cfg.pairs, model.modalities) for m in pair}
+        return paired_modalities(cfg.pairs, model.modalities)
 
     def __init__(self, cfg: ContrastiveLossConfig, modalities: list[str]):
         super().__init__()
@@ -170,3 +180,11 @@ class ContrastiveLoss(nn.Module):
 
     def temperatures(self) -> dict[str, float]:
         return {f"{k}_logit_scale": float(v.detach().exp().squeeze(0)) for k, v in self.logit_scale.items()}
+
+
+def media_text_term(cfg, modalities: list[str]) -> ContrastiveLoss:
+    """The global (``cfg.media``, text) InfoNCE that the pair-scoring losses (DI-vTR, ASCL, MVSEN) add to their own
+    terms, with their temperature settings (``learn_temperature``, ``init_logit_scale``, ``max_logit_scale``)."""
+    return ContrastiveLoss(ContrastiveLossConfig(pairs=[[cfg.media, "text"]], learn_temperature=cfg.learn_temperature,
+                                                 init_logit_scale=cfg.init_logit_scale,
+                                                 max_logit_scale=cfg.max_logit_scale), modalities)

@@ -19,7 +19,7 @@ from torch import nn
 
 from mlmm.config import ConfigError
 from mlmm.data.batch import Batch
-from mlmm.losses.contrastive import ContrastiveLoss, ContrastiveLossConfig
+from mlmm.losses.contrastive import media_text_term
 from mlmm.registry import LOSSES
 
 
@@ -55,10 +55,7 @@ class DIVTRLoss(nn.Module):
     def __init__(self, cfg: DIVTRLossConfig, modalities: list[str]):
         super().__init__()
         self.cfg = cfg
-        self.contrastive = ContrastiveLoss(
-            ContrastiveLossConfig(pairs=[[cfg.media, "text"]], learn_temperature=cfg.learn_temperature,
-                                  init_logit_scale=cfg.init_logit_scale, max_logit_scale=cfg.max_logit_scale),
-            modalities)
+        self.contrastive = media_text_term(cfg, modalities)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         glob = self.contrastive(outputs, batch)["loss"]

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import ConfigError
-from mlmm.modalities import MODALITIES
 from mlmm.data.batch import string_ids
-from mlmm.losses.contrastive import at_least_fp32, covered_pairs, gather_no_grad, gather_with_grad, rank_and_world
+from mlmm.losses.contrastive import (at_least_fp32, check_pair, covered_pairs, gather_no_grad, gather_with_grad,
+                                     paired_modalities, rank_and_world)
 from mlmm.registry import LOSSES
 
 SIMILARITIES = ("auto", "labels", "class", "identity")
@@ -63,8 +63,7 @@ class HashingLossConfig:
 
     def validate(self, where: str) -> None:
         for i, pair in enumerate(self.pairs):
-            if len(pair) != 2 or any(m not in MODALITIES for m in pair) or pair[0] == pair[1]:
-                raise ConfigError(f"{where}.pairs[{i}]: expected two different modalities of {MODALITIES}, got {pair}")
+            check_pair(pair, f"{where}.pairs[{i}]")
         if not self.pairs:
             raise ConfigError(f"{where}.pairs: at least one pair is required")
         if self.similarity not in SIMILARITIES:
@@ -171,7 +170,7 @@ class HashingLoss(nn.Module):
 
     @staticmethod
     def reads(cfg: HashingLossConfig, model) -> set[str]:
-        hashed = {m for pair in covered_pairs(cfg.pairs, model.modalities) for m in pair}
+        hashed = paired_modalities(cfg.pairs, model.modalities)
         tokens = ("", "_tok", "_tok_mask") if cfg.token_weight > 0 else ("",)  # token_weight: the aligned tokens
         return {f"{cfg.codes}_{m}{x}" for m in hashed for x in tokens}
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import ConfigError
-from mlmm.losses.contrastive import ContrastiveLoss, ContrastiveLossConfig
+from mlmm.losses.contrastive import media_text_term
 from mlmm.losses.divtr import interaction_ce
 from mlmm.registry import LOSSES
 
@@ -77,10 +77,7 @@ class MVSENLoss(nn.Module):
     def __init__(self, cfg: MVSENLossConfig, modalities: list[str]):
         super().__init__()
         self.cfg = cfg
-        self.contrastive = ContrastiveLoss(
-            ContrastiveLossConfig(pairs=[[cfg.media, "text"]], learn_temperature=cfg.learn_temperature,
-                                  init_logit_scale=cfg.init_logit_scale, max_logit_scale=cfg.max_logit_scale),
-            modalities)
+        self.contrastive = media_text_term(cfg, modalities)
         self.text_scale = nn.Parameter(torch.full((1,), cfg.init_logit_scale), requires_grad=cfg.learn_temperature)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:

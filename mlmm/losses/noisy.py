@@ -51,10 +51,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import ConfigError
-from mlmm.modalities import MODALITIES
 from mlmm.data.batch import Batch
 from mlmm.losses.bmm import BetaMixture, normalise_losses
-from mlmm.losses.contrastive import at_least_fp32, gather_with_grad, local_vs_global
+from mlmm.losses.contrastive import at_least_fp32, check_pair, gather_with_grad, local_vs_global
 from mlmm.losses.loss_memory import LossMemory, key_hashes
 from mlmm.registry import LOSSES
 
@@ -85,8 +84,7 @@ class RCARLossConfig:
     name: str = field(default="rcar", init=False)
 
     def validate(self, where: str) -> None:
-        if len(self.pair) != 2 or any(m not in MODALITIES for m in self.pair) or self.pair[0] == self.pair[1]:
-            raise ConfigError(f"{where}.pair: expected two different modalities of {MODALITIES}, got {self.pair}")
+        check_pair(self.pair, f"{where}.pair")
         if self.memory_size < max(self.min_memory, 2):
             raise ConfigError(f"{where}.memory_size: must be >= min_memory ({self.min_memory}), got {self.memory_size}")
         if self.complementary_on not in ("all", "noisy"):

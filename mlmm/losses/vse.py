@@ -30,9 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import ConfigError
-from mlmm.modalities import MODALITIES
-from mlmm.losses.contrastive import (at_least_fp32, covered_pairs, gather_with_grad, local_vs_global,
-                                    pair_name, rank_and_world)
+from mlmm.losses.contrastive import (at_least_fp32, check_pair, covered_pairs, gather_with_grad, local_vs_global,
+                                    pair_name, paired_modalities, rank_and_world)
 from mlmm.losses.divtr import interaction_ce
 from mlmm.registry import LOSSES
 
@@ -96,8 +95,7 @@ class VSETripletLossConfig:
 
     def validate(self, where: str) -> None:
         for i, pair in enumerate(self.pairs):
-            if len(pair) != 2 or any(m not in MODALITIES for m in pair) or pair[0] == pair[1]:
-                raise ConfigError(f"{where}.pairs[{i}]: expected two different modalities of {MODALITIES}, got {pair}")
+            check_pair(pair, f"{where}.pairs[{i}]")
         _check(where, self.reduction)
 
 
@@ -105,7 +103,7 @@ class VSETripletLossConfig:
 class VSETripletLoss(nn.Module):
     @staticmethod
     def reads(cfg: VSETripletLossConfig, model) -> set[str]:
-        return {m for pair in covered_pairs(cfg.pairs, model.modalities) for m in pair}
+        return paired_modalities(cfg.pairs, model.modalities)
 
     def __init__(self, cfg: VSETripletLossConfig, modalities: list[str]):
         super().__init__()
