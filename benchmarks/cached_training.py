@@ -2,7 +2,7 @@
 
 The Trainer's streaming pipeline re-decodes every sample every epoch (about 0.1-0.3 s per FSDD clip
 or mp4 on a loaded 2-core machine), which dominates a many-epoch run over a few hundred samples.
-Here the same :class:`~mlmm.data.pipeline.Preprocessor` (train=False: deterministic) decodes each
+Here the same :class:`~mlmm.data.preprocess.Preprocessor` (train=False: deterministic) decodes each
 sample once, with one row per caption language (``all_languages``); training then draws random
 batches of rows, runs the same :class:`~mlmm.models.model.MultimodalModel` and registered loss,
 with AdamW + warmup/cosine (:mod:`mlmm.training.schedule`) and gradient clipping, and exports with
@@ -37,7 +37,7 @@ def train_cached(cfg, *, log_every: int = 50, log=print, decode=None):
     ``decode(shards, preprocessor) -> rows`` replaces :func:`decode_rows` (e.g. one row per caption)."""
     from transformers import AutoTokenizer
 
-    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.preprocess import Preprocessor
     from mlmm.models.model import MultimodalModel
     from mlmm.registry import LOSSES
     from mlmm.training.schedule import build_scheduler

@@ -103,7 +103,7 @@ def plain_loader(spec: str, batch: int, workers: int):
 
 def mlmm_loader(spec: str, batch: int, workers: int, tok_dir: Path, uint8: bool = False, encoded: bool = False):
     from mlmm.config import DataConfig, ImageTowerConfig, ModelConfig, TextTowerConfig
-    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.preprocess import Preprocessor
     from mlmm.data.train_stream import build_train_loader
     from mlmm.data.tokenization import load_tokenizer, train_tokenizer
 

@@ -6,7 +6,7 @@ Generates N labelled images (``mlmm.synthetic.shapes``, en/de/fr captions) into 
 with 1 thread and no loader workers (so all memory is in the measured process):
 
 * ``streamed``: :func:`mlmm.evaluation.runner.evaluate_retrieval` (what eval/run_retrieval.py and run_suite.py do);
-* ``in_memory``: :func:`mlmm.data.pipeline.load_eval_items` (what every evaluator used before the streamed reader;
+* ``in_memory``: :func:`mlmm.data.preprocess.load_eval_items` (what every evaluator used before the streamed reader;
   VQA, captioning, hashing and re-ranking still use it), decoded items only.
 
 Reports the peak resident memory above the process's baseline after imports and model loading (``ru_maxrss`` -
@@ -39,7 +39,7 @@ def child(mode: str, shards: str, model_dir: str) -> dict:
 
     torch.set_num_threads(1)
     import mlmm
-    from mlmm.data.pipeline import Preprocessor, load_eval_items
+    from mlmm.data.preprocess import Preprocessor, load_eval_items
     from mlmm.evaluation.runner import evaluate_retrieval
 
     model = mlmm.from_pretrained(model_dir)

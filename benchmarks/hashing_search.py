@@ -170,7 +170,7 @@ def latency(methods: dict, inputs, n_single: int, max_load: float | None) -> dic
 # ------------------------------------------------------------------------------------------ part 2
 def quality(export: str, n_items: int, queries: int, k: int, candidates: int, seed: int) -> dict:
     from mlmm.synthetic.shapes import generate
-    from mlmm.data.pipeline import Preprocessor, load_eval_items
+    from mlmm.data.preprocess import Preprocessor, load_eval_items
     from mlmm.evaluation.hashing import encode_media_codes, encode_text_codes, find_hash_head
     from mlmm.hub import from_pretrained
 

@@ -108,7 +108,7 @@ def decord_loader(shards: str, frames: int = FRAMES, size: int = SIZE):
 
 def mlmm_loader(shards: str, tok_dir: Path, frames: int = FRAMES, size: int = SIZE):
     from mlmm.config import DataConfig, ImageTowerConfig, ModelConfig, TextTowerConfig, VideoTowerConfig
-    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.preprocess import Preprocessor
     from mlmm.data.train_stream import build_train_loader
     from mlmm.data.tokenization import load_tokenizer, train_tokenizer
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mlmm.config import AudioTowerConfig, DataConfig, ImageTowerConfig, ModelConfig, TextTowerConfig, VideoTowerConfig
-from mlmm.data.pipeline import CAPTION_CHARS_PER_TOKEN, load_eval_items, Preprocessor
+from mlmm.data.preprocess import CAPTION_CHARS_PER_TOKEN, load_eval_items, Preprocessor
 from mlmm.data.train_stream import build_train_loader
 from mlmm.data.stream import SlotPlan
 
@@ -116,7 +116,7 @@ def test_evaluation_counts_every_bad_sample(media, tmp_path, caplog):
     root, files, tok, model = media
     samples, expected = bad_samples(files)
     write_tar(tmp_path / "bad.tar", samples)
-    with caplog.at_level("WARNING", logger="mlmm.data.pipeline"):
+    with caplog.at_level("WARNING", logger="mlmm.data.preprocess"):
         items = load_eval_items(str(tmp_path / "bad.tar"), Preprocessor(model, tok, train=False),
                                 ["image", "video", "audio"])
     assert items["keys"] == ["bad-npy", "bad-ref", "good-img", "good-vid", "good-wav", "long"]  # npy/ref: not read

@@ -109,7 +109,7 @@ def caption_data(tmp_path_factory):
 
 
 def batch_of(cfg, model, rows, root, lang="en", which=1):
-    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.preprocess import Preprocessor
 
     pre = Preprocessor(cfg.model, model.tokenizer, train=False)
     samples = []

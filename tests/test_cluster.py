@@ -256,7 +256,7 @@ def test_batch_pins_every_tensor_and_the_loader_asks_for_it(data, monkeypatch):
     """On a GPU machine DataLoader(pin_memory=True) calls Batch.pin_memory in its pinning thread; here pinning is
     recorded (CPU-only torch cannot pin)."""
     from mlmm.config import load_config
-    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.preprocess import Preprocessor
     from mlmm.data.train_stream import build_train_loader
     from mlmm.training.trainer import load_tokenizer
 

@@ -96,7 +96,7 @@ def test_generator_triplets_and_reference_image_reach_the_batch(cir_data):
     from transformers import AutoTokenizer
 
     from mlmm.synthetic.composed import color_modification, shape_modification
-    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.preprocess import Preprocessor
     from mlmm.data.shards import iter_samples, resolve_shards
 
     assert color_modification("square", "blue")["de"][0] == "mach das Quadrat blau"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mlmm.config import AudioTowerConfig, DataConfig, ImageTowerConfig, ModelConfig, TextTowerConfig, VideoTowerConfig
-from mlmm.data.pipeline import Preprocessor, collate, load_eval_items, select_captions
+from mlmm.data.preprocess import Preprocessor, collate, load_eval_items, select_captions
 from mlmm.data.shards import epoch_shards, iter_samples, resolve_shards, slot_samples
 from mlmm.data.tokenization import load_tokenizer, train_tokenizer
 from mlmm.data.train_stream import build_train_loader
@@ -272,7 +272,7 @@ def test_loader_skips_undecodable_samples_and_counts_reasons(tmp_path, data_synt
     loader = build_train_loader(cfg, Preprocessor(ModelConfig(image=ImageTowerConfig()), train=True), rank=0,
                                 world_size=1)
     it = iter(loader)
-    with caplog.at_level("WARNING", logger="mlmm.data.pipeline"):
+    with caplog.at_level("WARNING", logger="mlmm.data.preprocess"):
         batch = next(it)
         assert next(it).keys == batch.keys  # epoch 1: the bad samples of epoch 0 were skipped on the way
     assert batch.keys == [r["key"] for r in good] and batch.image_mask.all()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mlmm.config import ConfigError, from_dict, load_config
 from mlmm.data.batch import Batch
-from mlmm.data.pipeline import Preprocessor
+from mlmm.data.preprocess import Preprocessor
 from mlmm.data.shards import iter_samples, resolve_shards
 from mlmm.distill.teacher import TeacherConfig, build_teacher
 from mlmm.hub import from_pretrained, load_state_dict
@@ -245,7 +245,7 @@ def test_stored_embeddings_of_another_teacher_are_refused(distill_data, tmp_path
     raw = next(iter_samples(resolve_shards(str(root / "shards_t"))))
     batch = _text_batch([raw["json"]["captions"]], ["en"], [raw["json"]["captions"]["en"][0]])
     batch.meta = [raw["json"]]
-    from mlmm.data.pipeline import decode_extras
+    from mlmm.data.preprocess import decode_extras
 
     batch.extras = {k: v[None] for k, v in decode_extras(raw).items()}
     batch.extras.update({f"{k}_mask": torch.ones(1, dtype=torch.bool) for k in list(batch.extras)})

@@ -115,7 +115,7 @@ def test_vqa_loader_counts_what_it_leaves_out(data):
     from collections import Counter
 
     import mlmm
-    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.preprocess import Preprocessor
     from mlmm.evaluation.vqa import load_vqa_items
 
     model = mlmm.from_pretrained(data["run"])

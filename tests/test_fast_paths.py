@@ -226,7 +226,7 @@ def test_normalize_on_device_gives_the_same_batches_and_training(tmp_path):
 
     from conftest import build_tiny_data, tiny_clip_losses
     from mlmm.config import load_config
-    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.preprocess import Preprocessor
     from mlmm.data.train_stream import build_train_loader
     from mlmm.training.trainer import load_tokenizer
 

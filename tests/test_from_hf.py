@@ -9,7 +9,7 @@ from PIL import Image
 
 from mlmm.config import AudioTowerConfig, ImageTowerConfig, ModelConfig, VideoTowerConfig
 from mlmm.data.from_hf import convert, main, open_dataset
-from mlmm.data.pipeline import load_eval_items, Preprocessor
+from mlmm.data.preprocess import load_eval_items, Preprocessor
 from mlmm.data.shards import iter_samples, resolve_shards
 from mlmm.data.write_shards import write_shards
 

@@ -140,7 +140,7 @@ def config(data: Path, out: Path, *overrides):
 
 
 def fixed_batch(cfg, tokenizer):
-    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.preprocess import Preprocessor
     from mlmm.data.train_stream import build_train_loader
 
     return next(iter(build_train_loader(cfg.data, Preprocessor(cfg.model, tokenizer, train=False), rank=0,

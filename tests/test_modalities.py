@@ -17,7 +17,7 @@ from torch import nn
 
 from mlmm.config import ConfigError, load_config
 from mlmm.data.from_hf import AUDIO_FORMATS, IMAGE_FORMATS
-from mlmm.data.pipeline import Preprocessor
+from mlmm.data.preprocess import Preprocessor
 from mlmm.data.shards import iter_samples, resolve_shards
 from mlmm.data.write_shards import write_shards
 from mlmm.modalities import MEDIA, MODALITIES, Modality, modality, register, unregister

@@ -220,7 +220,7 @@ def test_stream_resumes_exactly_at_every_batch(rel_data, world, policy, shuffle)
     """
     import itertools
 
-    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.preprocess import Preprocessor
     from mlmm.data.shards import resolve_shards
     from mlmm.data.tokenization import load_tokenizer
     from mlmm.data.train_stream import TrainStream
@@ -248,7 +248,7 @@ def test_layout_change_resplits_the_rest_of_the_pass(rel_data, old_world, new_wo
     ranks, so within the pass none is seen twice and none is skipped; the new order is deterministic."""
     import itertools
 
-    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.preprocess import Preprocessor
     from mlmm.data.shards import resolve_shards
     from mlmm.data.resplit import build_source
     from mlmm.data.tokenization import load_tokenizer

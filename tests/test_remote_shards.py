@@ -16,7 +16,7 @@ from shard_server import ShardServer
 from test_reliability import TINY, overrides, run_in_process, run_killed
 
 from mlmm.config import load_config
-from mlmm.data.pipeline import load_eval_items, Preprocessor
+from mlmm.data.preprocess import load_eval_items, Preprocessor
 from mlmm.data.shards import iter_samples, resolve_shards
 from mlmm.data.shard_output import UploadError
 from mlmm.data.shardio import ShardReader, redact, shard_name

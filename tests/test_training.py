@@ -10,7 +10,7 @@ from conftest import build_tiny_data
 import torch
 
 from mlmm.config import load_config
-from mlmm.data.pipeline import Preprocessor
+from mlmm.data.preprocess import Preprocessor
 from mlmm.data.train_stream import build_train_loader
 from mlmm.evaluation.runner import evaluate_retrieval
 from mlmm.hub import from_pretrained

@@ -90,7 +90,7 @@ def test_tiny_cmmae_trains_and_evaluates_video_audio(av_data, tmp_path):
     cfg = config("tiny_cmmae.yaml", av_data, tmp_path / "run", "train.max_steps=8", "data.batch_size=8",
                  "train.log_every=4", "train.lr=3e-3", shards="av_shards")
     trainer = Trainer(cfg).setup()
-    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.preprocess import Preprocessor
     from mlmm.data.train_stream import build_train_loader
 
     batch = next(iter(build_train_loader(cfg.data, Preprocessor(cfg.model, trainer.tokenizer, train=False),
@@ -156,7 +156,7 @@ def test_deepspeed_launcher_tiny_divtr_and_eval_cli_rerank(av_data, tmp_path):
 @pytest.mark.skipif(not (SHARED / "video" / "manifest.jsonl").is_file(), reason="../shared/data/video not present")
 def test_real_msrvtt_clips_decode_and_retrieve(av_data, tmp_path):
     """The real MSR-VTT clips (4 captioned + 1 MSVD clip without caption) through shards -> decode -> retrieval."""
-    from mlmm.data.pipeline import Preprocessor, load_eval_items
+    from mlmm.data.preprocess import Preprocessor, load_eval_items
     from mlmm.data.write_shards import read_manifest, shared_data_manifest, write_shards
     from mlmm.models.model import MultimodalModel
     from transformers import AutoTokenizer

@@ -136,7 +136,7 @@ def data():
 
 
 def test_head_shapes_padding_and_gradients(data, tmp_path):
-    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.preprocess import Preprocessor
     from mlmm.data.train_stream import build_train_loader
     from mlmm.models.model import MultimodalModel
     from mlmm.training.trainer import load_tokenizer

@@ -5,7 +5,7 @@
   answer vocabulary);
 * the reader: :mod:`~mlmm.data.shards` (shard specs, per-slot sample streams), :mod:`~mlmm.data.shardio` (opening,
   retries, counts), :mod:`~mlmm.data.stream` / :mod:`~mlmm.data.train_stream` (the resumable training stream and
-  its loader), :mod:`~mlmm.data.pipeline` (samples -> model inputs: ``Preprocessor``, ``collate``,
+  its loader), :mod:`~mlmm.data.preprocess` (samples -> model inputs: ``Preprocessor``, ``collate``,
   ``load_eval_items``), :mod:`~mlmm.data.decoders` and :mod:`~mlmm.data.transforms` (per-modality decoding),
   :mod:`~mlmm.data.video`, :mod:`~mlmm.data.batch` (``Batch``);
 * text: :mod:`~mlmm.data.tokenization`, :mod:`~mlmm.data.sentencepiece`, :mod:`~mlmm.data.vocab`,

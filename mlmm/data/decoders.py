@@ -3,7 +3,7 @@ built-in :mod:`mlmm.modalities` entries.
 
 * ``<m>_shape(model_cfg)``: the per-sample tensor the reader makes for the model's tower (None without the tower);
 * ``decode_<m>_sample(pre, data, rng)``: one sample member's bytes -> ``{name: tensor}`` for the
-  :class:`~mlmm.data.pipeline.Preprocessor` ``pre`` (its ``shapes``, ``train``, ``normalize``, ``encoded``, ``cfg``);
+  :class:`~mlmm.data.preprocess.Preprocessor` ``pre`` (its ``shapes``, ``train``, ``normalize``, ``encoded``, ``cfg``);
   a ValueError means the file does not decode (the reader counts it as a skipped sample);
 * ``check_<m>(data)``: a cheap decodability check the shard writers run; raises on a file that cannot be used.
 """

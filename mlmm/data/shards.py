@@ -5,7 +5,7 @@
     for raw in iter_samples(shards): ...             # {"__key__", <ext>: bytes, "json": dict}, in order
     slot_samples(shards, seed=0, epoch=0, slot=1, n_slots=4)    # what one loader slot reads in an epoch
 
-Decoding and batching live in :mod:`mlmm.data.pipeline`, the resumable training stream in
+Decoding and batching live in :mod:`mlmm.data.preprocess`, the resumable training stream in
 :mod:`mlmm.data.train_stream` / :mod:`mlmm.data.stream`.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A resumable raw-sample stream: exact mid-epoch resume without re-reading the epoch.
 
 One *slot* (``rank * num_workers + role``) reads its share of every epoch (see
-:mod:`mlmm.data.pipeline` for the split). Its samples get a slot-global *raw index* ``r``
+:mod:`mlmm.data.train_stream` for the split). Its samples get a slot-global *raw index* ``r``
 (epoch after epoch). Everything random is a function of counts, never of content:
 
 * the shuffle buffer draws ``rng.randrange(len(buffer))`` once per incoming sample, with ``rng``

@@ -1,5 +1,23 @@
 """The training stream: raw samples -> shuffle buffer -> decode -> batches, resumable mid-epoch.
 
+Per rank, per DataLoader worker, one "slot" = ``rank * num_workers + worker_id`` out of
+``n_slots = world_size * num_workers``, repeated forever over epochs ``e = 0, 1, ...``:
+
+1. shard list shuffled with ``random.Random(seed + e)`` — identical on every slot;
+2. split so that every sample is read by exactly one slot per epoch (:mod:`mlmm.data.shards`):
+   * ``#shards >= n_slots``: slot ``s`` reads ``shards[s::n_slots]``;
+   * fewer shards than slots: every slot reads every shard and keeps sample ``i`` (position in the
+     epoch's shard order) when ``i % n_slots == s`` — more I/O, same partition;
+   slots may get unequal numbers of samples, which is harmless for an infinite stream;
+3. decode + transform + tokenize (:class:`~mlmm.data.preprocess.Preprocessor`), with the language policy; samples
+   that fail to decode are skipped, counted per reason and logged once per reason (see
+   :meth:`~mlmm.data.preprocess.Preprocessor.check` and :mod:`mlmm.data.transforms` for the reasons);
+4. a seeded shuffle buffer and batching with :func:`~mlmm.data.preprocess.collate`; buffer and batches run across
+   epoch boundaries, so there is never a partial batch.
+
+All randomness comes from ``random.Random`` seeded from ``(DataConfig.seed, epoch, slot)``, so a run
+is reproducible for a fixed ``world_size`` and ``num_workers``.
+
 Each batch carries ``batch.data_state`` = the position of the slot that made it (see
 :mod:`mlmm.data.stream`) plus its bad-sample counts (``skipped``: {reason: n}, what ``data.max_bad_fraction``
 bounds) and ``notes`` ({"caption truncated": n}: samples used after a change). The trainer keeps the latest state
@@ -20,7 +38,7 @@ import torch
 
 from mlmm.config import DataConfig
 from mlmm.data.batch import Batch
-from mlmm.data.pipeline import Preprocessor
+from mlmm.data.preprocess import Preprocessor
 from mlmm.data.transforms import SampleError
 from mlmm.data.shards import _parse, resolve_shards
 from mlmm.data.resplit import build_source

@@ -162,7 +162,7 @@ def evaluate_captioning(model, shards, *, languages: Optional[Sequence[str]] = N
                         meteor: bool = True, progress: bool = True, examples: int = 3) -> list[dict]:
     """One ``<media>-captioning`` record per language the decoder knows and the shards caption: metrics of
     :func:`caption_metrics` plus ``info`` (tokenisation, decoding) and a few example captions."""
-    from mlmm.data.pipeline import Preprocessor, load_eval_items
+    from mlmm.data.preprocess import Preprocessor, load_eval_items
     from mlmm.evaluation.retrieval import result_record
     from mlmm.evaluation.vqa import find_head
 

@@ -85,7 +85,7 @@ def evaluate_composed(model, shards, *, languages: Optional[Sequence[str]] = Non
                       ks: Sequence[int] = (1, 10, 50), modes: Sequence[str] = MODES, batch_size: int = 64,
                       device="cpu") -> list[dict]:
     """One record per language: ``<mode>_R@K`` for every available mode, ``chance_R@K``, ``n`` = queries."""
-    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.preprocess import Preprocessor
     from mlmm.evaluation.runner import embed_media
 
     model.eval()

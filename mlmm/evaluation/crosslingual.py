@@ -169,7 +169,7 @@ def student_text_to_teacher_image(model, teacher, shards, *, languages: Optional
                                   dataset: str = "", batch_size: int = 64, device="cpu",
                                   ks: Sequence[int] = (1, 5, 10)) -> list[dict]:
     """``image-text`` records per language: student text(L) vs the frozen teacher's image embeddings."""
-    from mlmm.data.pipeline import Preprocessor, load_eval_items
+    from mlmm.data.preprocess import Preprocessor, load_eval_items
     from mlmm.evaluation.runner import chance_metrics, text_queries
 
     if not teacher.has_image:

@@ -29,7 +29,7 @@ import torch
 def distractor_accuracy(model, shards, *, languages: Optional[Sequence[str]] = None, head=None, media: str = "image",
                         types: Optional[Sequence[str]] = None, field: str = "distractors", batch_size: int = 64,
                         device="cpu") -> dict[str, float]:
-    from mlmm.data.pipeline import Preprocessor, load_eval_items
+    from mlmm.data.preprocess import Preprocessor, load_eval_items
     from mlmm.evaluation.rerank import media_tokens, text_tokens
 
     model.eval()

@@ -261,7 +261,7 @@ def evaluate_hashing(model, shards, *, head: Optional[str] = None, languages: Op
     :func:`mlmm.evaluation.runner.evaluate_retrieval`). Records follow
     :func:`mlmm.evaluation.retrieval.result_record` with task ``<m>-text-hashing``.
     """
-    from mlmm.data.pipeline import Preprocessor, load_eval_items
+    from mlmm.data.preprocess import Preprocessor, load_eval_items
     from mlmm.evaluation.runner import text_queries
 
     if relevance not in ("labels", "class", "identity"):

@@ -122,7 +122,7 @@ def evaluate_retrieval(model, shards, *, languages: Optional[Sequence[str]] = No
 
 def _rerank_media(model, shards, data, media: Sequence[str], languages) -> dict:
     """{modality: (interaction head, preprocessed media in the rows' order)} for the modalities with a head."""
-    from mlmm.data.pipeline import Preprocessor, load_eval_items
+    from mlmm.data.preprocess import Preprocessor, load_eval_items
     from mlmm.evaluation.rerank import find_interaction_head
 
     heads = {m: h for m in media if model.mlmm is not None and (h := find_interaction_head(model.mlmm, m)) is not None}

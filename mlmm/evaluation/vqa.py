@@ -214,7 +214,7 @@ def load_vqa_items(shards, preprocessor, media: str, languages: Optional[Sequenc
 def predict_answers(model, head, items: Sequence[dict], batch_size: int = 64, device="cpu") -> list[str]:
     import torch
 
-    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.preprocess import Preprocessor
 
     pre = Preprocessor(model.cfg, model.tokenizer, train=False)
     dtype = next(model.parameters()).dtype
@@ -235,7 +235,7 @@ def evaluate_vqa(model, shards, *, languages: Optional[Sequence[str]] = None, da
     """One ``vqa`` record per language: official accuracy overall / per question type / per answer type, plus
     ``acc_majority`` = always answering that language's most frequent answer of the evaluated set (an optimistic
     prior baseline) and ``acc_majority_qtype`` (same, per question type)."""
-    from mlmm.data.pipeline import Preprocessor
+    from mlmm.data.preprocess import Preprocessor
     from mlmm.evaluation.retrieval import result_record
 
     head = find_head(model, "VQAHead")

@@ -111,7 +111,7 @@ class Trainer(TrainLoop):
             self.lock.release()
 
     def _build(self) -> "Trainer":
-        from mlmm.data.pipeline import Preprocessor
+        from mlmm.data.preprocess import Preprocessor
         from mlmm.data.train_stream import build_train_loader
         from mlmm.models.model import MultimodalModel
 

@@ -14,7 +14,7 @@ from mlmm.evaluation.models.base import EvalModel, MediaTransform
 
 
 class MlmmTransform(MediaTransform):
-    """mlmm's eval preprocessing (:class:`~mlmm.data.pipeline.Preprocessor` with ``train=False``)."""
+    """mlmm's eval preprocessing (:class:`~mlmm.data.preprocess.Preprocessor` with ``train=False``)."""
 
     def __init__(self, preprocessor):
         super().__init__([m for m in preprocessor.shapes if m != "text"])
@@ -47,7 +47,7 @@ class MlmmEvalModel(EvalModel):
         return cls(model, name=f"mlmm:{name}", pretrained=str(path))
 
     def transform(self) -> MlmmTransform:
-        from mlmm.data.pipeline import Preprocessor
+        from mlmm.data.preprocess import Preprocessor
 
         return MlmmTransform(Preprocessor(self.mlmm.cfg, self.tokenizer, train=False))
 

@@ -1,23 +1,10 @@
-"""Read WebDataset shards into :class:`~mlmm.data.batch.Batch` es for training and evaluation.
+"""Raw samples -> model inputs: decode, transform and tokenize one sample (:class:`Preprocessor`, with the language
+policy and the schema checks), stack samples into a :class:`~mlmm.data.batch.Batch` (:func:`collate`), and every
+item of an evaluation set (:func:`load_eval_items`). The training stream around it is :mod:`mlmm.data.train_stream`.
 
-Training stream (per rank, per DataLoader worker, one "slot" = ``rank * num_workers + worker_id``
-out of ``n_slots = world_size * num_workers``), repeated forever over epochs ``e = 0, 1, ...``:
-
-1. shard list shuffled with ``random.Random(seed + e)`` — identical on every slot;
-2. split so that every sample is read by exactly one slot per epoch:
-   * ``#shards >= n_slots``: slot ``s`` reads ``shards[s::n_slots]``;
-   * fewer shards than slots: every slot reads every shard and keeps sample ``i`` (position in the
-     epoch's shard order) when ``i % n_slots == s`` — more I/O, same partition;
-   slots may get unequal numbers of samples, which is harmless for an infinite stream;
-3. decode + transform + tokenize (:class:`Preprocessor`), with the language policy; samples that
-   fail to decode are skipped, counted per reason and logged once per reason (see :meth:`Preprocessor.check` and
-   :mod:`mlmm.data.transforms` for the reasons); a caption longer than :data:`CAPTION_CHARS_PER_TOKEN` x
-   ``model.text.max_length`` characters is cut to that length before tokenising and counted (``caption truncated``);
-4. a seeded shuffle buffer and batching with :func:`collate`; buffer and batches run across epoch
-   boundaries, so there is never a partial batch.
-
-All randomness comes from ``random.Random`` seeded from ``(DataConfig.seed, epoch, slot)``, so a run
-is reproducible for a fixed ``world_size`` and ``num_workers``.
+A sample that breaks the schema or does not decode raises :class:`~mlmm.data.transforms.SampleError` (its
+``reason`` is what the readers count); a caption longer than :data:`CAPTION_CHARS_PER_TOKEN` x
+``model.text.max_length`` characters is cut to that length before tokenising and counted (``caption truncated``).
 """
 from __future__ import annotations
 
