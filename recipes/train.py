@@ -35,6 +35,8 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg)
         trainer.setup()
     except (ConfigError, RunRefused) as e:  # raised on every rank alike: rank 0 says it
+        if trainer is not None:
+            trainer.cleanup(failed=True)  # closes the log, releases the folder if this run took it; no barrier
         if isinstance(e, RunRefused):
             if rank0:
                 print(f"refused: {e}", file=sys.stderr)
@@ -60,17 +62,25 @@ def main(argv=None) -> int:
     return 0
 
 
+def _exit_now(code: int) -> None:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def cli(argv=None) -> None:
-    """main() as a process: on an error, print it and leave at once with exit code 1, skipping the interpreter's
-    teardown, which can wait on collectives that will never complete (NCCL) and delays the other ranks noticing."""
+    """main() as a process: on an error, print it and leave at once with exit code 1 (2 or 3 for a refusal), skipping
+    the interpreter's teardown, which can wait on collectives that will never complete (NCCL), delays the other ranks
+    noticing, and aborts (SIGABRT, "terminate called without an active exception") under gloo when the process group
+    was not destroyed."""
     try:
         code = main(argv)
     except Exception:
         traceback.print_exc()
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        _exit_now(1)
+    if code:
+        _exit_now(code)
     sys.exit(code)
 
 

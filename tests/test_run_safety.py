@@ -154,6 +154,7 @@ def test_every_rank_learns_of_the_refusal_without_hanging(tmp_path):
             distributed.main_decides(lambda: runlock.acquire(out)[1])
         except runlock.OutputDirInUse as e:
             print(f"rank {rank}: {e}", flush=True)
+            distributed.cleanup()  # every rank is refused alike, so the barrier is reached (gloo aborts without it)
             sys.exit(3)
     """)
     with socket.socket() as s:
