@@ -11,7 +11,6 @@ real clips are too few to hold out and are used for training only.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
@@ -38,18 +37,11 @@ def split_shared(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return [r for r, t in zip(rows, test) if not t], [r for r, t in zip(rows, test) if t]
 
 
-def write_manifest(rows: list[dict], path: Path) -> Path:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
-
-
 def make_data(work: Path, shared: Optional[Path], seed: int = 0) -> dict[str, Path]:
     """Generate / convert data, split it, write shards and train a tokenizer; returns their paths."""
     from mlmm.synthetic.shapes import generate
     from mlmm.data.tokenization import train_tokenizer
-    from mlmm.data.write_shards import absolute_paths, read_manifest, shared_data_manifest, write_shards
+    from mlmm.data.write_shards import absolute_paths, read_manifest, shared_data_manifest, write_manifest, write_shards
 
     gen = [absolute_paths(r, work / "generated") for r in generate(work / "generated", seed=seed, progress=False)]
     train, tests = split_generated(gen, 0.2, seed)

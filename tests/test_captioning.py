@@ -211,3 +211,29 @@ def test_images_vi_captioning_benchmark(tmp_path):
     print("images_vi (40 held-out photos, 5 refs each):", {k: round(v, 2) for k, v in m.items()},
           records[0]["info"]["examples"])
     assert records[0]["n"] == 40 and m["BLEU-1"] > 0
+
+
+def test_captioning_command_writes_the_records_and_prints_the_table(caption_data, tmp_path, capsys):
+    """``mlmm-eval-captioning`` on an export: exit 0, the records in --out, the metrics table, each language's
+    tokenisation line and the path it wrote."""
+    import json
+
+    from mlmm.cli.eval_captioning import main
+    from mlmm.data.write_shards import write_manifest, write_shards
+    from mlmm.hub import save_pretrained
+
+    root, rows = caption_data
+    torch.manual_seed(0)
+    _, model = tiny_caption_model(root / "tok")
+    export = save_pretrained(model.eval(), tmp_path / "export")
+    manifest = write_manifest([{**r, "image": str(root / "gen" / r["image"])} for r in rows], tmp_path / "m.jsonl")
+    write_shards(manifest, tmp_path / "shards", progress=False)
+    out = tmp_path / "captioning.json"
+    assert main(["--model", str(export), "--shards", str(tmp_path / "shards"), "--languages", "en,de",
+                 "--decoding", "greedy", "--no-meteor", "--device", "cpu", "--workers", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text(encoding="utf-8"))["results"]
+    assert sorted(r["language"] for r in saved) == ["de", "en"] and all(r["n"] == 8 for r in saved)
+    assert all({"BLEU-4", "ROUGE-L", "CIDEr-D"} <= r["metrics"].keys() for r in saved)
+    assert "| BLEU-4" in printed or "BLEU-4" in printed.splitlines()[0]
+    assert "en: tokenisation" in printed and "de: tokenisation" in printed and printed.rstrip().endswith(f"wrote {out}")

@@ -265,3 +265,12 @@ def test_tiny_hashing_model_trains_through_trainer_far_above_random(hash_data, t
         a, _ = live.heads["hash"].encode(live, "image", batch.image[:4])
         b, _ = model.heads["hash"].encode(model, "image", batch.image[:4])
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the console command on the export writes the same records
+    from mlmm.cli.eval_hashing import main as eval_hashing
+    from mlmm.evaluation import load_results
+
+    out = tmp_path / "hashing.json"
+    assert eval_hashing(["--model", str(export), "--shards", str(hash_data / "test_shards"), "--languages", "en,de",
+                         "--relevance", "class", "--device", "cpu", "--workers", "0", "--out", str(out)]) == 0
+    pairs = [(r["language"], r["metrics"]) for r in records]
+    assert [(r["language"], r["metrics"]) for r in load_results(out)] == pairs

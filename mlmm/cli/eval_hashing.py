@@ -12,7 +12,7 @@ Console command ``mlmm-eval-hashing`` (installed by pip); ``python eval/run_hash
 import argparse
 import sys
 
-from mlmm.evaluation.cli import add_model_arguments, open_model
+from mlmm.evaluation.cli import add_model_arguments, add_test_set_arguments, languages_of, open_mlmm
 from mlmm.evaluation.hashing import evaluate_hashing
 from mlmm.evaluation.report import markdown_table
 from mlmm.evaluation.retrieval import save_results
@@ -25,22 +25,16 @@ COLUMNS = ["t2{x}_mAP@all", "t2{x}_chance_mAP@all", "t2{x}_mAP@R", "t2{x}_P@10",
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("--shards", required=True, help="shard folder, glob or comma list")
+    add_test_set_arguments(p, out="hashing_results.json")
     p.add_argument("--head", default=None, help="hash head instance (default: the model's only hash head)")
-    p.add_argument("--languages", default=None, help="comma list; default: every language in the shards")
     p.add_argument("--relevance", choices=("labels", "class", "identity"), default="labels")
     p.add_argument("--radius", type=int, default=2)
-    p.add_argument("--dataset", default=None)
     p.add_argument("--no-float", action="store_true", help="skip the float-embedding baseline")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", default="hashing_results.json")
     args = p.parse_args(argv)
-    loaded = open_model(args, needs_mlmm="a hash head")
-    if loaded is None:
+    model = open_mlmm(args, "a hash head")
+    if model is None:
         return 2
-    model, args.device = loaded.mlmm, str(loaded.device)
-    records = evaluate_hashing(model, args.shards, head=args.head,
-                               languages=args.languages.split(",") if args.languages else None,
+    records = evaluate_hashing(model, args.shards, head=args.head, languages=languages_of(args),
                                dataset=args.dataset or args.shards, relevance=args.relevance, radius=args.radius,
                                float_baseline=not args.no_float, batch_size=args.batch_size, device=args.device)
     if not records:

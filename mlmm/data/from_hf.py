@@ -30,16 +30,15 @@ import io
 import json
 import logging
 import re
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from tqdm import tqdm
 
 from mlmm.atomic import fault, replace_folder
-from mlmm.data.shard_output import UploadError, remote_out
+from mlmm.data.shard_output import remote_out
 from mlmm.data.write_shards import (LANG_CODE, SHARD_FILES, CaptionError, ShardSink, SkipSample, check_media,
-                                    normalise_captions, summary, write_index)
+                                    normalise_captions, run_writer, summary, write_index)
 from mlmm.modalities import MEDIA
 
 log = logging.getLogger(__name__)
@@ -319,17 +318,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--limit", type=int, help="convert only the first N rows")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        index = convert(args.dataset, args.out, split=args.split, image_column=args.image_column,
-                        audio_column=args.audio_column, video_column=args.video_column,
-                        caption_columns=args.caption_column, language=args.language, keep_columns=args.keep_column,
-                        key_column=args.key_column, shard_size=args.shard_size, limit=args.limit,
-                        config_name=args.config_name)
-    except (ValueError, FileNotFoundError, FileExistsError, UploadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(summary(index, args.out))
+    run_writer(lambda: convert(args.dataset, args.out, split=args.split, image_column=args.image_column,
+                               audio_column=args.audio_column, video_column=args.video_column,
+                               caption_columns=args.caption_column, language=args.language,
+                               keep_columns=args.keep_column, key_column=args.key_column, shard_size=args.shard_size,
+                               limit=args.limit, config_name=args.config_name), args.out)
 
 
 if __name__ == "__main__":

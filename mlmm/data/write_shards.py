@@ -214,6 +214,16 @@ def read_manifest(manifest_path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def write_manifest(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write ``rows`` as a manifest, one JSON object a line (UTF-8, non-ASCII kept); -> the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
 class ShardSink:
     """Samples -> ``folder/shard-NNNNNN.tar`` of ``shard_size`` samples each, plus what ``index.json`` says of them.
 
@@ -353,12 +363,19 @@ def shared_data_manifest(shared_dir: str | Path, out_path: str | Path) -> Path:
     if not rows:
         raise FileNotFoundError(f"{shared}: none of images_vi/captions.jsonl, audio_fsdd/manifest.jsonl, "
                                 "video/manifest.jsonl found")
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return out_path
+    return write_manifest(rows, out_path)
+
+
+def run_writer(write: Callable[[], dict[str, Any]], out: str) -> None:
+    """What a shard-writing command does around ``write()`` (-> the index): log INFO to stderr, a refused write
+    (bad input, output in use, failed upload) is one line and exit 2, else print :func:`summary`."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        index = write()
+    except (ValueError, FileNotFoundError, FileExistsError, UploadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(summary(index, out))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -373,14 +390,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--video-size", type=int, default=None,
                         help="re-encode videos with their shorter side scaled down to this many pixels")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        index = write_shards(args.manifest, args.out, args.shard_size, video_fps=args.video_fps,
-                             video_size=args.video_size)
-    except (ValueError, FileNotFoundError, FileExistsError, UploadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(summary(index, args.out))
+    run_writer(lambda: write_shards(args.manifest, args.out, args.shard_size, video_fps=args.video_fps,
+                                    video_size=args.video_size), args.out)
 
 
 if __name__ == "__main__":

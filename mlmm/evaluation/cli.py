@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 MODEL_HELP = ("the model: an mlmm run folder (uses its export/) or export folder, mlmm:ORG/NAME, "
               "open_clip:ARCH,pretrained=TAG|FILE, hf-hub:ORG/NAME, local-dir:PATH (open_clip), "
@@ -55,9 +55,34 @@ def open_model(args, *, needs_mlmm: str = ""):
     return model
 
 
-def report(records: list[dict], out: str, empty: str) -> int:
-    """Rank 0 writes ``records`` to ``out`` and prints their table; -> the exit code (1 with ``empty`` printed when
-    there is no record)."""
+def open_mlmm(args, needs: str):
+    """The mlmm model of ``--model`` for a task that needs its heads (``needs``, e.g. "a vqa head"), with
+    ``args.device`` set to where it was loaded; None after printing one line (exit 2)."""
+    loaded = open_model(args, needs_mlmm=needs)
+    if loaded is None:
+        return None
+    args.device = str(loaded.device)
+    return loaded.mlmm
+
+
+def add_test_set_arguments(p: argparse.ArgumentParser, *, out: str, batch_size: int = 64) -> None:
+    """The test set and the report: ``--shards`` (required), ``--languages``, ``--dataset``, ``--out``,
+    ``--batch-size``."""
+    p.add_argument("--shards", required=True, help="shard folder, glob, brace range or comma list")
+    p.add_argument("--languages", default=None, help="comma list; default: every language in the shards")
+    p.add_argument("--dataset", default=None, help="dataset name for the report (default: the shards path)")
+    p.add_argument("--out", default=out)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+
+
+def languages_of(args) -> Optional[list[str]]:
+    """``--languages`` as a list (None: every language)."""
+    return args.languages.split(",") if args.languages else None
+
+
+def report(records: list[dict], out: str, empty: str, table: Optional[Callable[[list[dict]], str]] = None) -> int:
+    """Rank 0 writes ``records`` to ``out`` and prints their table (``table(records)``, default
+    :func:`mlmm.evaluation.markdown_table`); -> the exit code (1 with ``empty`` printed when there is no record)."""
     from mlmm.evaluation import markdown_table, save_results
     from mlmm.evaluation.distributed import is_main
 
@@ -66,6 +91,6 @@ def report(records: list[dict], out: str, empty: str) -> int:
         return 1
     if is_main():
         save_results(records, out)
-        print(markdown_table(records))
+        print((table or markdown_table)(records))
         print(f"\nwrote {out}")
     return 0

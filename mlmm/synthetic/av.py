@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from mlmm.data.write_shards import write_manifest
 from mlmm.synthetic.shapes import (AUDIO_SR, COLORS, DIRECTIONS, PATTERNS, PITCHES, SHAPES, VIDEO_FRAMES, _background,
                                 _de_np, _write_mp4, draw_shape, tone, video_captions)
 
@@ -61,12 +61,6 @@ def _moving_frames(rng: np.random.Generator, bg: np.ndarray, color: str, shape: 
     return frames
 
 
-def _write_manifest(out: Path, rows: list[dict[str, Any]], name: str = "manifest.jsonl") -> None:
-    with open(out / name, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def generate_av(out_dir: str | Path, n_clips: int = 120, size: int = 64, seed: int = 0,
                 seconds: float = 0.5) -> list[dict[str, Any]]:
     """Write ``av/*.mp4`` + ``av/*.wav`` and ``out_dir/manifest.jsonl`` (one row per clip with both files)."""
@@ -88,7 +82,7 @@ def generate_av(out_dir: str | Path, n_clips: int = 120, size: int = 64, seed: i
         rows.append({"key": key, "video": f"av/{key}.mp4", "audio": f"av/{key}.wav",
                      "captions": av_captions(color, shape, direction), "class": f"{color} {shape}",
                      "labels": [color, shape, direction, pitch, pattern]})
-    _write_manifest(out, rows)
+    write_manifest(rows, out / "manifest.jsonl")
     return rows
 
 
@@ -144,7 +138,7 @@ def generate_order(out_dir: str | Path, n_repeats: int = 2, size: int = 32, seed
             rows.append({"key": key, "video": f"order/{key}.mp4", "captions": order_captions(*objs),
                          "class": ">".join(names), "order": names})
     rows = [rows[i] for i in np.random.default_rng(seed + 1).permutation(len(rows))]
-    _write_manifest(out, rows, manifest)
+    write_manifest(rows, out / manifest)
     return rows
 
 

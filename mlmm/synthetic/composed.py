@@ -30,13 +30,13 @@ Manifest rows (``out/manifest.jsonl``; :func:`write_composed_shards` packs ``out
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from mlmm.data.write_shards import write_manifest
 from mlmm.synthetic.shapes import COLORS, SHAPES, _background, draw_shape, image_captions
 
 LANGUAGES = ("en", "de", "fr")
@@ -104,9 +104,7 @@ def generate_composed(out_dir: str | Path, n_scenes: int = 100, size: int = 64, 
             rows.append({"key": f"{prefix}cir-{i:06d}-{t}", "image": paths[tgt], "extra_images": {"ref": paths[ref]},
                          "reference": keys[ref], "target": keys[tgt], "modification": text, "kind": kind,
                          "class": f"{co} {sh}", "scene": i})
-    with open(out / "manifest.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_manifest(rows, out / "manifest.jsonl")
     return rows
 
 

@@ -21,13 +21,13 @@ Rows also carry ``"class"`` and ``"labels"`` like :mod:`mlmm.synthetic.shapes`. 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
+from mlmm.data.write_shards import write_manifest
 from mlmm.synthetic.shapes import COLORS, SHAPES, _background, draw_shape
 
 # name -> (German adjective stem, French adjective); French adjectives of size go before the noun
@@ -84,12 +84,6 @@ def stripe(img: Image.Image, bg: np.ndarray, cy: float, radius: float, period: i
     return Image.fromarray(arr)
 
 
-def _write(out: Path, rows: list[dict[str, Any]]) -> None:
-    with open(out / "manifest.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def attribute_scenes(out_dir: str | Path, n: int = 600, size: int = 32, seed: int = 0,
                      prefix: str = "attr") -> list[dict[str, Any]]:
     """One object per image (colour, shape, size, pattern); writes images + ``manifest.jsonl``."""
@@ -125,7 +119,7 @@ def attribute_scenes(out_dir: str | Path, n: int = 600, size: int = 32, seed: in
                      "captions": {lang: [attribute_caption(lang, color, shape, sz, striped),
                                          attribute_caption(lang, color, shape, None, striped)] for lang in LANGS},
                      "class": " ".join(labels), "labels": labels, "distractors": distractors})
-    _write(out, rows)
+    write_manifest(rows, out / "manifest.jsonl")
     return rows
 
 
@@ -183,7 +177,7 @@ def object_scenes(out_dir: str | Path, n: int = 600, size: int = 32, seed: int =
                     "labels": sorted({c for c, _ in objects} | {s for _, s in objects}),
                     "objects": [list(o) for o in objects]})
         rows.append(row)
-    _write(out, rows)
+    write_manifest(rows, out / "manifest.jsonl")
     return rows
 
 
@@ -215,7 +209,7 @@ def clutter_scenes(out_dir: str | Path, n: int = 600, size: int = 32, seed: int 
                      "captions": {lang: [object_caption(lang, color, shape), object_caption(lang, color, shape, True)]
                                   for lang in LANGS},
                      "class": f"{color} {shape}", "labels": [color, shape]})
-    _write(out, rows)
+    write_manifest(rows, out / "manifest.jsonl")
     return rows
 
 

@@ -17,7 +17,6 @@ order so that shards mix modalities. Output is a deterministic function of the s
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from mlmm.data.write_shards import write_manifest
 
 # name -> (RGB, German adjective stem, French adjective (masculine: every French noun below is masc.))
 COLORS: dict[str, tuple[tuple[int, int, int], str, str]] = {
@@ -222,9 +223,7 @@ def generate(
 
     # Interleave modalities so that every shard (written in manifest order) mixes them.
     rows = [rows[i] for i in np.random.default_rng(seed + 1).permutation(len(rows))]
-    with open(out / "manifest.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_manifest(rows, out / "manifest.jsonl")
     return rows
 
 

@@ -20,13 +20,13 @@ Row: ``{"key", "image", "question": {lang: str}, "answers": {lang: [10]}, "answe
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from mlmm.data.write_shards import write_manifest
 from mlmm.synthetic.shapes import COLORS, SHAPES, _background, draw_shape
 from mlmm.evaluation.vqa import normalize_answer
 
@@ -184,9 +184,7 @@ def generate_vqa(out_dir: str | Path, n_images: int = 400, questions_per_image: 
             rows.append({"key": f"vqa-{i:06d}-{j}", "image": name, "question": question, "answers": answers,
                          "answers_raw": raw, "question_type": str(qtype), "answer_type": ANSWER_TYPES[str(qtype)],
                          "scene": [[o["color"], o["shape"], list(o["cell"])] for o in scene]})
-    with open(out / "manifest.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_manifest(rows, out / "manifest.jsonl")
     return rows
 
 

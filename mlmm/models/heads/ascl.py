@@ -37,9 +37,8 @@ from torch import nn
 
 from mlmm.config import ConfigError
 from mlmm.data.word_edits import DEFAULT_WORD_LIST, EDIT_KINDS, CaptionEditor, resolve_words
-from mlmm.models.fusion.alignment import trim_padding
 from mlmm.models.fusion.hierarchical import HierarchicalFusion
-from mlmm.models.heads.common import pair_reads, valid_rows
+from mlmm.models.heads.common import pair_inputs, pair_reads
 from mlmm.registry import HEADS
 
 @dataclass
@@ -105,13 +104,10 @@ class HierarchicalFusionHead(nn.Module):
 
     def forward(self, outputs: dict[str, torch.Tensor], batch, model) -> dict[str, torch.Tensor]:
         m = self.media
-        z_m, z_t = outputs[m], outputs["text"]  # [B, E]
+        z_m = outputs[m]  # [B, E]
         device = z_m.device
-        rows, any_valid = valid_rows(batch, m, device)
+        rows, any_valid, m_tok, m_mask, t_tok, t_mask, glob, exclude = pair_inputs(outputs, batch, m)
         n, K = rows.numel(), len(self.cfg.edits)
-        m_tok, m_mask = outputs[f"{m}_tokens"][rows], outputs[f"{m}_token_mask"][rows]
-        t_tok, t_mask = trim_padding(outputs["text_tokens"][rows], outputs["text_token_mask"][rows])  # [n, L', D]
-        glob = z_m[rows] @ z_t[rows].t()  # [n, n]
         scores = self.interaction.score_matrix(m_tok, m_mask, t_tok, t_mask, glob)  # [n, n]
         edit_scores, edit_global = scores.new_zeros((n, K)), scores.new_zeros((n, K))
         edit_valid = torch.zeros((n, K), dtype=torch.bool, device=device)
@@ -127,8 +123,7 @@ class HierarchicalFusionHead(nn.Module):
             edit_scores = edit_scores.index_put((pos, col), fused)
             edit_global = edit_global.index_put((pos, col), g)
             edit_valid[pos, col] = True
-        exclude = batch.not_negatives(rows).t() & ~torch.eye(n, dtype=torch.bool, device=device)  # media x text
         return {"ascl_scores": scores, "ascl_edit_scores": edit_scores, "ascl_edit_valid": edit_valid,
                 "ascl_global": glob, "ascl_edit_global": edit_global,
-                "ascl_edit_kinds": self.kinds, "ascl_exclude": exclude,
+                "ascl_edit_kinds": self.kinds, "ascl_exclude": exclude.t(),  # media x text
                 "ascl_weight": torch.tensor(float(any_valid), device=device)}

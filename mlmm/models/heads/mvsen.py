@@ -35,10 +35,9 @@ from torch import nn
 
 from mlmm.config import ConfigError
 from mlmm.data.word_edits import DEFAULT_WORD_LIST, CaptionEditor, resolve_words
-from mlmm.models.fusion.alignment import trim_padding
 from mlmm.models.fusion.dual_interaction import candidate_pairs
 from mlmm.models.fusion.graph import GraphMatching
-from mlmm.models.heads.common import pair_reads, valid_rows
+from mlmm.models.heads.common import pair_inputs, pair_reads
 from mlmm.registry import HEADS
 
 
@@ -145,12 +144,8 @@ class MVSENHead(nn.Module):
     def forward(self, outputs: dict[str, torch.Tensor], batch, model) -> dict[str, torch.Tensor]:
         m, inter = self.media, self.interaction
         device = outputs[m].device
-        rows, any_valid = valid_rows(batch, m, device)
+        rows, any_valid, m_tok, m_mask, t_tok, t_mask, glob, exclude = pair_inputs(outputs, batch, m)
         n = rows.numel()
-        m_tok, m_mask = outputs[f"{m}_tokens"][rows], outputs[f"{m}_token_mask"][rows]
-        t_tok, t_mask = trim_padding(outputs["text_tokens"][rows], outputs["text_token_mask"][rows])
-        glob = outputs[m][rows] @ outputs["text"][rows].t()  # [n, n] media x text
-        exclude = batch.not_negatives(rows) & ~torch.eye(n, dtype=torch.bool, device=device)  # text x media
         cand = candidate_pairs(glob.t(), self.cfg.hard_negatives or n - 1, exclude)  # 0: every other row
         graph = inter.graph_pairs(m_tok, m_mask, t_tok, t_mask, cand.m_idx, cand.t_idx)  # [2 n (1+k)]
         scores = inter.combine(glob.detach()[cand.m_idx, cand.t_idx], graph)  # the global term trains via InfoNCE only

@@ -28,10 +28,9 @@ import torch
 from torch import nn
 
 from mlmm.config import ConfigError
-from mlmm.models.fusion.alignment import trim_padding
 from mlmm.models.fusion.dual_interaction import candidate_pairs
 from mlmm.models.fusion.vse_fusion import AlignFusion
-from mlmm.models.heads.common import pair_reads, valid_rows
+from mlmm.models.heads.common import pair_inputs, pair_reads
 from mlmm.registry import HEADS
 
 
@@ -76,15 +75,11 @@ class VSEHead(nn.Module):
                                        direction=cfg.align_direction, chunk=cfg.chunk)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch, model) -> dict[str, torch.Tensor]:
-        m, inter = self.media, self.interaction
-        device = outputs[m].device
-        rows, any_valid = valid_rows(batch, m, device)
+        inter = self.interaction
+        device = outputs[self.media].device
+        rows, any_valid, m_tok, m_mask, t_tok, t_mask, glob, exclude = pair_inputs(outputs, batch, self.media)
         n = rows.numel()
-        m_tok, m_mask = outputs[f"{m}_tokens"][rows], outputs[f"{m}_token_mask"][rows]
-        t_tok, t_mask = trim_padding(outputs["text_tokens"][rows], outputs["text_token_mask"][rows])  # [n, L', D]
-        glob = outputs[m][rows] @ outputs["text"][rows].t()  # [n, n] media x text
         align = inter.align_matrix(m_tok, m_mask, t_tok, t_mask)  # [n, n]
-        exclude = batch.not_negatives(rows) & ~torch.eye(n, dtype=torch.bool, device=device)  # text x media
         base = inter.combine(glob.detach(), align.detach())  # [n, n] media x text: what the fusion encoder refines
         cand = candidate_pairs(base.t(), self.cfg.hard_negatives or n - 1, exclude)  # 0: every other row
         if cand.valid.shape[1] >= n:  # every pair is a candidate: score each (media, text) pair once
