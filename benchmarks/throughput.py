@@ -43,7 +43,7 @@ from typing import Callable
 
 import torch
 
-from benchmarks.bench_common import wait_quiet, write_result
+from benchmarks.bench_common import machine_info, wait_quiet, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -312,10 +312,14 @@ def make_data(shape: dict, batch: int, device: torch.device, text: str = "full")
 
 
 def bf16_is_fast(device: torch.device) -> bool:
-    """False on CPUs without bf16 matmul units (AVX2-only): there bf16 runs far slower than fp32."""
+    """False on CPUs without bf16 matmul units (AVX2-only): there bf16 runs far slower than fp32. On CPU the flags
+    decide (AVX512-bf16 or AMX); without them, a timing (a single short one once misjudged a busy AVX512-bf16 box)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return matmul_peak("bf16", device, n=512, reps=1) > 0.5 * matmul_peak("fp32", device, n=512, reps=1)
+    info = machine_info()
+    if info.get("avx512_bf16") or info.get("amx_bf16"):
+        return True
+    return matmul_peak("bf16", device, n=1024, reps=3) > 0.5 * matmul_peak("fp32", device, n=1024, reps=3)
 
 
 def measure(args: argparse.Namespace, precision: str, batch: int, device: torch.device) -> dict:
