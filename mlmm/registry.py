@@ -66,7 +66,8 @@ def build_component_config(registry: Registry, raw: Any, where: str, default_nam
 
     The chosen name is kept on the result as ``.name`` (a non-init dataclass field of the config).
     """
-    from mlmm.config import ConfigError, from_dict
+    from mlmm.config import ConfigError
+    from mlmm.typed import from_dict
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")

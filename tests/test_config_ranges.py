@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from mlmm import config as C
-from mlmm.config import ConfigError, from_dict, load_config
+from mlmm.config import ConfigError, load_config
+from mlmm.typed import from_dict
 from mlmm.ranges import check_ranges, parse_range
 from mlmm.registry import HEADS, LOSSES
 

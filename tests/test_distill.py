@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlmm.config import ConfigError, from_dict, load_config
+from mlmm.config import ConfigError, load_config
+from mlmm.typed import from_dict
 from mlmm.data.batch import Batch
 from mlmm.data.preprocess import Preprocessor
 from mlmm.data.shards import iter_samples, resolve_shards

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from mlmm.config import ConfigError, ModelConfig, build_config, from_dict
+from mlmm.config import ConfigError, ModelConfig, build_config
+from mlmm.typed import from_dict
 from mlmm.data.batch import Batch
 from mlmm.models.model import MultimodalModel
 from mlmm.registry import HEADS, LOSSES

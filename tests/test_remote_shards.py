@@ -135,7 +135,7 @@ def test_s3_and_gs_urls_read_through_the_cli_tools(remote_data, tmp_path, monkey
 
 
 def test_precompute_reads_http_and_pipe_inputs(remote_data, server, tmp_path):
-    from mlmm.config import from_dict
+    from mlmm.typed import from_dict
     from mlmm.distill.precompute import precompute
     from mlmm.distill.teacher import TeacherConfig, build_teacher
     from mlmm.distill.tiny import write_tiny_open_clip

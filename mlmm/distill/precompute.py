@@ -37,7 +37,8 @@ import yaml
 from tqdm import tqdm
 
 from mlmm.atomic import fault, replace_folder
-from mlmm.config import ConfigError, from_dict
+from mlmm.config import ConfigError
+from mlmm.typed import from_dict
 from mlmm.data.shard_output import UploadError, remote_out
 from mlmm.distill.teacher import Teacher, TeacherConfig, build_teacher
 from mlmm.modalities import modality as spec_of

@@ -35,7 +35,8 @@ def load_student(path: str | Path, device="cpu"):
     of ``config.json``. Then the architecture comes from that recorded model folder and the weights (strictly)
     from the export.  TODO(hub): record the HF text config in exports so from_pretrained handles this itself."""
     import mlmm
-    from mlmm.config import from_dict, resolve_package_path
+    from mlmm.config import resolve_package_path
+    from mlmm.typed import from_dict
     from mlmm.config import ModelConfig
     from mlmm.hub import load_state_dict
     from mlmm.models.model import MultimodalModel
@@ -154,7 +155,7 @@ def parallel_text_retrieval(model, path: str | Path, languages: Sequence[str], t
 
 def teacher_config_from_export(export_dir: str | Path):
     """The teacher a student was distilled from, read from its export's ``config.json`` (train_config.loss)."""
-    from mlmm.config import from_dict
+    from mlmm.typed import from_dict
     from mlmm.distill.teacher import TeacherConfig
 
     raw = json.loads((Path(export_dir) / "config.json").read_text(encoding="utf-8"))

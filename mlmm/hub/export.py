@@ -18,7 +18,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from mlmm.config import ModelConfig, from_dict
+from mlmm.config import ModelConfig
+from mlmm.typed import from_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
