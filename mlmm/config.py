@@ -191,7 +191,8 @@ class TextTowerConfig:
         self.tokenizer = resolve_package_path(self.tokenizer, f"{where}.tokenizer") or ""
         self.pretrained = resolve_package_path(self.pretrained, f"{where}.pretrained")
         if not self.tokenizer and not self.pretrained:
-            raise ConfigError(f"{where}.tokenizer: a tokenizer folder is required")
+            raise ConfigError(f"{where}.tokenizer: required: a tokenizer folder or Hub id (org/name), or set "
+                              f"{where}.pretrained (its tokenizer is used)")
 
 
 @dataclass
