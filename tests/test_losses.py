@@ -147,3 +147,49 @@ def test_bf16_embeddings_give_fp32_logits_and_loss():
     assert got.dtype == torch.float32
     want = reference_clip_loss(a.double(), b.double(), scale.double())
     assert abs(got.item() - want.item()) < 1e-5 * max(1.0, want.item())
+
+
+def _bf16_cases():
+    """(name, fn(*tensors), tensors): every score-matrix term of the method losses, on bf16 inputs."""
+    from mlmm.losses.asymmetry import drop_term, fused_infonce, negative_edit_term
+    from mlmm.losses.divtr import interaction_ce
+    from mlmm.losses.mvsen import multilabel_bce, text_text_infonce
+    from mlmm.losses.vse import triplet_loss
+
+    g = torch.Generator().manual_seed(3)
+    S = torch.rand(8, 8, generator=g) * 2 - 1  # cosine scores [n, n]
+    e, n2 = torch.rand(8, generator=g) * 2 - 1, torch.rand(8, generator=g) * 2 - 1  # [n]
+    valid, excl = torch.ones(8, dtype=torch.bool), torch.zeros(8, 8, dtype=torch.bool)
+    scale = torch.tensor(100.0)  # logits up to 100: a bf16 step is 0.5 there
+    t, y = normed(8, 16, seed=4), normed(8, 16, seed=5)
+    return [
+        ("fused_infonce", lambda S: fused_infonce(S, scale, excl), (S,)),
+        ("negative_edit_term", lambda S, e: negative_edit_term(S, e, valid, scale, excl, 0.1), (S, e)),
+        ("drop_term", lambda S, e, n2: drop_term(S, e, valid, scale, [(n2, valid, 0.1)], 0.1), (S, e, n2)),
+        ("text_text_infonce", lambda t, y: text_text_infonce(t, y, scale, excl), (t, y)),
+        ("interaction_ce", interaction_ce, (100 * S,)),  # logits [n, 1 + k]
+        ("multilabel_bce", lambda z: multilabel_bce(z, (z > 0).float(), valid), (10 * S,)),
+        ("triplet_loss", lambda S: triplet_loss(S, 0.2, True), (S,)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_every_method_term_computes_bf16_scores_in_fp32(case):
+    """A bf16 run's method losses (ASCL, MVSEN, VSE, DI-vTR) take their logits and cross-entropies in fp32, as
+    the contrastive loss does: the loss of bf16 inputs equals the fp64 loss of the same (bf16-rounded) values."""
+    name, fn, tensors = _bf16_cases()[case]
+    rounded = [x.bfloat16() for x in tensors]
+    got = fn(*rounded)
+    assert got.dtype == torch.float32, name
+    want = fn(*[x.double() for x in rounded])
+    assert abs(got.item() - want.item()) < 1e-5 * max(1.0, abs(want.item())), name
+
+
+def test_a_bf16_temperature_parameter_gives_an_fp32_scale():
+    from mlmm.losses.contrastive import temperature
+
+    p = torch.full((1,), math.log(1 / 0.07)).bfloat16()  # what DeepSpeed's bf16 mode holds
+    got = temperature(p, math.log(100.0))
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert got.item() == pytest.approx(math.exp(float(p.float())), rel=1e-6)
+    assert temperature(torch.full((1,), 9.0).bfloat16(), math.log(100.0)).item() == pytest.approx(100.0, rel=1e-6)

@@ -37,7 +37,7 @@ from torch import nn
 
 from mlmm.config import ConfigError
 from mlmm.data.word_edits import EDIT_KINDS
-from mlmm.losses.contrastive import media_text_term
+from mlmm.losses.contrastive import at_least_fp32, media_text_term, temperature
 from mlmm.registry import LOSSES
 
 NEG = float("-inf")
@@ -72,7 +72,7 @@ class ASCLLossConfig:
 
 def fused_infonce(S: torch.Tensor, scale: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE on a [n, n] score matrix (diagonal = positives; ``exclude`` pairs masked out)."""
-    logits = (scale * S).masked_fill(exclude, NEG)
+    logits = (scale * at_least_fp32(S)).masked_fill(exclude, NEG)  # fp32 in a bf16 run
     target = torch.arange(S.shape[0], device=S.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
@@ -82,6 +82,7 @@ def negative_edit_term(S: torch.Tensor, e: torch.Tensor, valid: torch.Tensor, sc
     """mean over valid rows of CE([s*S[i, :], s*(e[i] + margin)], i); e, valid: [n]."""
     if not bool(valid.any()):
         return S.sum() * 0.0
+    S, e = at_least_fp32(S), at_least_fp32(e)
     logits = torch.cat([(scale * S).masked_fill(exclude, NEG), (scale * (e + margin))[:, None]], 1)  # [n, n+1]
     target = torch.arange(S.shape[0], device=S.device)
     return F.cross_entropy(logits[valid], target[valid])
@@ -98,6 +99,8 @@ def drop_term(S: torch.Tensor, e: torch.Tensor, valid: torch.Tensor, scale: torc
     """
     if not bool(valid.any()):
         return S.sum() * 0.0
+    S, e = at_least_fp32(S), at_least_fp32(e)
+    negatives = [(at_least_fp32(n_), v, m) for n_, v, m in negatives]
     hinge = F.relu(margin - S.diagonal() + e)[valid].mean()
     cols = [(scale * (n_ + m)).masked_fill(~(v & valid), NEG) for n_, v, m in negatives]  # each [n]
     if not cols:
@@ -126,7 +129,7 @@ class ASCLLoss(nn.Module):
     def forward(self, outputs: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
         S, E, valid = outputs["ascl_scores"], outputs["ascl_edit_scores"], outputs["ascl_edit_valid"]
         exclude, w = outputs["ascl_exclude"], outputs["ascl_weight"]
-        scale = self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp().squeeze(0)
+        scale = temperature(self.logit_scale, self.cfg.max_logit_scale)
         glob = self.contrastive(outputs, batch)["loss"]
         fused = fused_infonce(S, scale, exclude) * w
         terms = {"global_loss": glob, "fused_loss": fused}

@@ -74,6 +74,12 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
+def temperature(log_scale: torch.Tensor, max_log_scale: float) -> torch.Tensor:
+    """The logit scale ``exp(min(log_scale, max_log_scale))`` of a learnable temperature (parameter [1]) as an fp32
+    0-dim tensor, also when DeepSpeed's bf16 mode holds the parameter in bf16 (one bf16 step at 100 is 0.5)."""
+    return at_least_fp32(log_scale).clamp(max=max_log_scale).exp().squeeze(0)
+
+
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -172,7 +178,7 @@ class ContrastiveLoss(nn.Module):
         for a, b in self.pairs:
             name = pair_name(a, b)
             valid = batch.mask(a).to(outputs[a].device) & batch.mask(b).to(outputs[a].device)
-            scale = at_least_fp32(self.logit_scale[name]).clamp(max=self.cfg.max_logit_scale).exp().squeeze(0)
+            scale = temperature(self.logit_scale[name], self.cfg.max_logit_scale)
             loss = masked_info_nce(outputs[a], outputs[b], valid, scale, groups)
             terms[f"{name}_loss"] = loss
             total = loss * self.cfg.weights.get(name, 1.0) + (0 if total is None else total)

@@ -39,7 +39,7 @@ from mlmm.config import ConfigError
 from mlmm.data.batch import Batch, string_ids
 from mlmm.distill.targets import TeacherTargets
 from mlmm.distill.teacher import TeacherConfig, build_teacher
-from mlmm.losses.contrastive import masked_info_nce
+from mlmm.losses.contrastive import masked_info_nce, temperature
 from mlmm.registry import LOSSES
 
 OBJECTIVES = ("mse", "cosine")
@@ -83,7 +83,7 @@ class TeacherLoss(nn.Module):
                               f"has {self.teacher.dim}; set model.embed_dim={self.teacher.dim}")
 
     def _scale(self, name: str) -> torch.Tensor:
-        return self.logit_scale[name].clamp(max=self.cfg.max_logit_scale).exp().squeeze(0)
+        return temperature(self.logit_scale[name], self.cfg.max_logit_scale)
 
     def _make_scales(self, names: list[str]) -> None:
         # shape [1], not []: DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes

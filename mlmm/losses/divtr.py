@@ -19,7 +19,7 @@ from torch import nn
 
 from mlmm.config import ConfigError
 from mlmm.data.batch import Batch
-from mlmm.losses.contrastive import media_text_term
+from mlmm.losses.contrastive import at_least_fp32, media_text_term
 from mlmm.registry import LOSSES
 
 
@@ -43,7 +43,7 @@ class DIVTRLossConfig:
 def interaction_ce(logits: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy with target column 0 over the rows of logits [n, 1 + k] (-inf = invalid slot)."""
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    return F.cross_entropy(logits, target)
+    return F.cross_entropy(at_least_fp32(logits), target)
 
 
 @LOSSES.register("divtr", config=DIVTRLossConfig)

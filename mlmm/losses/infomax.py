@@ -33,7 +33,7 @@ from torch import nn
 
 from mlmm.config import ConfigError
 from mlmm.data.batch import Batch, string_ids
-from mlmm.losses.contrastive import masked_info_nce
+from mlmm.losses.contrastive import masked_info_nce, temperature
 from mlmm.registry import LOSSES
 
 LOG2 = math.log(2.0)
@@ -124,7 +124,7 @@ class ComposedLoss(nn.Module):
         # rows whose target is the same gallery image (or the same sample) are not each other's negatives
         targets = [str((batch.meta[r] if batch.meta else {}).get("target", batch.keys[r])) for r in range(len(batch))]
         groups = string_ids(targets, q.device)  # [B]
-        scale = self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp().squeeze(0)
+        scale = temperature(self.logit_scale, self.cfg.max_logit_scale)
         retrieval = masked_info_nce(q, outputs["image"], valid, scale, groups)
         terms = {"retrieval_loss": retrieval}
         total = self.cfg.retrieval_weight * retrieval

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlmm.config import ConfigError
-from mlmm.losses.contrastive import media_text_term
+from mlmm.losses.contrastive import at_least_fp32, media_text_term, temperature
 from mlmm.losses.divtr import interaction_ce
 from mlmm.registry import LOSSES
 
@@ -54,7 +54,7 @@ class MVSENLossConfig:
 def text_text_infonce(t: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE between captions t [S, E] and their siblings y [S, E]; ``same`` Bool[S, S] off-diagonal
     pairs that are not negatives (same sample / identical caption)."""
-    logits = (scale * t @ y.t()).masked_fill(same, float("-inf"))  # [S, S]
+    logits = (scale * at_least_fp32(t) @ at_least_fp32(y).t()).masked_fill(same, float("-inf"))  # [S, S]
     target = torch.arange(t.shape[0], device=t.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
@@ -63,6 +63,7 @@ def multilabel_bce(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Ten
     """Mean BCE-with-logits over valid rows x labels (0 with a graph when no row is valid)."""
     if not bool(valid.any()):
         return logits.sum() * 0.0
+    logits = at_least_fp32(logits)
     return F.binary_cross_entropy_with_logits(logits[valid], targets[valid].to(logits.dtype))
 
 
@@ -90,7 +91,7 @@ class MVSENLoss(nn.Module):
                        + multilabel_bce(outputs["mvsen_label_logits_text"], outputs["mvsen_label_targets_text"],
                                         outputs["mvsen_label_valid_text"]))
         rows, y = outputs["mvsen_sibling_rows"], outputs["mvsen_sibling"]
-        scale = self.text_scale.clamp(max=c.max_logit_scale).exp().squeeze(0)
+        scale = temperature(self.text_scale, c.max_logit_scale)
         if rows.numel() >= 2:
             t = outputs["text"][rows]  # [S, E]
             # captions of one sample (or identical ones) are not each other's negatives

@@ -53,7 +53,7 @@ from torch import nn
 from mlmm.config import ConfigError
 from mlmm.data.batch import Batch
 from mlmm.losses.bmm import BetaMixture, normalise_losses
-from mlmm.losses.contrastive import at_least_fp32, check_pair, gather_with_grad, local_vs_global
+from mlmm.losses.contrastive import at_least_fp32, check_pair, gather_with_grad, local_vs_global, temperature
 from mlmm.losses.loss_memory import LossMemory, key_hashes
 from mlmm.registry import LOSSES
 
@@ -202,7 +202,7 @@ class RCARLoss(nn.Module):
             if after_warmup >= 0 and after_warmup % self.cfg.refit_every == 0:
                 self.refit()
         valid_local = batch.mask(self.a).to(device) & batch.mask(self.b).to(device)  # [B]
-        scale = at_least_fp32(self.logit_scale).clamp(max=self.cfg.max_logit_scale).exp().squeeze(0)
+        scale = temperature(self.logit_scale, self.cfg.max_logit_scale)
         a_all, b_all = at_least_fp32(gather_with_grad(a_local)), at_least_fp32(gather_with_grad(b_local))  # [W*B, E]
         # every rank scores all its B rows (invalid ones weighted 0): the same collectives and graph on every rank
         groups = batch.groups(device)  # same-sample rows are never negatives

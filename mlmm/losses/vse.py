@@ -31,7 +31,7 @@ from torch import nn
 
 from mlmm.config import ConfigError
 from mlmm.losses.contrastive import (at_least_fp32, check_pair, covered_pairs, gather_with_grad, local_vs_global,
-                                    pair_name, paired_modalities, rank_and_world)
+                                    pair_name, paired_modalities, rank_and_world, temperature)
 from mlmm.losses.divtr import interaction_ce
 from mlmm.registry import LOSSES
 
@@ -40,6 +40,7 @@ def triplet_loss(scores: torch.Tensor, margin: float, max_violation: bool = True
                  exclude: Optional[torch.Tensor] = None, reduction: str = "mean") -> torch.Tensor:
     """VSE++ loss of a square score matrix [n, n] (media rows, text columns, positives on the diagonal)."""
     n = scores.shape[0]
+    scores = at_least_fp32(scores)
     d = scores.diagonal()
     banned = torch.eye(n, dtype=torch.bool, device=scores.device)
     if exclude is not None:
@@ -166,8 +167,8 @@ class VSELoss(nn.Module):
         c = self.cfg
         if c.objective == "triplet":
             return triplet_loss(S, c.margin, c.max_violation, exclude, c.reduction)
-        scale = self.logit_scale[key].clamp(max=c.max_logit_scale).exp().squeeze(0)
-        logits = (scale * S).masked_fill(exclude, float("-inf"))
+        scale = temperature(self.logit_scale[key], c.max_logit_scale)
+        logits = (scale * at_least_fp32(S)).masked_fill(exclude, float("-inf"))
         target = torch.arange(S.shape[0], device=S.device)
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
@@ -184,7 +185,7 @@ class VSELoss(nn.Module):
         else:
             from mlmm.losses.contrastive import masked_info_nce
 
-            scale = at_least_fp32(self.logit_scale["global"]).clamp(max=c.max_logit_scale).exp().squeeze(0)
+            scale = temperature(self.logit_scale["global"], c.max_logit_scale)
             glob = masked_info_nce(outputs[m], outputs["text"], valid, scale, groups)
         align = self._matrix_loss(outputs["vse_align_scores"], outputs["vse_exclude"], "align") * w
         fusion = 0.5 * (interaction_ce(outputs["vse_t2m_logits"]) + interaction_ce(outputs["vse_m2t_logits"])) * w
