@@ -7,7 +7,7 @@ and the embeddings are gathered, so every rank ends with what one process would 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -56,15 +56,22 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def split_encode(encode, items: Sequence[Any], chunk: int = 256) -> torch.Tensor:
+def split_encode(encode, items: Sequence[Any], chunk: int = 256, order: Optional[Sequence[int]] = None) -> torch.Tensor:
     """``encode(list) -> [n, E]`` over ``items`` in fixed chunks of ``chunk``, the chunks dealt round-robin to the
     ranks (rank r encodes chunks r, r + world, ...) and gathered back in order. One process encodes the same chunks,
-    so every item is embedded in the same batch either way (bitwise-equal embeddings on the same kernels)."""
+    so every item is embedded in the same batch either way (bitwise-equal embeddings on the same kernels).
+
+    ``order`` (a permutation of the items, e.g. :meth:`EvalModel.text_order`: texts by length): the chunks are cut
+    from the items in that order, and the rows come back in the order of ``items``."""
     rank, size = world()
     items = list(items)
+    if order is not None:
+        items = [items[i] for i in order]
     chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
     if size == 1 or len(chunks) == 0:
-        return torch.cat([encode(c) for c in chunks]) if chunks else encode([])
-    mine = {i: encode(c) for i, c in enumerate(chunks) if i % size == rank}
-    parts = gather_objects(mine)
-    return torch.cat([parts[i % size][i] for i in range(len(chunks))])
+        out = torch.cat([encode(c) for c in chunks]) if chunks else encode([])
+    else:
+        mine = {i: encode(c) for i, c in enumerate(chunks) if i % size == rank}
+        parts = gather_objects(mine)
+        out = torch.cat([parts[i % size][i] for i in range(len(chunks))])
+    return out if order is None or not chunks else out[torch.tensor(list(order)).argsort()]

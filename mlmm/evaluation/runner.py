@@ -98,7 +98,8 @@ def evaluate_retrieval(model, shards, *, languages: Optional[Sequence[str]] = No
             texts, positives = text_queries(captions[lang], rows)
             if not texts:
                 continue
-            t_emb = split_encode(lambda t: model.encode_text(t, batch_size), texts, batch_size)  # [M, E]
+            t_emb = split_encode(lambda t: model.encode_text(t, batch_size), texts, batch_size,
+                                 order=model.text_order(texts))  # [M, E], in the order of texts
             first = positives.float().argmax(1)
             code = modality(m).code  # t2<code>, <code>2t
             metrics = bidirectional_retrieval(x_emb, t_emb, first, x_name=m, ks=ks, text_positives=positives,

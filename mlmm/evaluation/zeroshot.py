@@ -87,7 +87,8 @@ def evaluate_zeroshot(model, shards, *, classes: str | ClassSet, modality: Optio
     for lang in langs:
         templates = cs.templates_for(modality, lang, table)
         weights = zeroshot_classifier(lambda t: split_encode(lambda p: model.encode_text(p, batch_size), t,
-                                                             batch_size), cs.names[lang], templates)  # [C, E]
+                                                             batch_size, order=model.text_order(t)),
+                                      cs.names[lang], templates)  # [C, E]
         metrics = classification_metrics(100.0 * x @ weights.T, target)  # logits [N, C]
         metrics["n_classes"] = float(len(cs))
         rec = result_record(TASK, dataset or cs.name, lang, metrics, n=len(target))

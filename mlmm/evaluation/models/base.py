@@ -92,14 +92,32 @@ class EvalModel:
     def encode_audio(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode("audio", x)
 
+    def text_lengths(self, texts: Sequence[str]) -> Optional[list[int]]:
+        """Tokens each string costs, for a text tower that runs every batch at its longest string's length and
+        whose embeddings do not depend on that length (e.g. a causal tower pooled at the end of the text, see
+        :mod:`mlmm.evaluation.models.text_trim`); None (the default): batches are encoded in the order given."""
+        return None
+
+    def text_order(self, texts: Sequence[str]) -> Optional[list[int]]:
+        """The order to encode ``texts`` in so that batches are tight (by :meth:`text_lengths`), or None."""
+        from mlmm.evaluation.models.text_trim import length_order
+
+        lengths = self.text_lengths(texts)
+        return None if lengths is None else length_order(lengths)
+
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """Raw strings -> [N, E] L2-normalised float32 on the CPU, ``batch_size`` strings per forward pass."""
+        """Raw strings -> [N, E] L2-normalised float32 on the CPU, ``batch_size`` strings per forward pass (sorted by
+        length when :meth:`text_order` gives an order; rows come back in the input's order)."""
         self._check("text")
         texts = list(texts)
+        order = self.text_order(texts) if len(texts) > batch_size else None
+        if order is not None:
+            texts = [texts[i] for i in order]
         out = [F.normalize(self._encode_text(texts[i:i + batch_size]).float(), dim=-1).cpu()
                for i in range(0, len(texts), batch_size)]
-        return torch.cat(out) if out else torch.empty(0, 0)
+        z = torch.cat(out) if out else torch.empty(0, 0)  # [N, E]
+        return z if order is None else z[torch.tensor(order).argsort()]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, pretrained={self.pretrained!r}, modalities={self.modalities})"

@@ -9,7 +9,10 @@
 Weights are resolved by :func:`mlmm.hub.pretrained.resolve_open_clip` (open_clip's own download functions and
 caches; offline with ``HF_HUB_OFFLINE=1``; a missing one is a one-line error with the command that fetches it).
 Embeddings are ``model.encode_image`` / ``encode_text`` after ``model.eval()`` on the inputs of open_clip's eval
-``preprocess`` and tokenizer; videos are embedded frame by frame and averaged. Random weights are refused: an
+``preprocess`` and tokenizer; videos are embedded frame by frame and averaged. Text: a causal tower pooled at the
+end-of-text token runs each batch only up to its last pooled position, with batches sorted by length
+(:mod:`mlmm.evaluation.models.text_trim`: the same embeddings to float rounding); other towers run ``encode_text``
+on all ``context_length`` positions. Random weights are refused: an
 architecture needs ``pretrained=TAG|FILE`` (``pretrained=random`` to evaluate an untrained network on purpose).
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Optional
 import torch
 
 from mlmm.evaluation.models.base import EvalModel, PilImageTransform, mean_of_frames
+from mlmm.evaluation.models.text_trim import OpenClipCausalText
 
 
 class OpenClipEvalModel(EvalModel):
@@ -43,6 +47,7 @@ class OpenClipEvalModel(EvalModel):
                                                                           device=self.device)
         self.model.eval()
         self.tokenizer = src.tokenizer()
+        self.trimmed = OpenClipCausalText.of(self.model)  # None: encode_text on every position, as open_clip does
         size = self.model.visual.image_size
         self._transform = PilImageTransform(preprocess, size=size[0] if isinstance(size, (tuple, list)) else size,
                                             frames=frames)
@@ -60,5 +65,9 @@ class OpenClipEvalModel(EvalModel):
             return mean_of_frames(self.model.encode_image, x)
         return self.model.encode_image(x)
 
+    def text_lengths(self, texts) -> Optional[list[int]]:
+        return None if self.trimmed is None else self.trimmed.lengths(self.tokenizer(list(texts)))
+
     def _encode_text(self, texts: list[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+        tokens = self.tokenizer(texts).to(self.device)  # [B, context_length]
+        return self.model.encode_text(tokens) if self.trimmed is None else self.trimmed.encode(tokens)
