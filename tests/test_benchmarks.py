@@ -45,6 +45,32 @@ def test_eval_throughput_benchmark_runs_both_loops_with_equal_metrics(tmp_path):
     assert {r["run"] for r in result["rows"]} == {"clip_benchmark/w0", "mlmm/w0"}
 
 
+def test_eval_throughput_retrieval_mode_runs_both_loops_per_language_with_equal_metrics(tmp_path):
+    """Retrieval mode on 10 images x 5 captions (en + de, one caption repeated: passed over): CLIP_benchmark's loop
+    once per language and mlmm's evaluator once, the recalls agree, the ratio and caption statistics are written."""
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "mlmm-tiny-vit.json").write_text(json.dumps({
+        "embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}))
+    words = "a man in an orange hat is staring at something near the white fence on green grass".split()
+    rows = [{"captions": {"en": " ".join(words[:3 + i % 14]) + f" {i}", "de": f"ein Hund {i} " * (1 + i % 5)}}
+            for i in range(52)]
+    rows.insert(7, rows[3])  # a repeated caption: passed over, so every query has one positive on both sides
+    (tmp_path / "caps.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    bench = import_benchmark("eval_throughput")
+    out = tmp_path / "er.json"
+    assert bench.main(["--mode", "retrieval", "--n", "10", "--size", "48", "--arch", "mlmm-tiny-vit", "--config",
+                       str(cfg), "--batch", "4", "--workers", "0", "--reps", "1", "--languages", "en", "de",
+                       "--captions", str(tmp_path / "caps.jsonl"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["max_metric_gap"] <= 1e-5 and result["ratio_mlmm_over_clip_benchmark"] > 0
+    assert result["texts"] == 100 and 3 < result["mean_tokens_per_text"] < 77 and result["context_length"] == 77
+    for row in result["rows"]:
+        assert {k.split("/")[0] for k in row["metrics"]} == {"en", "de"} and len(row["metrics"]) == 12
+    assert {e["label"] for e in result["load_log"]} >= {"clip_benchmark/w0", "mlmm/w0"}
+
+
 def test_video_loader_benchmark_times_every_loader_on_original_and_transcoded_shards(tmp_path):
     """One real clip x 3, T = 2 frames of 32 px: the plain PyAV, mlmm (and decord if installed) loaders run on the
     clips as they are and transcoded at write time; rates, ratios, loads and the one-time cost are written."""
