@@ -69,6 +69,9 @@ class DataConfig:
     # the training device: nvJPEG via torchvision.io.decode_jpeg on CUDA, so loader workers only read shards.
     # Implies normalize_on_device. Other images, video frames and extra images decode in the workers as usual
     decode_on_device: bool = False
+    # audio leaves the loader as fixed-length float32 waveforms (resampled, cropped / padded in the workers) and its
+    # log-mel is computed per batch on the training device (one MelSpectrogram call; needs model.audio)
+    logmel_on_device: bool = False
     RANGES: ClassVar[dict] = {"io_retries": ">= 0", "io_backoff": ">= 0", "batch_size": ">= 1", "num_workers": ">= 0",
                               "shuffle_buffer": ">= 0", "seed": ">= 0", "max_bad_fraction": "[0, 1]"}
 
@@ -340,6 +343,8 @@ def build_config(raw: dict) -> RunConfig:
     from mlmm.contracts import check
 
     check(cfg)  # every output a head or the loss reads is written by a tower or an earlier head
+    if cfg.data.logmel_on_device and cfg.model.audio is None:
+        raise ConfigError("data.logmel_on_device: the model has no audio tower (model.audio); remove the switch")
     return cfg
 
 

@@ -120,3 +120,22 @@ def test_own_load_follows_the_kernels_one_minute_average(monkeypatch):
     assert abs(busy - 2 * (1 - math.exp(-1))) < 1e-9
     clock.update(t=120.0)
     assert abs(bc.own_load() - busy * math.exp(-1)) < 1e-9
+
+
+def test_audio_loader_benchmark_times_the_three_loaders_with_equal_features(tmp_path):
+    """FSDD x 1, batches of 8: the plain soundfile + torchaudio loader, mlmm's and mlmm with data.logmel_on_device
+    give the same features and are timed in both layouts; rates, CPU time per sample, ratios and loads are written."""
+    bench = import_benchmark("audio_loader")
+    out = tmp_path / "al.json"
+    assert bench.main(["--repeat", "1", "--per-shard", "100", "--batch-size", "8", "--batches", "2", "--warmup", "1",
+                       "--reps", "1", "--same-process", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["loader"]: r for r in result["rows"]}
+    assert set(rows) == {f"{a}/{b}" for a in ("plain", "mlmm", "mlmm_device") for b in ("inproc", "worker")}
+    assert result["samples"] == 300 and result["max_abs_diff_vs_plain"] < 1e-5
+    for r in rows.values():
+        assert r["samples_per_s"] > 0 and r["cpu_ms_per_sample"] > 0 and len(r["all"]) == 1
+        assert r["all"][0]["samples"] == 16 and "load_1m" in r["all"][0]
+    assert rows["plain/inproc"]["ratio_cpu_vs_plain"] == 1.0
+    assert rows["mlmm_device/inproc"]["features_ms_per_sample"] > rows["mlmm/inproc"]["features_ms_per_sample"]
+    assert "worker_samples_per_s" not in rows["mlmm/worker"]

@@ -22,6 +22,9 @@ class Batch:
     video_mask: Optional[torch.Tensor] = None  # [B] bool
     audio: Optional[torch.Tensor] = None  # [B, 1, n_mels, frames] float log-mel
     audio_mask: Optional[torch.Tensor] = None  # [B] bool
+    # data.logmel_on_device: Float32[B, samples] fixed-length waveforms (zeros where no audio); ``audio`` is None
+    # until :meth:`audio_features`. Never cast to the compute dtype: the log-mel is computed from float32
+    audio_wave: Optional[torch.Tensor] = None
     text_ids: Optional[torch.Tensor] = None  # [B, L] long
     text_attention: Optional[torch.Tensor] = None  # [B, L] long (1 = real token)
     text_mask: Optional[torch.Tensor] = None  # [B] bool
@@ -56,7 +59,7 @@ class Batch:
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor) and f.name != "image_box":  # crop boxes stay on the host (decoder)
                 v = v.to(device, non_blocking=True)
-                if dtype is not None and v.is_floating_point():
+                if dtype is not None and v.is_floating_point() and f.name != "audio_wave":
                     v = v.to(dtype)
             elif f.name in ("extras", "row_index", "more"):
                 v = {k: t.to(device, dtype, non_blocking=True) if dtype is not None and t.is_floating_point()
@@ -134,6 +137,20 @@ class Batch:
 
         extras = {k: fix(v) if v.dim() == 4 and v.shape[1] == 3 else v for k, v in self.extras.items()}
         return replace(self, image=media("image"), video=media("video"), extras=extras)
+
+    def audio_features(self, cfg, dtype: Optional[torch.dtype] = None) -> "Batch":
+        """``data.logmel_on_device``: the log-mel of ``audio_wave`` where it lives (one batched MelSpectrogram, on the
+        GPU in GPU runs), as ``audio`` [B, 1, n_mels, frames] of ``dtype`` (default float32) with rows without audio
+        zeros, as the loader makes them; ``cfg`` is the model's ``AudioTowerConfig``. No waveforms: returned as is."""
+        if self.audio_wave is None:
+            return self
+        from mlmm.data.transforms import logmel
+
+        feats = logmel(self.audio_wave.float(), sample_rate=cfg.sample_rate, n_mels=cfg.n_mels, n_fft=cfg.n_fft,
+                       hop_length=cfg.hop_length).unsqueeze(1)  # [B, samples] -> [B, 1, n_mels, frames]
+        if len(self.rows("audio")) < feats.shape[0]:
+            feats = feats.masked_fill(~self.audio_mask.to(feats.device).view(-1, 1, 1, 1), 0.0)
+        return replace(self, audio=feats.to(dtype or torch.float32), audio_wave=None)
 
     def has(self, modality: str) -> bool:
         return len(self.rows(modality)) > 0

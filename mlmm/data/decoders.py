@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from mlmm.data.transforms import (audio_to_logmel, crop_box, decode_audio, decode_image, decode_video, image_to_tensor,
-                                  jpeg_size)
+from mlmm.data.transforms import (audio_to_logmel, crop_box, decode_audio, decode_image, decode_video, fit_waveform,
+                                  image_to_tensor, jpeg_size)
 
 
 # ------------------------------------------------------------------------------------------ shapes
@@ -60,9 +60,12 @@ def decode_video_sample(pre, data: bytes, rng: Optional[random.Random]) -> dict[
 
 
 def decode_audio_sample(pre, data: bytes, rng: Optional[random.Random]) -> dict[str, torch.Tensor]:
-    """-> ``audio`` Float[1, n_mels, frames] (log-mel of the first ``seconds``, zero-padded)."""
+    """-> ``audio`` Float[1, n_mels, frames] (log-mel of the centre ``seconds``, zero-padded), or with
+    ``data.logmel_on_device`` ``audio_wave`` Float[samples] (the waveform the log-mel would be computed from)."""
     a = pre.cfg.audio
     wave, sr = decode_audio(data)
+    if pre.audio_waves:
+        return {"audio_wave": fit_waveform(wave, sr, sample_rate=a.sample_rate, seconds=a.seconds)}
     return {"audio": audio_to_logmel(wave, sr, sample_rate=a.sample_rate, seconds=a.seconds, n_mels=a.n_mels,
                                      n_fft=a.n_fft, hop_length=a.hop_length)}
 

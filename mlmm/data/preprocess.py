@@ -82,16 +82,19 @@ class Preprocessor:
 
     def __init__(self, model_cfg: ModelConfig, tokenizer: Any = None, *, train: bool,
                  extra_shapes: Optional[dict[str, tuple[int, ...]]] = None, uint8_images: bool = False,
-                 encoded_images: bool = False):
+                 encoded_images: bool = False, audio_waves: bool = False):
         """``extra_shapes``: media the model has no tower for but a loss reads (e.g. images for a frozen
         distillation teacher), ``{"image": (3, S, S), "video": (T, 3, S, S)}``; they are decoded at that size.
         ``uint8_images``: images and video frames stay uint8 (``data.normalize_on_device``; the trainer normalises
         them on the device with :meth:`~mlmm.data.batch.Batch.normalize_images`).
         ``encoded_images`` (``data.decode_on_device``, implies ``uint8_images``): RGB / greyscale JPEG images are not
         decoded here; a sample carries ``image_jpeg`` (the bytes) and ``image_box`` (its crop box, read from the
-        header) for :meth:`~mlmm.data.batch.Batch.decode_images` on the device. Other images decode here."""
+        header) for :meth:`~mlmm.data.batch.Batch.decode_images` on the device. Other images decode here.
+        ``audio_waves`` (``data.logmel_on_device``): audio samples carry ``audio_wave``, the fixed-length waveform
+        (resampled, cropped / padded), for :meth:`~mlmm.data.batch.Batch.audio_features` on the device."""
         self.cfg, self.tokenizer, self.train = model_cfg, tokenizer, train
         self.normalize, self.encoded = not (uint8_images or encoded_images), encoded_images
+        self.audio_waves = audio_waves
         self.modalities = list(model_cfg.modalities)
         if "text" in self.modalities and tokenizer is None:
             raise ValueError("Preprocessor: the model has a text tower, so a tokenizer is required")
@@ -245,6 +248,10 @@ def collate(samples: Sequence[dict[str, Any]], *, shapes: Optional[dict[str, tup
         encoded = [s.get(f"{m}_jpeg") for s in samples]  # data.decode_on_device: decoded later, on the device
         any_encoded = any(e is not None for e in encoded)
         have = [t is not None or e is not None for t, e in zip(tensors, encoded)]
+        waves = [s.get(f"{m}_wave") for s in samples]  # data.logmel_on_device: features made later, on the device
+        if any(w is not None for w in waves):
+            fields.update(collate_waves(samples, m, tensors, waves))
+            continue
         if not any(have) and m not in shapes:
             continue
         shape = next((tuple(t.shape) for t in tensors if t is not None), None) or shapes[m]
@@ -289,6 +296,17 @@ def collate(samples: Sequence[dict[str, Any]], *, shapes: Optional[dict[str, tup
                  extras=collate_extras(samples), present=present,
                  row_index={m: torch.tensor(rows, dtype=torch.long) for m, rows in present.items()}, more=more,
                  **fields)
+
+
+def collate_waves(samples: Sequence[dict[str, Any]], m: str, tensors: list, waves: list) -> dict[str, Any]:
+    """``data.logmel_on_device``: ``<m>_wave`` Float[B, samples] (zeros for rows without it) and ``<m>_mask``; the
+    features ``<m>`` stay None until :meth:`~mlmm.data.batch.Batch.audio_features` computes them."""
+    first = next(w for w in waves if w is not None)
+    for s, t, w in zip(samples, tensors, waves):
+        if t is not None or (w is not None and w.shape != first.shape):
+            raise ValueError(f"collate: {m} of {s['key']} is not a waveform of shape {tuple(first.shape)}")
+    data = torch.stack([w if w is not None else torch.zeros_like(first) for w in waves])  # [B, samples]
+    return {m: None, f"{m}_wave": data, f"{m}_mask": torch.tensor([w is not None for w in waves], dtype=torch.bool)}
 
 
 def decode_extras(raw: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -52,8 +52,10 @@ class TrainLoop:
         if failure is None and self.failure is None:
             try:
                 batch = batch if prepared else self.prepare(batch)
-                # decode_on_device / normalize_on_device: JPEG rows decoded, uint8 images normalised (no-ops otherwise)
-                batch = batch.decode_images().normalize_images(self.dtype)
+                # decode_on_device / normalize_on_device / logmel_on_device: JPEG rows decoded, uint8 images
+                # normalised, waveforms turned into log-mel features, on the device (no-ops otherwise)
+                batch = batch.decode_images().normalize_images(self.dtype).audio_features(self.cfg.model.audio,
+                                                                                          self.dtype)
             except Exception as e:
                 failure = e
         if failure is not None and self.failure is None:

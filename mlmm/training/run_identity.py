@@ -47,6 +47,7 @@ EDITABLE: dict[str, str] = {
     "data.io_backoff": "how long to wait before a retry, not what is read",
     "data.normalize_on_device": "where the same normalisation runs",
     "data.decode_on_device": "where the same JPEG decoding runs",
+    "data.logmel_on_device": "where the same log-mel spectrogram is computed",
     "train.max_steps": "how long the run goes; the cosine schedule is recomputed for it",
     "train.lr": "the schedule's peak, set on the restored optimizer and scheduler",
     "train.warmup_steps": "the schedule's shape, recomputed at resume",

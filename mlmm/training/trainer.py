@@ -148,7 +148,8 @@ class Trainer(TrainLoop):
         self.preprocessor = preprocessor = Preprocessor(cfg.model, self.tokenizer, train=True,
                                                         extra_shapes=finetune.loss_extra_inputs(self.loss),
                                                         uint8_images=cfg.data.normalize_on_device,
-                                                        encoded_images=cfg.data.decode_on_device)
+                                                        encoded_images=cfg.data.decode_on_device,
+                                                        audio_waves=cfg.data.logmel_on_device)
         data_cfg, data_state = cfg.data, self._data_resume_state()
         if self.step and data_state is None:  # layout changed: a new, deterministic order from here
             data_cfg = type(data_cfg)(**{**data_cfg.__dict__, "seed": data_cfg.seed + self.step})
