@@ -127,3 +127,21 @@ def test_the_cached_resampler_is_bit_identical_to_torchaudio_resample(orig, new)
         ref = torchaudio.functional.resample(torch.from_numpy(x), orig_freq=orig, new_freq=new)
         got = fit_waveform(x, sr, sample_rate=new, seconds=10.0)[: ref.numel()]
         assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("rows", [None, 3, 40])
+def test_logmel_equals_torchaudio_melspectrogram(rows):
+    """mlmm's log-mel (power as re² + im², CPU batches in cache-sized chunks) equals torchaudio's MelSpectrogram +
+    the fixed normalisation to float tolerance, for one clip and for batches split into several chunks."""
+    import torchaudio
+
+    from mlmm.data.transforms import LOGMEL_SCALE, LOGMEL_SHIFT, logmel
+
+    g = torch.Generator().manual_seed(0)
+    x = 0.2 * torch.randn(*(() if rows is None else (rows,)), 16000, generator=g)  # [(rows,) samples]
+    x[..., 9000:] = 0.0  # a silent tail: the log of ~0 power
+    ref = torchaudio.transforms.MelSpectrogram(sample_rate=16000, n_fft=400, hop_length=160, n_mels=32)(x)
+    ref = (torch.log(ref + 1e-6) + LOGMEL_SHIFT) / LOGMEL_SCALE  # [(rows,) 32, 101]
+    got = logmel(x, sample_rate=16000, n_mels=32, n_fft=400, hop_length=160)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)

@@ -327,17 +327,27 @@ def logmel(x: torch.Tensor, *, sample_rate: int, n_mels: int, n_fft: int, hop_le
     """Float[..., samples] waveforms (any batch shape, on any device) -> Float[..., n_mels, frames]
     ``(log(mel_power + 1e-6) + LOGMEL_SHIFT) / LOGMEL_SCALE``, computed where ``x`` is.
 
-    On the CPU a batch goes through in chunks whose complex spectrogram stays around 1 MiB (cache-sized): one
-    32-row call of 1-s clips ran ~3x slower per clip than chunks of 4-16 rows."""
-    mel_of = _mel_module(int(sample_rate), int(n_fft), int(hop_length), int(n_mels), str(x.device))
+    torchaudio's ``MelSpectrogram`` (its window and mel filters), with the power spectrum taken as re² + im² instead of
+    ``|z|²`` through the complex ``abs`` (the same to ~3e-7 relative, a third less time per clip). On the CPU a batch
+    goes through in chunks whose spectrogram stays around 1 MiB (cache-sized): one 32-row call of 1-s clips ran ~3x
+    slower per clip than chunks of 4-16 rows."""
+    module = _mel_module(int(sample_rate), int(n_fft), int(hop_length), int(n_mels), str(x.device))
+
+    def mel_of(rows: torch.Tensor) -> torch.Tensor:  # [n, samples] -> [n, n_mels, frames]
+        spec = torch.view_as_real(torch.stft(rows, int(n_fft), hop_length=int(hop_length), win_length=int(n_fft),
+                                             window=module.spectrogram.window, center=True, pad_mode="reflect",
+                                             normalized=False, onesided=True, return_complex=True))  # [n, F, T, 2]
+        return module.mel_scale(spec[..., 0].square() + spec[..., 1].square())
+
     rows = x.reshape(-1, x.shape[-1])  # [N, samples]
     step = rows.shape[0]
     if x.device.type == "cpu":
         step = max(1, (1 << 20) // ((int(n_fft) // 2 + 1) * (x.shape[-1] // int(hop_length) + 1) * 8))
     with torch.no_grad():
-        mel = torch.cat([mel_of(rows[i : i + step]) for i in range(0, rows.shape[0], step)])  # [N, n_mels, frames]
-    logmel = (torch.log(mel + 1e-6) + LOGMEL_SHIFT) / LOGMEL_SCALE
-    return logmel.reshape(*x.shape[:-1], *logmel.shape[-2:])  # [..., n_mels, frames]
+        parts = [mel_of(rows[i : i + step]) for i in range(0, rows.shape[0], step)]
+        mel = parts[0] if len(parts) == 1 else torch.cat(parts)  # [N, n_mels, frames]
+    out = (torch.log(mel + 1e-6) + LOGMEL_SHIFT) / LOGMEL_SCALE
+    return out.reshape(*x.shape[:-1], *out.shape[-2:])  # [..., n_mels, frames]
 
 
 def audio_to_logmel(
