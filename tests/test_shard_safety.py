@@ -271,6 +271,7 @@ def test_parallel_and_precompute_keep_the_previous_output(tmp_path, tiny_teacher
     assert json.loads((out / "raw" / "index.json").read_text())["manifest"] == str(out / "manifest.jsonl")
     keys = [s["__key__"] for s in iter_samples(resolve_shards(str(out / "shards")))]
     assert len(keys) == 5 and all("teacher_text.npy" in s for s in iter_samples(resolve_shards(str(out / "shards"))))
+    assert_no_pax_headers(out / "shards")  # written by precompute
     before = snapshot(out)
     bad = write_manifest(tmp_path / "bad.jsonl", [{"captions": {"en": "x"}}, b'{"captions": {"en": ["", " "]}}\n'])
     with pytest.raises(ValueError, match=f"^{bad}:2: captions\\['en'\\] holds only blank strings$"):
@@ -299,3 +300,18 @@ def test_parallel_and_precompute_keep_the_previous_output(tmp_path, tiny_teacher
     with pytest.raises(ValueError, match="must differ from the input shard folder"):
         precompute.precompute(cfg, str(out / "raw"), out / "raw", progress=False)
     assert snapshot(out) == before
+
+
+
+def assert_no_pax_headers(folder: Path) -> None:
+    """Members get a whole-second mtime: webdataset's float default costs a pax header (1 KB) per member."""
+    tars = sorted(folder.glob("*.tar"))
+    assert tars
+    for tar in tars:
+        with tarfile.open(tar) as t:
+            members = t.getmembers()
+            assert members and all(not m.pax_headers and m.mtime == int(m.mtime) for m in members), tar.name
+
+
+def test_shard_members_carry_no_pax_headers(previous):
+    assert_no_pax_headers(previous[0])

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Optional
 from tqdm import tqdm
 
 from mlmm.atomic import fault, replace_folder
-from mlmm.data.shard_output import UploadError, remote_out
+from mlmm.data.shard_output import UploadError, remote_out, tar_writer
 from mlmm.modalities import MEDIA
 from mlmm.modalities import modality as spec_of
 
@@ -243,12 +243,10 @@ class ShardSink:
         self.on_shard = on_shard  # called with each closed shard's path (remote outputs upload it then)
 
     def write(self, sample: dict[str, Any]) -> None:
-        import webdataset as wds
-
         if self.writer is None or self.shards[-1]["n"] >= self.shard_size:
             self._close()
             name = f"shard-{len(self.shards):06d}.tar"
-            self.writer = wds.TarWriter(str(self.folder / name))
+            self.writer = tar_writer(self.folder / name)
             self.shards.append({"name": name, "n": 0})
         self.writer.write(sample)
         self.shards[-1]["n"] += 1

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from mlmm.atomic import fault, replace_folder
 from mlmm.config import ConfigError
 from mlmm.typed import from_dict
-from mlmm.data.shard_output import UploadError, remote_out
+from mlmm.data.shard_output import UploadError, remote_out, tar_writer
 from mlmm.distill.teacher import Teacher, TeacherConfig, build_teacher
 from mlmm.modalities import modality as spec_of
 
@@ -116,8 +116,6 @@ def precompute(teacher_cfg: TeacherConfig, shards: str, out_dir: str | Path, fra
     may be a bucket, URL or ``pipe:`` spec (:mod:`mlmm.data.shard_output`, which passes ``on_shard``)."""
     import collections
 
-    import webdataset as wds
-
     from mlmm.data.shards import iter_samples, resolve_shards
     from mlmm.data.shardio import beside, is_local, local_path, read_json, shard_name
     from mlmm.data.write_shards import shard_entry, write_index
@@ -135,7 +133,7 @@ def precompute(teacher_cfg: TeacherConfig, shards: str, out_dir: str | Path, fra
     entries, lost, total = [], collections.Counter(), 0
     with replace_folder(out, owned=("*.tar", "index.json"), what="--out") as tmp:
         for shard in tqdm(files, desc="precompute", disable=not progress):
-            with wds.TarWriter(str(tmp / shard_name(shard))) as writer:
+            with tar_writer(tmp / shard_name(shard)) as writer:
                 n = 0
                 buf: list[dict[str, Any]] = []
 
