@@ -125,3 +125,30 @@ def test_split_encode_cuts_chunks_in_the_given_order_and_returns_the_input_order
     out = split_encode(encode, items, 2, order=sorted(range(5), key=items.__getitem__))
     assert chunks == [[1, 2], [3, 4], [5]]
     assert out[:, 0].tolist() == [50, 10, 40, 20, 30]
+
+
+def test_transformers_clip_text_in_length_order_equals_one_string_at_a_time(tmp_path):
+    """HF CLIP (causal, read at one position): batches sorted by length, padded to their longest string, give each
+    string's own embedding (no padding at all) in the input's order; a model that would pool at the first pad
+    (eos id = pad id, absent from the strings) keeps the order given."""
+    import eval_zoo  # tests/ is on sys.path under pytest
+
+    from mlmm.evaluation.models import load_model
+
+    eval_zoo.build_shards(tmp_path, n_images=4)  # + the BPE tokenizer the tiny CLIPModel uses
+    model = load_model(f"transformers:{eval_zoo.transformers_clip(tmp_path)}")
+    end = model.tokenizer("a")["input_ids"][-1]  # the id this tokenizer ends every string with
+    model.model.text_model.eos_token_id = end  # pooled at each string's end, as CLIP's
+    texts = [c for c in ("a red circle", "a big blue square on a small green triangle", "ein roter Kreis", "a",
+                         "un triangle vert et un carré bleu et un cercle rouge", "green") for _ in range(2)]
+    order = model.text_order(texts)
+    assert order is not None and order != list(range(len(texts)))
+    with torch.no_grad():
+        alone = torch.cat([F.normalize(model._encode_text([t]).float(), dim=-1) for t in texts])  # [N, E]
+    torch.testing.assert_close(model.encode_text(texts, batch_size=3), alone, rtol=0, atol=ATOL)
+    # pooled at the first pad: a short string's embedding would depend on its batch's longest string
+    model.model.text_model.eos_token_id = model.tokenizer.pad_token_id
+    assert model.text_order(texts) is None
+    with torch.no_grad():
+        padded = F.normalize(model._encode_text(["a", texts[2]]).float(), dim=-1)[0]
+        assert (padded - F.normalize(model._encode_text(["a"]).float(), dim=-1)[0]).abs().max() > 100 * ATOL

@@ -8,9 +8,12 @@
 Embeddings are ``get_image_features(pixel_values)`` on the folder's ``AutoImageProcessor`` output and
 ``get_text_features(input_ids, attention_mask)`` on its ``AutoTokenizer`` output (padding to the longest string,
 ``max_length`` padding for SigLIP models, which were trained that way); videos are embedded frame by frame and
-averaged.
+averaged. CLIP's causal text tower gets its strings in batches sorted by length (:meth:`text_lengths`), so that
+padding to the longest string is tight; the rows come back in the input's order.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -81,6 +84,22 @@ class TransformersEvalModel(EvalModel):
         tok = self.tokenizer(list(texts), padding=self.padding, truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         return {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+
+    def text_lengths(self, texts) -> Optional[list[int]]:
+        """CLIP's text tower is causal and read at one position: each string's token count when that position lies
+        inside every string's own tokens (padding to a batch's longest string then changes no embedding); None for
+        other models (SigLIP pads to max_length, bidirectional towers are left in the order given)."""
+        if self.model.config.model_type != "clip" or self.padding is not True or self.tokenizer.padding_side != "right":
+            return None
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        text = getattr(self.model, "text_model", None)  # the module that pools holds the eos id it pools at
+        eos = getattr(text, "eos_token_id", self.model.config.text_config.eos_token_id)
+        pad = self.tokenizer.pad_token_id
+        if eos == 2:  # transformers' legacy rule: the first largest id, which a larger pad id would move into the pad
+            inside = all(pad is None or not row or pad <= max(row) for row in ids)
+        else:  # the first eos id: the string's own, or position 0 when neither the string nor the padding has one
+            inside = all(eos in row or pad != eos for row in ids)
+        return [len(row) for row in ids] if inside else None
 
     def _encode_text(self, texts: list[str]) -> torch.Tensor:
         return _features(self.model.get_text_features(**self.text_inputs(texts)))
