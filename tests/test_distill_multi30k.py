@@ -313,3 +313,22 @@ def test_extend_vocab_appends_new_language_words_and_starts_them_at_their_pieces
     with pytest.raises(ConfigError, match="model.text.extend_vocab.corpus"):
         extend_tokenizer(tok, from_dict(VocabExtensionConfig, {"corpus": str(tmp_path / "no.jsonl"),
                                                                "languages": ["de"]}, "x"))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_an_hf_teacher_encodes_length_sorted_batches_equal_to_each_text_alone(tiny_bert, pooling):
+    """Sorted by length, each batch padded to its own longest text: the embeddings of the texts encoded one by one
+    (no padding at all), in the input's order."""
+    from mlmm.distill.teacher import build_teacher
+
+    teacher = build_teacher(teacher_cfg(tiny_bert, pooling=pooling, batch_size=3), cache=False)
+    texts = ["a dog", "a man in an orange hat starring at something", "x", "two people on a bench by the sea",
+             "cats", "a girl in a pink dress climbs into a wooden playhouse", "a red circle"]
+    widths = []
+    hook = teacher.model.embeddings.register_forward_hook(lambda m, args, out: widths.append(out.shape[1]))
+    z = teacher.encode_text(texts)  # [N, D]
+    hook.remove()
+    alone = torch.cat([teacher.encode_text([t]) for t in texts])
+    torch.testing.assert_close(z, alone, rtol=0, atol=1e-5)
+    n = sorted(len(ids) for ids in teacher.tokenizer(texts, truncation=True, max_length=32)["input_ids"])
+    assert widths[:3] == [max(n[i:i + 3]) for i in range(0, len(texts), 3)]  # tight batches, shortest first

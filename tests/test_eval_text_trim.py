@@ -152,3 +152,26 @@ def test_transformers_clip_text_in_length_order_equals_one_string_at_a_time(tmp_
     with torch.no_grad():
         padded = F.normalize(model._encode_text(["a", texts[2]]).float(), dim=-1)[0]
         assert (padded - F.normalize(model._encode_text(["a"]).float(), dim=-1)[0]).abs().max() > 100 * ATOL
+
+
+def test_an_open_clip_teacher_encodes_trimmed_sorted_batches_equal_to_encode_text(tmp_path):
+    """The distillation teacher takes the same cut (precompute and online targets): open_clip's embeddings at full
+    length, in the input's order, from tight length-sorted batches."""
+    from mlmm.distill.teacher import TeacherConfig, build_teacher
+
+    spec, ref, tokenizer = tiny_open_clip(tmp_path, "mlmm-trim-teacher")
+    weights = spec.split("pretrained=")[1].split(",")[0]
+    teacher = build_teacher(TeacherConfig(kind="open_clip", arch="mlmm-trim-teacher", checkpoint=weights,
+                                          model_config=str(tmp_path / "cfg" / "mlmm-trim-teacher.json"), batch_size=4),
+                            cache=False)
+    assert teacher._trim is not None
+    texts = TEXTS * 2
+    random.Random(1).shuffle(texts)
+    seen = []
+    hook = teacher.model.transformer.register_forward_pre_hook(lambda m, args, kw: seen.append(args[0].shape[1]),
+                                                               with_kwargs=True)
+    z = teacher.encode_text(texts)  # [N, E]
+    hook.remove()
+    torch.testing.assert_close(z, full_length(ref, tokenizer, texts), rtol=0, atol=ATOL)
+    lengths = sorted(int(i) + 1 for i in tokenizer(texts).argmax(-1))
+    assert seen == [max(lengths[i:i + 4]) for i in range(0, len(texts), 4)]

@@ -108,6 +108,7 @@ class Teacher:
     def __init__(self, cfg: TeacherConfig):
         self.cfg = cfg
         self.tokenizer = None
+        self._trim = None  # open_clip: mlmm.evaluation.models.text_trim.OpenClipCausalText, when exact
         self.source = None  # open_clip: the resolved weights (mlmm.hub.pretrained.OpenClipSource)
         if cfg.kind == "open_clip":
             self.model, self.tokenizer, self.source = _build_open_clip(cfg)
@@ -117,6 +118,10 @@ class Teacher:
             self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
             self._renorm = _renormalization(self.model)
             self.logit_scale = float(self.model.logit_scale.detach().exp())
+            from mlmm.evaluation.models.text_trim import OpenClipCausalText
+
+            # a causal tower pooled at the end of the text runs each batch only up to its last pooled position
+            self._trim = OpenClipCausalText.of(self.model)
         else:
             from transformers import AutoModel, AutoTokenizer
 
@@ -182,15 +187,27 @@ class Teacher:
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], device: Optional[torch.device] = None,
                     dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """Strings -> [N, D] L2-normalised teacher text embeddings (on ``device``, float32 unless ``dtype``)."""
+        """Strings -> [N, D] L2-normalised teacher text embeddings (on ``device``, float32 unless ``dtype``).
+
+        The texts run in batches sorted by length, rows returned in the input's order. An open_clip tower that is
+        causal and pooled at the end-of-text token runs each batch only up to its last pooled position
+        (:mod:`mlmm.evaluation.models.text_trim`), an ``hf_text`` teacher pads each batch to its longest text: the
+        same embeddings as at full length, to float rounding, at a fraction of the work on real captions."""
+        from mlmm.evaluation.models.text_trim import length_order
+
         p = next(self.model.parameters())
         device, dtype = device or p.device, dtype or p.dtype
         self.to(device, dtype)
+        texts = list(texts)
+        order = length_order(self._text_lengths(texts)) if len(texts) > 1 else None
+        if order is not None:
+            texts = [texts[i] for i in order]
         out = []
         for i in range(0, len(texts), self.cfg.batch_size):
-            chunk = list(texts[i:i + self.cfg.batch_size])
+            chunk = texts[i:i + self.cfg.batch_size]
             if self.cfg.kind == "open_clip":
-                z = self.model.encode_text(self.tokenizer(chunk).to(device))
+                tokens = self.tokenizer(chunk).to(device)  # [n, context_length]
+                z = self.model.encode_text(tokens) if self._trim is None else self._trim.encode(tokens)
             else:
                 enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.cfg.max_length,
                                      return_tensors="pt").to(device)
@@ -201,7 +218,18 @@ class Teacher:
                     m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)  # [n, L, 1]
                     z = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
             out.append(F.normalize(z.float(), dim=-1).to(dtype))
-        return torch.cat(out) if out else torch.empty(0, self.dim, device=device, dtype=dtype)
+        if not out:
+            return torch.empty(0, self.dim, device=device, dtype=dtype)
+        z = torch.cat(out)  # [N, D] in the sorted order
+        return z if order is None else z[torch.tensor(order, device=z.device).argsort()]
+
+    def _text_lengths(self, texts: list[str]) -> list[int]:
+        """Positions each text runs at (what sorting by length minimises): the pooled position + 1 of a trimmed
+        open_clip tower, the token count of an ``hf_text`` teacher, 0 for every text of other open_clip towers."""
+        if self.cfg.kind == "open_clip":
+            return [0] * len(texts) if self._trim is None else self._trim.lengths(self.tokenizer(texts))
+        ids = self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length)["input_ids"]
+        return [len(x) for x in ids]
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
