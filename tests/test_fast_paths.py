@@ -273,6 +273,27 @@ def test_compiled_towers_match_eager():
     assert set(dict(compiled.named_parameters())) == set(dict(eager.named_parameters()))  # names unchanged
 
 
+@pytest.mark.slow  # as above
+@pytest.mark.parametrize("arch", ["clip", "bert"])
+def test_compiled_bf16_towers_track_fp32_as_eager_bf16_does(arch):
+    """train.compile in bf16 (+4 % at 77 tokens in benchmarks/throughput.py, -2 % with real captions): its loss and
+    gradients are as close to the fp32 path's as eager bf16's (measured: gradient cosine 0.99988 vs eager's 0.99942
+    for bert); bf16 results are not bit-equal across kernels, so both are held to the fp32 reference."""
+    ref, b = tiny(arch=arch), batch()
+    eager, compiled = tiny(arch=arch).to(torch.bfloat16), tiny(arch=arch).to(torch.bfloat16)
+    compile_towers(compiled.model)
+    b16 = Batch(**{**b.__dict__, "image": b.image.to(torch.bfloat16)})
+    loss32, grads32 = loss_and_grads(ref, b)
+    flat32 = torch.cat([g.flatten() for g in grads32.values()])
+    cos = {}
+    for name, module in (("eager", eager), ("compiled", compiled)):
+        loss, grads = loss_and_grads(module, b16)
+        assert abs(float(loss) - float(loss32)) < 0.03 * float(loss32), name
+        cos[name] = float(torch.nn.functional.cosine_similarity(
+            flat32, torch.cat([grads[k].float().flatten() for k in grads32]), dim=0))
+    assert cos["compiled"] > 0.98 and cos["compiled"] >= cos["eager"] - 1e-3, cos
+
+
 def test_bf16_weights_track_the_fp32_path():
     """DeepSpeed's bf16 mode runs the model in bf16 (fp32 master weights in the optimizer): same loss to bf16
     precision."""
