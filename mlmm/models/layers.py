@@ -25,8 +25,8 @@ from torch.utils.checkpoint import checkpoint
 # Measured on a 2-core Zen 4 CPU (AVX512-bf16), fwd + bwd, 64-dim heads, 16 x 8-12 heads: PyTorch's CPU kernels for
 # bf16 are slow at short lengths (flash: T=50 13.0 ms, T=77 15.5 ms; math, which upcasts q, k, v and runs every matmul
 # in fp32: 6.0 / 8.7 ms). `_BF16Attention` below takes 2.7 / 3.1 ms and stays ahead of flash up to ~128 tokens
-# (T=128: 8.1 ms against math 17.1, flash 23.9); beyond, flash wins (T=256: 52 vs math 89). fp32 and CUDA keep
-# PyTorch's own choice.
+# (T=128: 8.1 ms against math 17.1, flash 23.9); beyond, flash wins (T=256: flash 46, this 66, math 94 ms). fp32
+# and CUDA keep PyTorch's own choice.
 CPU_SHORT_MAX_TOKENS = 128
 
 
