@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mlmm.config import AudioTowerConfig, DataConfig, ImageTowerConfig, ModelConfig, TextTowerConfig, VideoTowerConfig
-from mlmm.data.preprocess import Preprocessor, collate, load_eval_items, select_captions
+from mlmm.data.collate import collate
+from mlmm.data.preprocess import Preprocessor, load_eval_items, select_captions
 from mlmm.data.shards import epoch_shards, iter_samples, resolve_shards, slot_samples
 from mlmm.data.tokenization import load_tokenizer, train_tokenizer
 from mlmm.data.train_stream import build_train_loader

@@ -53,7 +53,8 @@ def test_encoded_batches_decode_to_the_worker_batches_and_train_the_same(tmp_pat
     batch equals the worker-decoded one to JPEG-decoder rounding; a Trainer run with it trains to the same loss."""
     from conftest import build_tiny_data, tiny_clip_losses
     from mlmm.config import load_config
-    from mlmm.data.preprocess import Preprocessor, collate
+    from mlmm.data.collate import collate
+    from mlmm.data.preprocess import Preprocessor
     from mlmm.training.trainer import load_tokenizer
 
     data = build_tiny_data(tmp_path / "data", n_images=24, n_videos=4, n_audio=4, shard_size=40, seed=5)

@@ -12,7 +12,7 @@ Per rank, per DataLoader worker, one "slot" = ``rank * num_workers + worker_id``
 3. decode + transform + tokenize (:class:`~mlmm.data.preprocess.Preprocessor`), with the language policy; samples
    that fail to decode are skipped, counted per reason and logged once per reason (see
    :meth:`~mlmm.data.preprocess.Preprocessor.check` and :mod:`mlmm.data.transforms` for the reasons);
-4. a seeded shuffle buffer and batching with :func:`~mlmm.data.preprocess.collate`; buffer and batches run across
+4. a seeded shuffle buffer and batching with :func:`~mlmm.data.collate.collate`; buffer and batches run across
    epoch boundaries, so there is never a partial batch.
 
 All randomness comes from ``random.Random`` seeded from ``(DataConfig.seed, epoch, slot)``, so a run

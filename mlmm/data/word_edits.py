@@ -67,7 +67,7 @@ def load_word_lists(source: str | Path | dict) -> dict[str, dict]:
     """Read and check a word-list YAML (path, ``package:...`` path) or mapping -> plain dict ``{lang: {...}}``."""
     where = "word lists"
     if not isinstance(source, dict):
-        from mlmm.config import resolve_package_path
+        from mlmm.config_paths import resolve_package_path
 
         path = Path(resolve_package_path(str(source), "word_list"))
         if not path.is_file():

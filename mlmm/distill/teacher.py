@@ -39,7 +39,8 @@ from typing import ClassVar, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from mlmm.config import ConfigError, resolve_package_path
+from mlmm.config import ConfigError
+from mlmm.config_paths import resolve_package_path
 from mlmm.hub.pretrained import WEIGHT_SUFFIXES
 from mlmm.sources import parse_source
 

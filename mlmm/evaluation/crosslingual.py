@@ -35,7 +35,7 @@ def load_student(path: str | Path, device="cpu"):
     of ``config.json``. Then the architecture comes from that recorded model folder and the weights (strictly)
     from the export.  TODO(hub): record the HF text config in exports so from_pretrained handles this itself."""
     import mlmm
-    from mlmm.config import resolve_package_path
+    from mlmm.config_paths import resolve_package_path
     from mlmm.typed import from_dict
     from mlmm.config import ModelConfig
     from mlmm.hub import load_state_dict
