@@ -194,41 +194,34 @@ class Teacher:
         causal and pooled at the end-of-text token runs each batch only up to its last pooled position
         (:mod:`mlmm.evaluation.models.text_trim`), an ``hf_text`` teacher pads each batch to its longest text: the
         same embeddings as at full length, to float rounding, at a fraction of the work on real captions."""
-        from mlmm.evaluation.models.text_trim import length_order
+        from mlmm.evaluation.models.text_trim import encode_by_length
 
         p = next(self.model.parameters())
         device, dtype = device or p.device, dtype or p.dtype
         self.to(device, dtype)
-        texts = list(texts)
-        order = length_order(self._text_lengths(texts)) if len(texts) > 1 else None
-        if order is not None:
-            texts = [texts[i] for i in order]
-        out = []
-        for i in range(0, len(texts), self.cfg.batch_size):
-            chunk = texts[i:i + self.cfg.batch_size]
-            if self.cfg.kind == "open_clip":
-                tokens = self.tokenizer(chunk).to(device)  # [n, context_length]
-                z = self.model.encode_text(tokens) if self._trim is None else self._trim.encode(tokens)
-            else:
-                enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.cfg.max_length,
-                                     return_tensors="pt").to(device)
-                h = self.model(**enc).last_hidden_state  # [n, L, D]
-                if self.cfg.pooling == "cls":
-                    z = h[:, 0]
-                else:
-                    m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)  # [n, L, 1]
-                    z = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            out.append(F.normalize(z.float(), dim=-1).to(dtype))
-        if not out:
-            return torch.empty(0, self.dim, device=device, dtype=dtype)
-        z = torch.cat(out)  # [N, D] in the sorted order
-        return z if order is None else z[torch.tensor(order, device=z.device).argsort()]
+        z = encode_by_length(lambda chunk: F.normalize(self._encode_text(chunk, device).float(), dim=-1).to(dtype),
+                             texts, self.cfg.batch_size, self._text_lengths)
+        return torch.empty(0, self.dim, device=device, dtype=dtype) if z is None else z
 
-    def _text_lengths(self, texts: list[str]) -> list[int]:
-        """Positions each text runs at (what sorting by length minimises): the pooled position + 1 of a trimmed
-        open_clip tower, the token count of an ``hf_text`` teacher, 0 for every text of other open_clip towers."""
+    def _encode_text(self, chunk: list[str], device) -> torch.Tensor:
+        """One batch of strings -> [n, D] raw teacher features."""
         if self.cfg.kind == "open_clip":
-            return [0] * len(texts) if self._trim is None else self._trim.lengths(self.tokenizer(texts))
+            tokens = self.tokenizer(chunk).to(device)  # [n, context_length]
+            return self.model.encode_text(tokens) if self._trim is None else self._trim.encode(tokens)
+        enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.cfg.max_length,
+                             return_tensors="pt").to(device)
+        h = self.model(**enc).last_hidden_state  # [n, L, D]
+        if self.cfg.pooling == "cls":
+            return h[:, 0]
+        m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)  # [n, L, 1]
+        return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+    def _text_lengths(self, texts: list[str]) -> Optional[list[int]]:
+        """Positions each text runs at (what sorting by length minimises): the pooled position + 1 of a trimmed
+        open_clip tower, the token count of an ``hf_text`` teacher; None (keep the order) for other open_clip towers,
+        which run every text at the full context length."""
+        if self.cfg.kind == "open_clip":
+            return None if self._trim is None else self._trim.lengths(self.tokenizer(texts))
         ids = self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length)["input_ids"]
         return [len(x) for x in ids]
 

@@ -108,16 +108,13 @@ class EvalModel:
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """Raw strings -> [N, E] L2-normalised float32 on the CPU, ``batch_size`` strings per forward pass (sorted by
-        length when :meth:`text_order` gives an order; rows come back in the input's order)."""
+        length when :meth:`text_lengths` gives lengths; rows come back in the input's order)."""
+        from mlmm.evaluation.models.text_trim import encode_by_length
+
         self._check("text")
-        texts = list(texts)
-        order = self.text_order(texts) if len(texts) > batch_size else None
-        if order is not None:
-            texts = [texts[i] for i in order]
-        out = [F.normalize(self._encode_text(texts[i:i + batch_size]).float(), dim=-1).cpu()
-               for i in range(0, len(texts), batch_size)]
-        z = torch.cat(out) if out else torch.empty(0, 0)  # [N, E]
-        return z if order is None else z[torch.tensor(order).argsort()]
+        z = encode_by_length(lambda chunk: F.normalize(self._encode_text(chunk).float(), dim=-1).cpu(), texts,
+                             batch_size, self.text_lengths)  # [N, E]
+        return torch.empty(0, 0) if z is None else z
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, pretrained={self.pretrained!r}, modalities={self.modalities})"

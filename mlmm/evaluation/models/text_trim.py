@@ -18,7 +18,7 @@ have changed: ``of`` returns None, and the evaluator keeps ``model.encode_text``
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -28,6 +28,23 @@ POOLS = ("argmax", "eos")  # the pooled position is the end-of-text token, never
 def length_order(lengths: Sequence[int]) -> list[int]:
     """Indices of ``lengths`` sorted by length (stable: equal lengths keep their input order)."""
     return sorted(range(len(lengths)), key=lambda i: lengths[i])
+
+
+def encode_by_length(encode: Callable[[list], torch.Tensor], items: Sequence, batch_size: int,
+                     lengths: Callable[[list], Optional[Sequence[int]]]) -> Optional[torch.Tensor]:
+    """``encode(batch) -> [n, E]`` over ``items`` in batches of ``batch_size``, sorted by ``lengths(items)`` so that
+    batches are tight (asked only when there is more than one batch; None: the order given); rows come back in the
+    order of ``items``. None when ``items`` is empty."""
+    items = list(items)
+    n = lengths(items) if len(items) > batch_size else None
+    order = None if n is None else length_order(n)
+    if order is not None:
+        items = [items[i] for i in order]
+    out = [encode(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+    if not out:
+        return None
+    z = torch.cat(out)  # [N, E] in the sorted order
+    return z if order is None else z[torch.tensor(order, device=z.device).argsort()]
 
 
 def _is_causal(mask: Optional[torch.Tensor]) -> bool:
